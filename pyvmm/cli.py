@@ -1,0 +1,197 @@
+"""`pyvmm ...`: argument parsing and printing only; the work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from pyvmm import __version__
+
+log = logging.getLogger("pyvmm")
+
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGkmg]?)[iI]?[bB]?\s*$")
+
+
+class CliError(Exception):
+    """A one-line error for the user; main() prints it and exits non-zero."""
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '65536K'; a bare number means MiB, as in QEMU's -m."""
+    match = SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}' (use e.g. 256M, 1G, 65536K)")
+    value, unit = int(match.group(1)), match.group(2).upper() or "M"
+    return value << {"K": 10, "M": 20, "G": 30}[unit]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be a positive number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be a positive number")
+    return value
+
+
+# --- subcommands -----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyvmm.monitor.vmm import RunOptions, Vmm
+
+    options = RunOptions(
+        image=args.guest,
+        mem_bytes=args.mem,
+        vcpus=args.vcpus,
+        cmdline=args.append,
+        serial_path=args.serial,
+        qmp=args.qmp,
+        qmp_allow_remote=args.qmp_allow_remote,
+        time_limit_s=args.time_limit,
+        dirty_ring_entries=args.dirty_ring,
+    )
+    result = Vmm(options).run()
+    if result.error:
+        raise CliError(result.reason)
+    print(f"pyvmm: {result.reason}", file=sys.stderr)
+    return result.code
+
+
+def cmd_guests(args: argparse.Namespace) -> int:
+    from pyvmm.machine.images import GUESTS_DIR, builtin_images
+
+    images = builtin_images()
+    if not images:
+        raise CliError(f"no guest images in {GUESTS_DIR}; reinstall with: pip install -e .")
+    width = max(len(name) for name in images)
+    for name, path in images.items():
+        print(f"{name:<{width}}  {path}")
+    return 0
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from pyvmm.monitor.client import QmpCommandError, qmp_call
+
+    try:
+        cmd_args = json.loads(args.json_args) if args.json_args else None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"JSON-ARGS is not valid JSON: {exc}") from None
+    if cmd_args is not None and not isinstance(cmd_args, dict):
+        raise CliError('JSON-ARGS must be a JSON object, e.g. \'{"uri": "tcp:127.0.0.1:4444"}\'')
+    try:
+        result = qmp_call(args.address, args.command, cmd_args, timeout_s=args.timeout)
+    except QmpCommandError as exc:
+        print(json.dumps({"class": exc.error_class, "desc": exc.desc}))
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pyvmm.demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyvmm",
+        description="A KVM virtual machine monitor in Python for live-migration research.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="boot a guest and run it", description="Boot a PVH guest.")
+    run.add_argument("guest", metavar="GUEST", help="built-in guest name or path to a PVH ELF")
+    run.add_argument(
+        "--mem",
+        type=parse_size,
+        default=256 << 20,
+        metavar="SIZE",
+        help="guest RAM, with K/M/G suffix (default 256M)",
+    )
+    run.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="default 1")
+    run.add_argument("--append", default="", metavar="CMDLINE", help="guest command line")
+    run.add_argument("--serial", metavar="FILE", help="write the console here (default stdout)")
+    run.add_argument("--qmp", metavar="ADDR", help="QMP monitor at unix:PATH or tcp:HOST:PORT")
+    run.add_argument(
+        "--qmp-allow-remote", action="store_true", help="allow a non-loopback TCP QMP address"
+    )
+    run.add_argument(
+        "--time-limit",
+        type=positive_float,
+        metavar="S",
+        help="end the VM after S seconds (exit code 0)",
+    )
+    run.add_argument(
+        "--dirty-ring",
+        type=positive_int,
+        nargs="?",
+        const=0,
+        metavar="ENTRIES",
+        help="track dirty pages with a per-vCPU dirty ring (no value: the largest)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    guests = sub.add_parser("guests", help="list the built-in guest images")
+    guests.set_defaults(func=cmd_guests)
+
+    qmp = sub.add_parser("qmp", help="send one QMP command to a running pyvmm (or QEMU)")
+    qmp.add_argument("address", metavar="ADDR", help="unix:PATH or tcp:HOST:PORT")
+    qmp.add_argument("command", metavar="COMMAND")
+    qmp.add_argument("json_args", metavar="JSON-ARGS", nargs="?", help="arguments as JSON")
+    qmp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S")
+    qmp.set_defaults(func=cmd_qmp)
+
+    demo = sub.add_parser("demo", help="the main job on embedded defaults")
+    demo.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")
+    demo.set_defaults(func=cmd_demo)
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="pyvmm: %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 130
+    except CliError as exc:
+        print(f"pyvmm: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # every known failure of ours is one line, never a traceback
+        from pyvmm.errors import describe_error
+
+        message = describe_error(exc)
+        if message is None:
+            raise
+        print(f"pyvmm: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""A runnable VM: KVM VM + guest RAM + vCPU threads + port devices.
+
+Life cycle:  Machine(config) -> boot(image) -> start() -> wait() -> close().
+`wait` returns a MachineExit saying why the VM ended and with which exit code.
+pause()/resume() stop and restart every vCPU with bounded latency; the
+migration code uses them (and the state capture in machine/state.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pyvmm.kvm import Kvm, abi
+from pyvmm.machine import cpuid, pvh
+from pyvmm.machine.devices import (
+    COM1_BASE,
+    EXIT_PORT,
+    SLEEP_PORT,
+    ControlPort,
+    PortBus,
+    SerialConsole,
+)
+from pyvmm.machine.dirty_ring_setup import enable_dirty_ring
+from pyvmm.machine.elf import PvhImage
+from pyvmm.machine.errors import MachineError
+from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.vcpu import Vcpu, VcpuState, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+MAX_VCPUS = 64
+PAUSE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class MachineConfig:
+    mem_bytes: int = 256 << 20
+    vcpus: int = 1
+    cmdline: str = ""
+    # Start mode: every vCPU at the entry with no in-kernel irqchip (pyvmm's guests), or
+    # the standard start (in-kernel irqchip and PIT, boot vCPU only). None = from the image.
+    start_all_vcpus: bool | None = None
+    # Dirty ring entries per vCPU (None: bitmap mode). Enabled before vCPUs exist.
+    dirty_ring_entries: int | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise MachineError(f"--vcpus {self.vcpus} is out of range (1..{MAX_VCPUS})")
+        if self.mem_bytes < (2 << 20) or self.mem_bytes % 4096:
+            raise MachineError(
+                f"--mem {self.mem_bytes} bytes: must be at least 2M and a multiple of 4K"
+            )
+
+
+@dataclass
+class MachineExit:
+    code: int
+    reason: str
+    error: bool = False
+
+
+@dataclass
+class MachineStats:
+    exits_per_vcpu: list[int] = field(default_factory=list)
+
+
+class Machine:
+    def __init__(
+        self, config: MachineConfig, serial: SerialConsole | None = None, kvm: Kvm | None = None
+    ) -> None:
+        config.validate()
+        self.config = config
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm = self.kvm.create_vm()
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self.serial = serial or SerialConsole()
+        self.bus = PortBus()
+        self.bus.register(COM1_BASE, 8, self.serial)
+        control = ControlPort(self._guest_exit)
+        self.bus.register(EXIT_PORT, 1, control)
+        self.bus.register(SLEEP_PORT, 1, control)
+        self.irqchip = False
+        self.started = False
+        self.boot_time_s = 0.0
+        self._exit: MachineExit | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._mmio_logged: set[int] = set()
+        self.ring_bytes = 0
+        self.tsc_khz = 0
+        try:
+            self.vm.set_tss_addr(TSS_ADDR)
+            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            self.memory = GuestMemory(config.mem_bytes)
+            for region in self.memory.regions:
+                self.vm.set_user_memory_region(
+                    region.slot, 0, region.gpa, region.size_bytes, region.host_addr
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    # --- building ----------------------------------------------------------------------------
+
+    def boot(self, image: PvhImage) -> None:
+        """Load the image and create vCPUs in the PVH entry state."""
+        start_all = self.config.start_all_vcpus
+        if start_all is None:
+            start_all = image.start_all_vcpus
+        self.create_vcpus(start_all)
+        assert self.memory is not None
+        boot = pvh.load(self.memory, image, self.config.cmdline)
+        for vcpu in self.vcpus:
+            regs, sregs = pvh.entry_state(vcpu.fd.get_regs(), vcpu.fd.get_sregs(), boot)
+            vcpu.fd.set_sregs(sregs)
+            vcpu.fd.set_regs(regs)
+            if not start_all and vcpu.index > 0:
+                # Standard start: application processors wait for INIT/SIPI.
+                vcpu.fd.set_mp_state(abi.KVM_MP_STATE_UNINITIALIZED)
+
+    def create_vcpus(self, start_all: bool) -> None:
+        """Create the vCPUs (and, for the standard start, the in-kernel irqchip and PIT first)."""
+        install_kick_handler()
+        self.config.start_all_vcpus = start_all
+        if not start_all:
+            self.vm.create_irqchip()
+            self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+            self.irqchip = True
+        if self.config.dirty_ring_entries:
+            self._enable_dirty_ring(self.config.dirty_ring_entries)
+        supported = self.kvm.supported_cpuid()
+        for index in range(self.config.vcpus):
+            fd = self.vm.create_vcpu(index)
+            self.vcpus.append(Vcpu(self, index, fd))
+            if index == 0:
+                self.tsc_khz = fd.get_tsc_khz()
+            entries = cpuid.vcpu_cpuid(supported, index, self.config.vcpus, self.tsc_khz)
+            fd.set_cpuid2(entries)
+            supported = self.kvm.supported_cpuid()  # a fresh copy: vcpu_cpuid edits entries
+            if self.ring_bytes:
+                fd.map_dirty_ring(self.ring_bytes)
+
+    def _enable_dirty_ring(self, entries: int) -> None:
+        self.ring_bytes = enable_dirty_ring(self.kvm, self.vm, entries)
+
+    # --- running -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.vcpus:
+            raise MachineError("no vCPUs: boot an image or restore a state first")
+        self.started = True
+        self.boot_time_s = time.monotonic()
+        for vcpu in self.vcpus:
+            vcpu.start()
+
+    def wait(self, timeout_s: float | None = None) -> MachineExit | None:
+        """Block until the VM ends (or timeout); returns why, or None on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._done.is_set():
+            remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if remaining <= 0:
+                return None
+            self._done.wait(remaining)  # short waits keep signal handlers responsive
+        return self._exit
+
+    @property
+    def exit_status(self) -> MachineExit | None:
+        return self._exit
+
+    def request_exit(self, code: int, reason: str, error: bool = False) -> None:
+        """End the VM (first caller wins); vCPU threads are stopped by close()."""
+        with self._lock:
+            if self._exit is None:
+                self._exit = MachineExit(code, reason, error)
+                log.info("VM ends: %s (exit code %d)", reason, code)
+        for vcpu in self.vcpus:
+            vcpu.request_stop()
+        self._done.set()
+
+    def fail(self, message: str) -> None:
+        self.request_exit(1, message, error=True)
+
+    def _guest_exit(self, vcpu_index: int, code: int) -> None:
+        self.request_exit(code, f"guest wrote exit code {code} to port 0x{EXIT_PORT:x}")
+
+    def vcpu_finished(self, vcpu: Vcpu) -> None:
+        if all(v.state is VcpuState.FINISHED for v in self.vcpus):
+            self.request_exit(0, "all vCPUs halted")
+
+    def log_unhandled_mmio(self, addr: int, is_write: bool) -> None:
+        page = addr >> 12
+        if page not in self._mmio_logged:
+            self._mmio_logged.add(page)
+            log.info(
+                "unhandled MMIO %s at 0x%x (logged once per page)",
+                "write" if is_write else "read",
+                addr,
+            )
+
+    def pause(self) -> None:
+        """Stop every vCPU outside KVM_RUN; returns when all are parked."""
+        for vcpu in self.vcpus:
+            vcpu.request_pause()
+        for vcpu in self.vcpus:
+            if not vcpu.wait_paused(PAUSE_TIMEOUT_S) and vcpu.state is not VcpuState.FINISHED:
+                raise MachineError(f"vCPU {vcpu.index} did not pause within {PAUSE_TIMEOUT_S} s")
+
+    def resume(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.resume()
+
+    @property
+    def running(self) -> bool:
+        return (
+            self.started
+            and not self._done.is_set()
+            and any(v.state is VcpuState.RUNNING for v in self.vcpus)
+        )
+
+    def stats(self) -> MachineStats:
+        return MachineStats([v.exits for v in self.vcpus])
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop vCPU threads and release every fd and mapping. Safe to call twice."""
+        for vcpu in self.vcpus:
+            vcpu.request_stop()
+        for vcpu in self.vcpus:
+            if vcpu.thread is not None:
+                vcpu.thread.join(2.0)
+                if vcpu.thread.is_alive():
+                    log.warning("vCPU %d thread did not stop", vcpu.index)
+        self.serial.flush()
+        for vcpu in self.vcpus:
+            if vcpu.thread is None or not vcpu.thread.is_alive():
+                vcpu.fd.close()
+        self.vcpus = []
+        self.vm.close()  # the VM goes first: it maps guest RAM
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

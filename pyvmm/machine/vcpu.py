@@ -1,0 +1,250 @@
+"""A vCPU thread: KVM_RUN with the GIL released, then a short exit dispatch in Python.
+
+Kicking (how pause, stop and throttling reach a running vCPU): set
+kvm_run.immediate_exit, then send the thread KICK_SIGNAL. If the thread is
+inside KVM_RUN the signal makes it return -EINTR; if it is about to enter,
+immediate_exit makes KVM_RUN return at once. The loop clears the flag *before*
+looking at its requests, so a request made at any moment is seen.
+
+Work that must happen on the vCPU's own thread (a throttle sleep, a dirty-ring
+harvest) is queued with `run_on_thread` and runs at the next exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from pyvmm.kvm import VcpuFd, abi
+
+if TYPE_CHECKING:
+    from pyvmm.machine.machine import Machine
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+RFLAGS_IF = 1 << 9
+
+
+class VcpuState(Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"  # halted with nothing that could wake it
+    STOPPED = "stopped"
+
+
+def install_kick_handler() -> None:
+    """A no-op handler, so KICK_SIGNAL interrupts KVM_RUN instead of killing the process.
+
+    Must run in the main thread (Python's rule for signal.signal)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class Vcpu:
+    def __init__(self, machine: Machine, index: int, fd: VcpuFd) -> None:
+        self.machine = machine
+        self.index = index
+        self.fd = fd
+        self.state = VcpuState.CREATED
+        self.thread: threading.Thread | None = None
+        self.exits = 0
+        self._cond = threading.Condition()
+        self._pause_requested = False
+        self._stop_requested = False
+        self._wake = threading.Event()  # ends a sleep early
+        self._pending: deque[Callable[[Vcpu], None]] = deque()
+        self.on_dirty_ring_full: Callable[[Vcpu], None] | None = None
+
+    # --- control from other threads ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def kick(self) -> None:
+        self.fd.kvm_run.immediate_exit = 1
+        self._wake.set()
+        thread = self.thread
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def request_pause(self) -> None:
+        with self._cond:
+            self._pause_requested = True
+        self.kick()
+
+    def wait_paused(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.state in (VcpuState.PAUSED, VcpuState.STOPPED, VcpuState.CREATED),
+                timeout_s,
+            )
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_requested = False
+            self._cond.notify_all()
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._stop_requested = True
+            self._cond.notify_all()
+        self.kick()
+
+    def run_on_thread(self, fn: Callable[[Vcpu], None]) -> None:
+        """Run fn(vcpu) on this vCPU's thread at its next exit (kicks it)."""
+        self._pending.append(fn)
+        self.kick()
+
+    # --- called on the vCPU thread -----------------------------------------------------------
+
+    def sleep_us(self, microseconds: int) -> None:
+        """Sleep on this thread; a kick (pause, stop, migration switchover) ends it early."""
+        self._wake.clear()
+        if not (self._pause_requested or self._stop_requested):
+            self._wake.wait(microseconds / 1e6)
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # never let a vCPU thread die silently
+            log.exception("vCPU %d crashed", self.index)
+            self.machine.fail(f"vCPU {self.index}: internal error: {exc}")
+        finally:
+            with self._cond:
+                self.state = VcpuState.STOPPED
+                self._cond.notify_all()
+
+    def _park(self, state: VcpuState) -> None:
+        """Wait (paused or finished) until resumed or stopped."""
+        with self._cond:
+            self.state = state
+            self._cond.notify_all()
+            if state is VcpuState.FINISHED:
+                self.machine.vcpu_finished(self)
+                self._cond.wait_for(lambda: self._stop_requested)
+            else:
+                self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
+            if not self._stop_requested:
+                self.state = VcpuState.RUNNING
+
+    def _loop(self) -> None:
+        run = self.fd.kvm_run
+        with self._cond:
+            self.state = VcpuState.RUNNING
+        while True:
+            run.immediate_exit = 0
+            while self._pending:
+                self._pending.popleft()(self)
+            if self._stop_requested:
+                return
+            if self._pause_requested:
+                self._park(VcpuState.PAUSED)
+                continue
+            result = self.fd.run()
+            if result < 0:
+                if result in (-errno.EINTR, -errno.EAGAIN):
+                    continue
+                self.machine.fail(f"vCPU {self.index}: KVM_RUN failed: errno {-result}")
+                return
+            self.exits += 1
+            if not self._dispatch(run):
+                return
+
+    def _dispatch(self, run: abi.kvm_run) -> bool:
+        """Handle one exit; False ends the thread."""
+        reason = run.exit_reason
+        if reason == abi.KVM_EXIT_IO:
+            io = run.exit.io
+            length = io.size * io.count
+            data = self.fd.io_data(io.data_offset, length)
+            bus = self.machine.bus
+            if io.direction == abi.KVM_EXIT_IO_OUT:
+                bus.io_out(self, io.port, bytes(data))
+            else:
+                for i in range(io.count):
+                    data[i * io.size : (i + 1) * io.size] = bus.io_in(self, io.port, io.size)
+            return True
+        if reason == abi.KVM_EXIT_HLT:
+            regs = self.fd.get_regs()
+            if regs.rflags & RFLAGS_IF:
+                log.info("vCPU %d: HLT with interrupts enabled but no interrupt source", self.index)
+            self._park(VcpuState.FINISHED)
+            return False
+        if reason == abi.KVM_EXIT_DIRTY_RING_FULL:
+            if self.on_dirty_ring_full is None:
+                self.machine.fail(f"vCPU {self.index}: dirty ring full but nobody harvests it")
+                return False
+            self.on_dirty_ring_full(self)
+            return True
+        if reason == abi.KVM_EXIT_MMIO:
+            mmio = run.exit.mmio
+            self.machine.log_unhandled_mmio(mmio.phys_addr, bool(mmio.is_write))
+            if not mmio.is_write:
+                for i in range(mmio.len):
+                    mmio.data[i] = 0xFF
+            return True
+        if reason == abi.KVM_EXIT_INTR:
+            return True
+        if reason == abi.KVM_EXIT_SYSTEM_EVENT and run.exit.system_event.type in (
+            abi.KVM_SYSTEM_EVENT_SHUTDOWN,
+            abi.KVM_SYSTEM_EVENT_RESET,
+        ):
+            kind = "power-off" if run.exit.system_event.type == 1 else "reset (not supported)"
+            self.machine.request_exit(0, f"guest requested {kind} on vCPU {self.index}")
+            self._park(VcpuState.PAUSED)
+            return True
+        self.machine.fail(self.describe_exit(run))
+        return False
+
+    def describe_exit(self, run: abi.kvm_run) -> str:
+        """A one-line description of a fatal exit, with the guest's RIP when readable."""
+        reason = run.exit_reason
+        name = abi.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+        try:
+            rip = f" at RIP 0x{self.fd.get_regs().rip:x}"
+        except OSError:
+            rip = ""
+        where = f"vCPU {self.index}{rip}"
+        if reason == abi.KVM_EXIT_SHUTDOWN:
+            return (
+                f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on {where}: an exception it could "
+                "not handle, such as an invalid instruction with no usable IDT"
+            )
+        if reason == abi.KVM_EXIT_FAIL_ENTRY:
+            code = run.exit.fail_entry.hardware_entry_failure_reason
+            return (
+                f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason 0x{code:x}) on {where}"
+            )
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            internal = run.exit.internal
+            sub = internal.suberror
+            detail = f"suberror {sub}"
+            if sub == abi.KVM_INTERNAL_ERROR_EMULATION:
+                emu = run.exit.emulation_failure
+                detail += " (emulation failure)"
+                has_bytes = internal.ndata >= 2 and emu.flags & (
+                    abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+                )
+                if has_bytes:
+                    insn = bytes(emu.insn_bytes[: min(emu.insn_size, 15)])
+                    detail += f", instruction bytes {insn.hex(' ')}"
+            elif internal.ndata:
+                data = " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
+                detail += f", data {data}"
+            return f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, {detail}) on {where}"
+        if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+            kind = {1: "shutdown", 2: "reset", 3: "crash"}.get(run.exit.system_event.type, "?")
+            return f"guest requested {kind} (KVM_EXIT_SYSTEM_EVENT) on {where}"
+        return f"unexpected exit KVM_EXIT_{name} on {where}"

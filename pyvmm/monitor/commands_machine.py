@@ -1,0 +1,56 @@
+"""QMP commands about the VM itself: status, stop/cont, vCPUs, quit.
+
+Shapes follow QEMU's QAPI schema (qapi/run-state.json, qapi/machine.json) so
+that scripts written for QEMU read pyvmm's replies unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pyvmm.monitor.schema import QmpError
+
+if TYPE_CHECKING:
+    from pyvmm.monitor.vmm import Vmm
+
+
+def register_machine_commands(vmm: Vmm) -> None:
+    qmp = vmm.qmp
+    assert qmp is not None
+
+    def query_status(args: dict[str, Any]) -> dict[str, Any]:
+        status = vmm.run_state
+        return {"running": status == "running", "singlestep": False, "status": status}
+
+    def stop(args: dict[str, Any]) -> None:
+        vmm.pause_guest()
+
+    def cont(args: dict[str, Any]) -> None:
+        if vmm.run_state in ("postmigrate", "shutdown", "inmigrate", "internal-error"):
+            raise QmpError("GenericError", f"cannot continue a VM in state '{vmm.run_state}'")
+        vmm.resume_guest()
+
+    def query_cpus_fast(args: dict[str, Any]) -> list[dict[str, Any]]:
+        cpus = []
+        for vcpu in vmm.machine.vcpus if vmm.machine else []:
+            thread = vcpu.thread
+            cpus.append(
+                {
+                    "cpu-index": vcpu.index,
+                    "qom-path": f"/machine/unattached/device[{vcpu.index}]",
+                    "thread-id": thread.native_id if thread and thread.native_id else 0,
+                    "props": {"core-id": 0, "thread-id": 0, "socket-id": vcpu.index},
+                    "target": "x86_64",
+                }
+            )
+        return cpus
+
+    def quit_(args: dict[str, Any]) -> None:
+        # QEMU replies first, then shuts down; the reply is sent when we return.
+        vmm.request_quit()
+
+    qmp.register("query-status", query_status)
+    qmp.register("stop", stop)
+    qmp.register("cont", cont)
+    qmp.register("query-cpus-fast", query_cpus_fast)
+    qmp.register("quit", quit_)

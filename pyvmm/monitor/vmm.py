@@ -1,0 +1,156 @@
+"""One pyvmm process: a machine, its console, its QMP monitor, and how it ends.
+
+This is the top of the library: the CLI's `pyvmm run` only parses arguments
+into RunOptions and calls Vmm.run(). Run states use QEMU's names
+(prelaunch, running, paused, shutdown, ...), reported by query-status.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import IO
+
+from pyvmm.kvm import Kvm
+from pyvmm.machine.devices import SerialConsole
+from pyvmm.machine.dirty_ring_setup import max_ring_entries
+from pyvmm.machine.elf import load_pvh_image
+from pyvmm.machine.images import resolve_image
+from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
+from pyvmm.monitor.commands_machine import register_machine_commands
+from pyvmm.monitor.server import QmpServer
+
+log = logging.getLogger(__name__)
+
+QUIT_REPLY_GRACE_S = 0.1  # let the `quit` reply reach the client before the socket closes
+
+
+@dataclass
+class RunOptions:
+    image: str | None = None
+    mem_bytes: int = 256 << 20
+    vcpus: int = 1
+    cmdline: str = ""
+    serial_path: str | None = None
+    qmp: str | None = None
+    qmp_allow_remote: bool = False
+    time_limit_s: float | None = None
+    dirty_ring_entries: int | None = None  # None: bitmap mode; 0: the largest ring KVM offers
+
+
+class Vmm:
+    def __init__(self, options: RunOptions, out: IO[str] | None = None) -> None:
+        self.options = options
+        self.out = out
+        self.machine: Machine | None = None
+        self.qmp: QmpServer | None = None
+        self.run_state = "prelaunch"
+        self._serial_file: IO[str] | None = None
+        self._shutdown_reason = "guest-shutdown"
+        self._state_lock = threading.Lock()
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Everything up to (not including) starting the vCPUs; errors leave nothing behind."""
+        opts = self.options
+        try:
+            if opts.serial_path:
+                self._serial_file = open(opts.serial_path, "w", buffering=1)  # noqa: SIM115
+            serial = SerialConsole(self._serial_file or self.out)
+            kvm = Kvm()
+            ring = opts.dirty_ring_entries
+            if ring == 0:
+                ring = max_ring_entries(kvm)
+            config = MachineConfig(opts.mem_bytes, opts.vcpus, opts.cmdline, None, ring)
+            self.machine = Machine(config, serial, kvm)
+            if opts.image is not None:
+                self.machine.boot(load_pvh_image(resolve_image(opts.image)))
+            if opts.qmp:
+                self.qmp = QmpServer(opts.qmp, allow_remote=opts.qmp_allow_remote)
+                register_machine_commands(self)
+                self.qmp.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> MachineExit:
+        """Build (unless done), start and wait for the end; SIGINT/SIGTERM end it cleanly."""
+        if self.machine is None:
+            self.build()
+        self._install_signal_handlers()
+        assert self.machine is not None
+        self.machine.start()
+        self._set_state("running")
+        try:
+            result = self.machine.wait(self.options.time_limit_s)
+            if result is None:
+                self.machine.request_exit(0, f"time limit of {self.options.time_limit_s} s reached")
+                self._shutdown_reason = "host-signal"
+                result = self.machine.exit_status
+            assert result is not None
+            self._set_state("internal-error" if result.error else "shutdown")
+            if self.qmp:
+                guest = self._shutdown_reason == "guest-shutdown"
+                self.qmp.emit_event("SHUTDOWN", {"guest": guest, "reason": self._shutdown_reason})
+            return result
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        if self._serial_file is not None:
+            self._serial_file.close()
+            self._serial_file = None
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum: int, frame: object) -> None:
+            name = signal.Signals(signum).name
+            self._shutdown_reason = "host-signal"
+            if self.machine is not None:
+                self.machine.request_exit(0, f"terminated by {name}")
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    # --- control used by QMP -----------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        with self._state_lock:
+            self.run_state = state
+
+    def pause_guest(self) -> None:
+        if self.run_state != "running" or self.machine is None:
+            return
+        self.machine.pause()
+        self._set_state("paused")
+        if self.qmp:
+            self.qmp.emit_event("STOP")
+
+    def resume_guest(self) -> None:
+        if self.run_state != "paused" or self.machine is None:
+            return
+        self.machine.resume()
+        self._set_state("running")
+        if self.qmp:
+            self.qmp.emit_event("RESUME")
+
+    def request_quit(self) -> None:
+        self._shutdown_reason = "host-qmp-quit"
+        machine = self.machine
+        if machine is not None:
+            timer = threading.Timer(
+                QUIT_REPLY_GRACE_S, machine.request_exit, (0, "quit requested over QMP")
+            )
+            timer.daemon = True
+            timer.start()
