@@ -150,7 +150,7 @@ def test_memstress_too_big_exits_with_code_2() -> None:
 
 
 def test_pause_stops_the_guest_and_resume_restarts_it() -> None:
-    machine, out = boot("memstress", mem_mib=128, vcpus=2, cmdline="mb=16")
+    machine, _ = boot("memstress", mem_mib=128, vcpus=2, cmdline="mb=16")
     try:
         machine.start()
         time.sleep(1.0)
@@ -215,7 +215,7 @@ def test_bad_images_are_refused(data: bytes, message: str) -> None:
 
 
 def test_segment_outside_ram_is_refused() -> None:
-    with pytest.raises(ImageError, match="outside guest RAM.*--mem of at least 17M"):
+    with pytest.raises(ImageError, match=r"outside guest RAM.*--mem of at least 17M"):
         boot(guestgen.CLI_HLT, mem_mib=16, load_addr=0x1000000)
 
 
