@@ -16,6 +16,7 @@ class VcpuFd:
         self.vcpu_id = vcpu_id
         self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = abi.kvm_run.from_buffer(self.run_mmap)
+        self.run_addr = ctypes.addressof(self.kvm_run)
         self.ring_mmap: mmap.mmap | None = None
 
     def close(self) -> None:
@@ -33,6 +34,10 @@ class VcpuFd:
     def run(self) -> int:
         """KVM_RUN without the GIL: 0 after an exit, or -errno (-EINTR when kicked)."""
         return _ioctl.run(self.fd)
+
+    def run_decoded(self) -> tuple[int, int, int, int, int, int, int]:
+        """KVM_RUN, then (result, exit_reason, direction, size, port, count, data_offset)."""
+        return _ioctl.run_decoded(self.fd, self.run_addr)
 
     def io_data(self, offset: int, length: int) -> memoryview:
         """The port-I/O data area inside the kvm_run mapping."""

@@ -79,7 +79,9 @@ class VmFd:
 
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG into a caller-owned bitmap (address of ceil(pages/64) u64 words)."""
-        ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr))
+        ioctl(
+            self.fd, abi.KVM_GET_DIRTY_LOG, abi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_addr)
+        )
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap_addr: int) -> None:
         """KVM_CLEAR_DIRTY_LOG: re-protect the pages whose bits are set in the bitmap."""

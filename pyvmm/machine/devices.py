@@ -54,16 +54,20 @@ class PortBus:
 
     def __init__(self) -> None:
         self._ranges: list[tuple[int, int, PortDevice]] = []
+        self._cache: dict[int, PortDevice | None] = {}  # port -> device, filled on first use
         self._logged: set[int] = set()
 
     def register(self, first: int, count: int, device: PortDevice) -> None:
         self._ranges.append((first, first + count, device))
+        self._cache.clear()
 
     def _find(self, port: int) -> PortDevice | None:
-        for first, end, device in self._ranges:
-            if first <= port < end:
-                return device
-        return None
+        try:
+            return self._cache[port]
+        except KeyError:
+            found = next((dev for first, end, dev in self._ranges if first <= port < end), None)
+            self._cache[port] = found
+            return found
 
     def _log_unhandled(self, port: int, what: str) -> None:
         if port not in self._logged:

@@ -152,30 +152,31 @@ class Vcpu:
             if self._pause_requested:
                 self._park(VcpuState.PAUSED)
                 continue
-            result = self.fd.run()
+            result, reason, direction, size, port, count, offset = self.fd.run_decoded()
             if result < 0:
                 if result in (-errno.EINTR, -errno.EAGAIN):
                     continue
                 self.machine.fail(f"vCPU {self.index}: KVM_RUN failed: errno {-result}")
                 return
             self.exits += 1
-            if not self._dispatch(run):
+            if reason == abi.KVM_EXIT_IO:  # the hot path, decoded in C
+                self._port_io(direction, size, port, count, offset)
+            elif not self._dispatch(run):
                 return
+
+    def _port_io(self, direction: int, size: int, port: int, count: int, offset: int) -> None:
+        mm = self.fd.run_mmap
+        bus = self.machine.bus
+        if direction == abi.KVM_EXIT_IO_OUT:
+            bus.io_out(self, port, mm[offset : offset + size * count])
+        else:
+            for i in range(count):
+                start = offset + i * size
+                mm[start : start + size] = bus.io_in(self, port, size)
 
     def _dispatch(self, run: abi.kvm_run) -> bool:
         """Handle one exit; False ends the thread."""
         reason = run.exit_reason
-        if reason == abi.KVM_EXIT_IO:
-            io = run.exit.io
-            length = io.size * io.count
-            data = self.fd.io_data(io.data_offset, length)
-            bus = self.machine.bus
-            if io.direction == abi.KVM_EXIT_IO_OUT:
-                bus.io_out(self, io.port, bytes(data))
-            else:
-                for i in range(io.count):
-                    data[i * io.size : (i + 1) * io.size] = bus.io_in(self, io.port, io.size)
-            return True
         if reason == abi.KVM_EXIT_HLT:
             regs = self.fd.get_regs()
             if regs.rflags & RFLAGS_IF:
