@@ -10,8 +10,9 @@ import stat
 import time
 from pathlib import Path
 
-import guestgen
 import pytest
+
+import guestgen
 from helpers import one_line_error, pyvmm_process, run_pyvmm, wait_for_line, wait_for_path
 
 kvm = pytest.mark.kvm

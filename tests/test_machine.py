@@ -7,11 +7,11 @@ import re
 import threading
 import time
 
-import guestgen
 import numpy as np
 import pytest
-from helpers import open_fds
 
+import guestgen
+from helpers import open_fds
 from pyvmm.machine.elf import load_pvh_image, parse_pvh_image
 from pyvmm.machine.errors import ImageError, MachineError
 from pyvmm.machine.images import resolve_image
