@@ -30,7 +30,7 @@ def _c_program() -> tuple[str, list[str]]:
             member = C_MEMBER.get((name, field), field)
             keys.append(f"offsetof {name}.{field}")
             lines.append(f'printf("%zu\\n", offsetof(struct {name}, {member}));')
-    for request, rname in sorted(abi.IOCTL_NAMES.items(), key=lambda kv: kv[1]):
+    for _request, rname in sorted(abi.IOCTL_NAMES.items(), key=lambda kv: kv[1]):
         if rname.startswith("KVM_") and not rname.startswith("KVM_CAP"):
             keys.append(f"ioctl {rname}")
             lines.append(f'printf("%lu\\n", (unsigned long){rname});')
