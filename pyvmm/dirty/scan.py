@@ -1,0 +1,109 @@
+"""Typed entry point to the Cython hot loops of pyvmm.dirty._scan.
+
+Import the loops from here: at run time this module re-exports the compiled functions
+unchanged (no wrapper, no per-call cost); for type checkers it declares their signatures,
+which a compiled module cannot provide. What each loop does and why is in docs/scan.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__all__ = [
+    "KVM_DIRTY_GFN_F_DIRTY",
+    "KVM_DIRTY_GFN_F_RESET",
+    "KVM_DIRTY_GFN_SIZE",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "bitmap_to_pages",
+    "count_set",
+    "gather_pages",
+    "harvest_ring",
+    "is_zero_page",
+    "or_into",
+    "page_hashes",
+    "pages_to_runs",
+    "set_pages",
+    "take_and_clear",
+    "zero_pages",
+]
+
+if TYPE_CHECKING:
+    import mmap
+    from collections.abc import Sequence
+
+    import numpy as np
+    import numpy.typing as npt
+
+    U64Array = npt.NDArray[np.uint64]
+    U8Array = npt.NDArray[np.uint8]
+    # Guest memory: the GuestMemory mmap, a numpy uint8 view of it, or any C-contiguous bytes.
+    ReadableBuffer = bytes | bytearray | memoryview | mmap.mmap | U8Array
+    WritableBytes = bytearray | memoryview | mmap.mmap | U8Array
+    # The dirty ring: the vCPU fd's mmap, or any writable buffer (tests use numpy arrays).
+    RingBuffer = bytearray | memoryview | mmap.mmap | npt.NDArray[np.generic]
+
+    PAGE_SIZE: int
+    PAGE_SHIFT: int
+    KVM_DIRTY_GFN_F_DIRTY: int
+    KVM_DIRTY_GFN_F_RESET: int
+    KVM_DIRTY_GFN_SIZE: int
+
+    def bitmap_to_pages(bitmap: U64Array, out: U64Array | None = None) -> U64Array:
+        """Ascending page numbers of the set bits; fills and slices `out` if given."""
+
+    def count_set(bitmap: U64Array) -> int:
+        """Number of set bits."""
+
+    def set_pages(bitmap: U64Array, pages: U64Array) -> None:
+        """Set the bit of every listed page."""
+
+    def or_into(dst: U64Array, src: U64Array) -> None:
+        """dst |= src."""
+
+    def take_and_clear(src: U64Array, dst: U64Array) -> int:
+        """dst |= src; src = 0; returns popcount(src)."""
+
+    def zero_pages(mem: ReadableBuffer, pages: U64Array, out: U8Array) -> int:
+        """out[k] = page pages[k] is all zero; returns how many are."""
+
+    def is_zero_page(mem: ReadableBuffer, page: int) -> bool:
+        """Whether one page is all zero."""
+
+    def page_hashes(mem: ReadableBuffer, pages: U64Array, out: U64Array) -> None:
+        """out[k] = xxHash64 (seed 0) of page pages[k]."""
+
+    def harvest_ring(
+        ring: RingBuffer,
+        nentries: int,
+        fetch_index: int,
+        bitmaps: Sequence[U64Array | None],
+        slot_pages: U64Array,
+    ) -> tuple[int, int, int]:
+        """Harvest a vCPU dirty ring; returns (new_fetch_index, harvested, invalid)."""
+
+    def gather_pages(mem: ReadableBuffer, pages: U64Array, out: WritableBytes) -> int:
+        """Copy the listed pages back to back into out; returns bytes written."""
+
+    def pages_to_runs(pages: U64Array, starts: U64Array, lengths: U64Array) -> int:
+        """Coalesce ascending pages into (start, length) runs; returns the run count."""
+
+else:
+    from pyvmm.dirty._scan import (
+        KVM_DIRTY_GFN_F_DIRTY,
+        KVM_DIRTY_GFN_F_RESET,
+        KVM_DIRTY_GFN_SIZE,
+        PAGE_SHIFT,
+        PAGE_SIZE,
+        bitmap_to_pages,
+        count_set,
+        gather_pages,
+        harvest_ring,
+        is_zero_page,
+        or_into,
+        page_hashes,
+        pages_to_runs,
+        set_pages,
+        take_and_clear,
+        zero_pages,
+    )
