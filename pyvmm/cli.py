@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from pyvmm import __version__
@@ -103,6 +104,31 @@ def cmd_qmp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dirtyrate(args: argparse.Namespace) -> int:
+    from pyvmm.monitor.client import QmpCommandError, SyncQmp
+
+    calc_ms = round(args.calc_time * 1000)
+    try:
+        with SyncQmp(args.address, timeout_s=args.calc_time + 30) as qmp:
+            qmp.cmd("calc-dirty-rate", **{
+                "calc-time": calc_ms, "calc-time-unit": "millisecond", "mode": args.mode,
+            })  # fmt: skip
+            deadline = time.monotonic() + args.calc_time + 30
+            while True:
+                info = qmp.cmd("query-dirty-rate")
+                if info["status"] == "measured":
+                    break
+                if time.monotonic() > deadline:
+                    raise CliError("the dirty-rate measurement did not finish")
+                time.sleep(min(0.05, args.calc_time / 4))
+    except QmpCommandError as exc:
+        raise CliError(exc.desc) from None
+    print(f"dirty-rate: {info.get('dirty-rate', 0)} MiB/s")
+    for vcpu in info.get("vcpu-dirty-rate", []):
+        print(f"vcpu {vcpu['id']}: {vcpu['dirty-rate']} MiB/s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyvmm.demo import run_demo
 
@@ -162,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     qmp.add_argument("json_args", metavar="JSON-ARGS", nargs="?", help="arguments as JSON")
     qmp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S")
     qmp.set_defaults(func=cmd_qmp)
+
+    rate = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate over QMP")
+    rate.add_argument("address", metavar="ADDR", help="QMP address: unix:PATH or tcp:HOST:PORT")
+    rate.add_argument(
+        "--mode",
+        choices=["page-sampling", "dirty-bitmap", "dirty-ring"],
+        default="page-sampling",
+        help="QEMU's measurement modes (default page-sampling)",
+    )
+    rate.add_argument(
+        "--calc-time",
+        type=positive_float,
+        default=1.0,
+        metavar="S",
+        help="measurement window in seconds, 0.05 to 60 (default 1)",
+    )
+    rate.set_defaults(func=cmd_dirtyrate)
 
     demo = sub.add_parser("demo", help="the main job on embedded defaults")
     demo.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")

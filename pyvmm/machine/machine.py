@@ -150,6 +150,15 @@ class Machine:
     def _enable_dirty_ring(self, entries: int) -> None:
         self.ring_bytes = enable_dirty_ring(self.kvm, self.vm, entries)
 
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for every slot (re-registering it)."""
+        assert self.memory is not None
+        flags = abi.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
+        for region in self.memory.regions:
+            self.vm.set_user_memory_region(
+                region.slot, flags, region.gpa, region.size_bytes, region.host_addr
+            )
+
     # --- running -----------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -13,12 +13,15 @@ import threading
 from dataclasses import dataclass
 from typing import IO
 
+from pyvmm.dirty.rate import DirtyRateMonitor
+from pyvmm.dirty.tracker import DirtyTracker, make_tracker
 from pyvmm.kvm import Kvm
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.dirty_ring_setup import max_ring_entries
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
+from pyvmm.monitor.commands_dirty import register_dirty_commands
 from pyvmm.monitor.commands_machine import register_machine_commands
 from pyvmm.monitor.server import QmpServer
 
@@ -50,6 +53,8 @@ class Vmm:
         self._serial_file: IO[str] | None = None
         self._shutdown_reason = "guest-shutdown"
         self._state_lock = threading.Lock()
+        self._tracker: DirtyTracker | None = None
+        self._dirty_rate: DirtyRateMonitor | None = None
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -71,6 +76,7 @@ class Vmm:
             if opts.qmp:
                 self.qmp = QmpServer(opts.qmp, allow_remote=opts.qmp_allow_remote)
                 register_machine_commands(self)
+                register_dirty_commands(self)
                 self.qmp.start()
         except BaseException:
             self.close()
@@ -99,7 +105,29 @@ class Vmm:
         finally:
             self.close()
 
+    # --- dirty tracking, created on first use ------------------------------------------------
+
+    @property
+    def dirty_tracker(self) -> DirtyTracker:
+        if self._tracker is None:
+            assert self.machine is not None
+            self._tracker = make_tracker(self.machine)
+        return self._tracker
+
+    @property
+    def dirty_rate(self) -> DirtyRateMonitor:
+        if self._dirty_rate is None:
+            assert self.machine is not None and self.machine.memory is not None
+            self._dirty_rate = DirtyRateMonitor(self.machine.memory, self.dirty_tracker)
+        return self._dirty_rate
+
     def close(self) -> None:
+        if self._dirty_rate is not None:
+            self._dirty_rate.close()
+            self._dirty_rate = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None

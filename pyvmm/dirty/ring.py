@@ -1,0 +1,184 @@
+"""Ring mode: per-vCPU KVM dirty rings, harvested by a reaper thread.
+
+Each vCPU has a ring of 16-byte entries {flags, slot, offset} shared with KVM
+(mapped by the machine at creation). KVM pushes an entry when the vCPU first
+writes a write-protected page; pyvmm harvests entries (acquire-load the flags,
+read slot and offset, release-store RESET), then KVM_RESET_DIRTY_RINGS lets KVM
+re-protect those pages and reuse the entries. Only then may the pages' contents
+be read: a write after the reset faults again and is pushed again.
+
+This host's ring loses entries when a guest dirties more pages between
+harvests than the ring holds, and can livelock (DIRTY_RING_FULL forever with
+nothing to harvest) with small rings (DESIGN.md). Hence:
+- a reaper thread looks at every ring every 5 ms and harvests it when it is an
+  eighth full, or 100 ms after its last harvest: rings stay far from full, and a
+  page the guest keeps rewriting is counted about 10 times a second, not 200
+  (QEMU's reaper runs about once a second, so its per-vCPU counts see hot pages
+  once a second; pyvmm's rates stay comparable);
+- a harvest that finds a ring at or past its soft limit may have lost entries:
+  the whole guest is marked dirty for that round, and it is logged;
+- KVM_EXIT_DIRTY_RING_FULL is handled on the vCPU's thread (harvest its ring,
+  then the dirty-limit hook); LIVELOCK_EXITS of them in a row that harvest
+  nothing end the VM with an error naming the ring size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from pyvmm.dirty.scan import count_set, harvest_ring
+from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.kvm import abi
+from pyvmm.machine.machine import Machine
+from pyvmm.machine.vcpu import Vcpu
+
+log = logging.getLogger(__name__)
+
+REAP_CHECK_INTERVAL_S = 0.005  # how often the reaper looks at each ring's fill level
+REAP_MAX_AGE_S = 0.1  # harvest a ring at least this often
+REAP_FILL_FRACTION = 8  # ... and at once when it is 1/8 full
+LIVELOCK_EXITS = 10000
+
+
+class RingTracker(DirtyTracker):
+    mode = "ring"
+
+    def __init__(self, machine: Machine) -> None:
+        super().__init__(machine)
+        self.entries = machine.ring_bytes // 16
+        self.soft_limit = self.entries - abi.KVM_DIRTY_RING_RSVD_ENTRIES
+        self._fetch = [0] * len(machine.vcpus)
+        # Per vCPU, cumulative: distinct pages newly dirty since the last sync (what rates
+        # and the dirty limit use), and raw ring entries. They differ because this host's
+        # KVM sometimes pushes the same page twice without a reset in between (about 13%
+        # extra entries under memstress); QEMU counts entries.
+        self._harvested = [0] * len(machine.vcpus)
+        self.entries_harvested = [0] * len(machine.vcpus)
+        self._empty_full_exits = [0] * len(machine.vcpus)
+        self._ring_locks = [threading.Lock() for _ in machine.vcpus]
+        self._acc = self.new_bitmaps()  # harvested since the last sync
+        self._acc_lock = threading.Lock()
+        self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
+        self.overflows = 0  # harvests that found a ring at its soft limit
+        self.on_ring_full: Callable[[Vcpu], None] | None = None  # the dirty limit's hook
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        for vcpu in machine.vcpus:
+            vcpu.on_dirty_ring_full = self._ring_full_exit
+
+    # --- logging on/off ----------------------------------------------------------------------
+
+    def _start_logging(self) -> None:
+        # Entries pushed before logging started (none, normally) are stale: drop them.
+        self._reap_all(discard=True)
+        self.machine.set_dirty_logging(True)
+        self._stop.clear()
+        self._reaper = threading.Thread(target=self._reap_loop, name="dirty-ring-reaper")
+        self._reaper.daemon = True
+        self._reaper.start()
+        log.info("dirty ring logging on: %d entries per vCPU", self.entries)
+
+    def _stop_logging(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(2)
+            self._reaper = None
+        self.machine.set_dirty_logging(False)
+
+    def close(self) -> None:
+        super().close()
+        for vcpu in self.machine.vcpus:
+            vcpu.on_dirty_ring_full = None
+
+    # --- harvesting --------------------------------------------------------------------------
+
+    def _reap_loop(self) -> None:
+        last = [0.0] * len(self.machine.vcpus)
+        while not self._stop.wait(REAP_CHECK_INTERVAL_S):
+            now = time.monotonic()
+            total = 0
+            for i in range(len(self.machine.vcpus)):
+                if now - last[i] >= REAP_MAX_AGE_S or self._filling(i):
+                    total += self._reap_one(i)
+                    last[i] = now
+            if total:
+                self.machine.vm.reset_dirty_rings()
+
+    def _filling(self, index: int) -> bool:
+        """Is the entry an eighth of the ring past the next one already dirty? (a cheap peek)"""
+        ring = self.machine.vcpus[index].fd.ring_mmap
+        if ring is None:
+            return False
+        pos = (self._fetch[index] + self.entries // REAP_FILL_FRACTION) % self.entries * 16
+        return bool(ring[pos] & abi.KVM_DIRTY_GFN_F_DIRTY)
+
+    def _reap_one(self, index: int) -> int:
+        """Harvest one vCPU's ring into the accumulator; returns entries harvested."""
+        ring = self.machine.vcpus[index].fd.ring_mmap
+        if ring is None:
+            return 0
+        with self._ring_locks[index], self._acc_lock:
+            before = sum(count_set(acc) for acc in self._acc)
+            fetch, harvested, invalid = harvest_ring(
+                ring, self.entries, self._fetch[index], self._acc, self._slot_pages
+            )
+            self._fetch[index] = fetch
+            self._harvested[index] += sum(count_set(acc) for acc in self._acc) - before
+            self.entries_harvested[index] += harvested
+            if harvested >= self.soft_limit:
+                # The ring reached its soft limit: on this host KVM may have wrapped over
+                # entries we never saw. Correctness first: treat every page as dirty.
+                self.overflows += 1
+                for acc in self._acc:
+                    acc.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
+                log.warning(
+                    "vCPU %d: dirty ring held %d of %d entries at harvest; entries may be lost, "
+                    "marking all pages dirty for this round",
+                    index, harvested, self.entries,
+                )  # fmt: skip
+            if invalid:
+                log.warning("vCPU %d: %d dirty ring entries named no known page", index, invalid)
+        return harvested
+
+    def _reap_all(self, discard: bool = False) -> int:
+        total = sum(self._reap_one(i) for i in range(len(self.machine.vcpus)))
+        if total:
+            self.machine.vm.reset_dirty_rings()
+        if discard:
+            with self._acc_lock:
+                for acc in self._acc:
+                    acc.fill(0)
+        return total
+
+    def _harvest(self, into: list[np.ndarray]) -> None:
+        self._reap_all()
+        with self._acc_lock:
+            for acc, target in zip(self._acc, into, strict=True):
+                np.bitwise_or(target, acc, out=target)
+                acc.fill(0)
+
+    def _ring_full_exit(self, vcpu: Vcpu) -> None:
+        """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread."""
+        got = self._reap_one(vcpu.index)
+        if got:
+            self.machine.vm.reset_dirty_rings()
+            self._empty_full_exits[vcpu.index] = 0
+        else:
+            self._empty_full_exits[vcpu.index] += 1
+            if self._empty_full_exits[vcpu.index] >= LIVELOCK_EXITS:
+                self.machine.fail(
+                    f"dirty ring livelock on vCPU {vcpu.index}: {LIVELOCK_EXITS} ring-full exits "
+                    f"in a row with nothing to harvest ({self.entries}-entry ring); use a larger "
+                    "--dirty-ring or bitmap mode"
+                )
+                return
+        if self.on_ring_full is not None:
+            self.on_ring_full(vcpu)
+
+    def vcpu_dirty_pages(self) -> list[int]:
+        return list(self._harvested)
