@@ -168,11 +168,14 @@ class kvm_userspace_memory_region(Structure):
     ]
 
 
+REGS_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+)  # fmt: skip
+
+
 class kvm_regs(Structure):
-    _fields_ = [
-        (name, c_uint64)
-        for name in ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
-    ]
+    _fields_ = [(name, c_uint64) for name in REGS_NAMES]
 
 
 class kvm_segment(Structure):
