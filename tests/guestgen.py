@@ -77,3 +77,9 @@ INT3_NO_IDT = b"\x0f\x01\x1d" + struct.pack("<I", LOAD_ADDR + 9) + b"\xcc\x90" +
 READ_UNHANDLED_PORT_AND_EXIT = (
     b"\x31\xc0" + b"\xe4\x99" + b"\x66\xba\x01\x05" + b"\xef" + b"\xfa\xf4"
 )
+
+
+def write_pages(gpas: list[int]) -> bytes:
+    """mov dword [gpa], 0x5a5a5a5a for each address, then cli; hlt (32-bit code)."""
+    stores = b"".join(b"\xc7\x05" + struct.pack("<II", gpa, 0x5A5A5A5A) for gpa in gpas)
+    return stores + CLI_HLT

@@ -1,0 +1,236 @@
+"""Dirty tracking on real KVM: exact page sets, content-checked rounds, rates, failures."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import guestgen
+from helpers import pyvmm_process, run_pyvmm, wait_for_path
+from pyvmm.dirty import ring as ring_mod
+from pyvmm.dirty.rate import DirtyRateError, DirtyRateMonitor, DirtyRateRequest
+from pyvmm.dirty.scan import bitmap_to_pages
+from pyvmm.dirty.tracker import make_tracker
+from pyvmm.kvm import Kvm, abi
+from pyvmm.machine.devices import SerialConsole
+from pyvmm.machine.dirty_ring_setup import max_ring_entries
+from pyvmm.machine.elf import load_pvh_image, parse_pvh_image
+from pyvmm.machine.errors import MachineError
+from pyvmm.machine.images import resolve_image
+from pyvmm.machine.machine import Machine, MachineConfig
+from pyvmm.monitor.client import SyncQmp
+
+pytestmark = pytest.mark.kvm
+MODES = ["bitmap", "ring"]
+PAGE = 4096
+
+
+def make_machine(mode: str, mem_mib: int, vcpus: int, cmdline: str = "") -> Machine:
+    ring = 65536 if mode == "ring" else None
+    config = MachineConfig(mem_mib << 20, vcpus, cmdline, dirty_ring_entries=ring)
+    return Machine(config, SerialConsole(io.StringIO()))
+
+
+def reported_pages(bitmaps: list[np.ndarray]) -> set[int]:
+    return {int(p) for p in bitmap_to_pages(bitmaps[0])}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reports_exactly_the_pages_the_guest_wrote(mode: str) -> None:
+    rng = np.random.default_rng(7)
+    pages = sorted(int(p) for p in rng.choice(np.arange(512, 4096), 3000, replace=False))
+    image = parse_pvh_image(guestgen.make_elf(guestgen.write_pages([p * PAGE for p in pages])))
+    with make_machine(mode, 32, 2) as machine:
+        machine.boot(image)
+        tracker = make_tracker(machine)
+        bitmaps = tracker.new_bitmaps()
+        tracker.attach(bitmaps)
+        tracker.sync()  # image loading and INITIALLY_SET: everything before the guest runs
+        for b in bitmaps:
+            b.fill(0)
+        machine.start()
+        assert machine.wait(20).reason == "all vCPUs halted"
+        tracker.sync()
+        got = reported_pages(bitmaps)
+        missing = set(pages) - got
+        assert not missing, f"{len(missing)} written pages not reported"
+        if mode == "bitmap":
+            assert got == set(pages)
+        tracker.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_changed_page_is_reported_over_many_rounds(mode: str) -> None:
+    """The migration invariant, checked on content: nothing that changed goes unreported."""
+    with make_machine(mode, 128, 2, "mb=24 pattern=word") as machine:
+        machine.boot(load_pvh_image(resolve_image("memstress")))
+        tracker = make_tracker(machine)
+        bitmaps = tracker.new_bitmaps()
+        tracker.attach(bitmaps)
+        ram = machine.memory.regions[0].array
+        machine.start()
+        time.sleep(0.5)
+        machine.pause()
+        tracker.sync()
+        previous = ram.copy()
+        for b in bitmaps:
+            b.fill(0)
+        for round_ in range(8):
+            machine.resume()
+            time.sleep(0.15 + 0.05 * round_)
+            vmm_page = 600 + round_  # pyvmm's own writes count too
+            machine.memory.write(vmm_page * PAGE, bytes([round_ + 1]) * 16)
+            machine.pause()
+            tracker.sync()
+            changed = np.flatnonzero(
+                (ram.reshape(-1, PAGE) != previous.reshape(-1, PAGE)).any(axis=1)
+            )
+            got = reported_pages(bitmaps)
+            missing = set(changed.tolist()) - got
+            assert not missing, f"round {round_}: {len(missing)} changed pages not reported"
+            assert len(changed) > 1000, "the guest did not run"
+            assert vmm_page in got
+            previous = ram.copy()
+            for b in bitmaps:
+                b.fill(0)
+        tracker.close()
+
+
+def test_bitmap_mode_uses_manual_protect_when_offered() -> None:
+    with make_machine("bitmap", 32, 1) as machine:
+        machine.boot(parse_pvh_image(guestgen.make_elf(guestgen.CLI_HLT)))
+        tracker = make_tracker(machine)
+        caps = machine.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        assert tracker.manual_protect == (caps & 3 == 3)
+        bitmaps = tracker.new_bitmaps()
+        tracker.attach(bitmaps)
+        tracker.sync()
+        if tracker.manual_protect:  # INITIALLY_SET: a fresh slot reads as all dirty
+            assert len(reported_pages(bitmaps)) == machine.memory.regions[0].pages
+        tracker.close()
+
+
+def test_two_users_each_see_every_page() -> None:
+    image = parse_pvh_image(guestgen.make_elf(guestgen.write_pages([0x300000, 0x301000])))
+    with make_machine("bitmap", 32, 1) as machine:
+        machine.boot(image)
+        tracker = make_tracker(machine)
+        a, b = tracker.new_bitmaps(), tracker.new_bitmaps()
+        tracker.attach(a)
+        tracker.attach(b)
+        tracker.sync()
+        for bm in (*a, *b):
+            bm.fill(0)
+        machine.start()
+        machine.wait(10)
+        tracker.sync()
+        assert reported_pages(a) == reported_pages(b) == {0x300, 0x301}
+        tracker.close()
+
+
+def test_ring_overflow_marks_everything_dirty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failure injection: pretend every harvest found the ring at its soft limit."""
+    with make_machine("ring", 64, 1, "mb=8") as machine:
+        machine.boot(load_pvh_image(resolve_image("memstress")))
+        tracker = make_tracker(machine)
+        monkeypatch.setattr(tracker, "soft_limit", 1)
+        bitmaps = tracker.new_bitmaps()
+        tracker.attach(bitmaps)
+        machine.start()
+        time.sleep(0.5)
+        tracker.sync()
+        assert tracker.overflows > 0
+        assert len(reported_pages(bitmaps)) == machine.memory.regions[0].pages
+        tracker.close()
+
+
+def test_ring_livelock_ends_the_vm_with_a_clear_error() -> None:
+    """Failure injection: ring-full exits that find nothing to harvest, again and again."""
+    with make_machine("ring", 32, 1) as machine:
+        machine.boot(parse_pvh_image(guestgen.make_elf(guestgen.CLI_HLT)))
+        tracker = make_tracker(machine)
+        vcpu = machine.vcpus[0]
+        for _ in range(ring_mod.LIVELOCK_EXITS):
+            vcpu.on_dirty_ring_full(vcpu)
+        status = machine.exit_status
+        assert status is not None and status.error
+        assert "dirty ring livelock" in status.reason and "65536-entry ring" in status.reason
+        tracker.close()
+
+
+def test_ring_mode_without_kernel_support_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failure injection: a kernel whose KVM offers no dirty ring."""
+    real = Kvm.check_extension
+
+    def no_ring(self: Kvm, cap: int) -> int:
+        if cap in (abi.KVM_CAP_DIRTY_LOG_RING, abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            return 0
+        return real(self, cap)
+
+    monkeypatch.setattr(Kvm, "check_extension", no_ring)
+    with make_machine("ring", 32, 1) as machine:
+        with pytest.raises(MachineError, match="no dirty ring"):
+            machine.boot(parse_pvh_image(guestgen.make_elf(guestgen.CLI_HLT)))
+        assert machine.vcpus == []
+
+
+def test_largest_ring_is_the_default() -> None:
+    with Kvm() as kvm:
+        assert max_ring_entries(kvm) == kvm.check_extension(abi.KVM_CAP_DIRTY_LOG_RING) // 16
+
+
+def test_rate_requests_are_validated_like_qemu() -> None:
+    with make_machine("bitmap", 32, 1) as machine:
+        machine.boot(parse_pvh_image(guestgen.make_elf(guestgen.CLI_HLT)))
+        monitor = DirtyRateMonitor(machine.memory, make_tracker(machine))
+        bad = [
+            (DirtyRateRequest(calc_time=61), r"out of range \[50ms, 60000ms\]"),
+            (DirtyRateRequest(calc_time=49, calc_time_unit="millisecond"), "out of range"),
+            (DirtyRateRequest(sample_pages=100), r"sample-pages is out of range\[128, 16384\]"),
+            (DirtyRateRequest(mode="dirty-ring"), "mode dirty-ring is not enabled"),
+            (DirtyRateRequest(mode="bogus"), "does not accept value 'bogus'"),
+        ]
+        for req, message in bad:
+            with pytest.raises(DirtyRateError, match=message):
+                monitor.start(req)
+        monitor.start(DirtyRateRequest(calc_time=200, calc_time_unit="millisecond"))
+        with pytest.raises(DirtyRateError, match="already being measured"):
+            monitor.start(DirtyRateRequest())
+        assert monitor.wait(5).status == "measured"
+
+
+def _measure(sock: Path, mode: str) -> tuple[int, list[int]]:
+    proc = run_pyvmm(["dirtyrate", f"unix:{sock}", "--mode", mode, "--calc-time", "2"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    total = re.fullmatch(r"dirty-rate: (\d+) MiB/s", lines[0])
+    assert total, proc.stdout
+    per_vcpu = [int(re.fullmatch(r"vcpu \d+: (\d+) MiB/s", line).group(1)) for line in lines[1:]]
+    return int(total.group(1)), per_vcpu
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dirty_rate_of_memstress(tmp_path: Path, mode: str) -> None:
+    """2 vCPUs x 100 MiB/s over 256 MiB each: no page is rewritten in a 2 s window."""
+    sock = tmp_path / "qmp.sock"
+    args = ["run", "memstress", "--vcpus", "2", "--mem", "640M", "--append", "mb=256 rate=100"]
+    args += ["--qmp", f"unix:{sock}", "--serial", str(tmp_path / "serial")]
+    if mode == "ring":
+        args.append("--dirty-ring")
+    with pyvmm_process(args):
+        wait_for_path(sock)
+        time.sleep(1.0)
+        sampled, _ = _measure(sock, "page-sampling")
+        assert 150 <= sampled <= 250, sampled
+        logged, per_vcpu = _measure(sock, "dirty-ring" if mode == "ring" else "dirty-bitmap")
+        assert 180 <= logged <= 220, logged
+        if mode == "ring":
+            assert len(per_vcpu) == 2 and all(90 <= r <= 110 for r in per_vcpu), per_vcpu
+        with SyncQmp(f"unix:{sock}") as qmp:
+            info = qmp.cmd("query-dirty-rate", **{"calc-time-unit": "millisecond"})
+            assert info["status"] == "measured" and info["calc-time"] == 2000
