@@ -1,0 +1,57 @@
+/*
+ * boot.h - constants shared by the assembly entry stub and the C code.
+ *
+ * Only #defines here: this header is included from .S files too.
+ */
+#ifndef GUEST_BOOT_H
+#define GUEST_BOOT_H
+
+/* Where the image is linked and loaded (guest-physical). */
+#define IMAGE_BASE          0x100000
+
+/* Per-vCPU stacks live in .bss: MAX_VCPUS stacks of STACK_SIZE bytes. */
+#define MAX_VCPUS           64
+#define STACK_SHIFT         14                  /* 16 KiB per vCPU */
+#define STACK_SIZE          (1 << STACK_SHIFT)
+
+/* The static page tables identity-map this much with 2 MiB pages. */
+#define IDMAP_GIB           64
+
+/* PVH: hvm_start_info magic ("xEn3" with the high bit of 'x' set). */
+#define HVM_START_MAGIC     0x336ec578
+
+/* ELF notes. */
+#define XEN_ELFNOTE_PHYS32_ENTRY      18
+#define PYVMM_NOTE_START_ALL_VCPUS    1
+
+/*
+ * GDT selectors (see entry.S). The layout is Linux's (kernel CS 0x10,
+ * kernel DS 0x18, user CS32 0x23, user DS 0x2b, user CS64 0x33), the one
+ * hypervisors such as PVM expect.
+ */
+#define SEL_KERNEL_CS       0x10
+#define SEL_KERNEL_DS       0x18
+#define SEL_USER_DS         0x2b
+#define SEL_USER_CS         0x33
+
+/* User-mode RFLAGS: IOPL=3 (in/out/outs/cli allowed in ring 3), IF=0. */
+#define USER_RFLAGS         0x3002
+
+/* Control register / MSR bits written by the entry stub. */
+#define CR0_PE              (1 << 0)
+#define CR0_MP              (1 << 1)
+#define CR0_ET              (1 << 4)
+#define CR0_NE              (1 << 5)
+#define CR0_PG              (1 << 31)
+#define CR4_PAE             (1 << 5)
+#define MSR_EFER            0xC0000080
+#define EFER_LME            (1 << 8)
+
+/* Port contract with the VMM. */
+#define PORT_COM1           0x3f8   /* line output: one rep outsb per line */
+#define PORT_EXIT           0x501   /* outl(code): end the VM with exit code */
+#define PORT_PYVMM          0x504   /* inl: presence magic; outl(us): sleep */
+#define PORT_POST           0x80    /* unhandled on pyvmm: iospin's target */
+#define PYVMM_MAGIC         0x4d4d5950   /* "PYMM" little-endian */
+
+#endif
