@@ -33,6 +33,11 @@
 #define SEL_KERNEL_DS       0x18
 #define SEL_USER_DS         0x2b
 #define SEL_USER_CS         0x33
+/* One 16-byte TSS descriptor per vCPU from 0x40 on (the busy bit lives in the
+ * descriptor, so vCPUs cannot share one). They all point at the same TSS. */
+#define SEL_TSS0            0x40
+#define TSS_IOMAP_OFFSET    104                 /* right after the 64-bit TSS */
+#define TSS_LIMIT           (TSS_IOMAP_OFFSET + 8192)  /* bitmap + the 0xff byte */
 
 /* User-mode RFLAGS: IOPL=3 (in/out/outs/cli allowed in ring 3), IF=0. */
 #define USER_RFLAGS         0x3002

@@ -106,6 +106,37 @@ long_mode:
         movl    %edi, %edi              /* arg 0: hvm_start_info paddr */
         movl    %esi, %esi              /* arg 1: vCPU index (< MAX_VCPUS) */
 
+        /*
+         * Our own task register. Ring-3 port I/O on kvm_pvm is checked
+         * against the TSS I/O bitmap even with IOPL 3 (the host emulates
+         * it), and the PVH entry TR (a 0x67-byte TSS) has no bitmap: every
+         * port would fault. So build this vCPU's descriptor for the shared
+         * TSS below (whose bitmap allows every port) and load it. Each vCPU
+         * writes only its own descriptor.
+         */
+        leaq    tss(%rip), %rax
+        movq    %rax, %rdx
+        shlq    $16, %rdx
+        movabsq $0x000000ffffff0000, %rcx
+        andq    %rcx, %rdx              /* base[23:0] at bits 16..39 */
+        orq     $TSS_LIMIT, %rdx        /* limit[15:0] */
+        movabsq $0x0000890000000000, %rcx
+        orq     %rcx, %rdx              /* present, DPL 0, type 9: 64-bit TSS */
+        movq    %rax, %rcx
+        shrq    $24, %rcx
+        andq    $0xff, %rcx
+        shlq    $56, %rcx
+        orq     %rcx, %rdx              /* base[31:24] */
+        movl    %esi, %ecx
+        shll    $4, %ecx
+        leaq    gdt_tss(%rip), %r8
+        addq    %rcx, %r8
+        movq    %rdx, (%r8)
+        shrq    $32, %rax
+        movq    %rax, 8(%r8)            /* base[63:32] */
+        addl    $SEL_TSS0, %ecx
+        ltr     %cx
+
         /* Stack of vCPU i: top of slot i in vcpu_stacks (16-byte aligned). */
         leal    1(%esi), %eax
         shlq    $STACK_SHIFT, %rax
@@ -147,6 +178,15 @@ user_start:
 1:      pause
         jmp     1b
 
+/* ---- the TSS: no stacks (no interrupts), only an I/O bitmap ------------ */
+        .section .data.tss, "aw"
+        .balign 16
+tss:
+        .fill   TSS_IOMAP_OFFSET - 2, 1, 0
+        .word   TSS_IOMAP_OFFSET        /* the I/O bitmap starts right after */
+        .fill   8192, 1, 0              /* every port allowed */
+        .byte   0xff                    /* the bitmap's required end byte */
+
 /* ---- read-only data: GDT and the fixed error line ---------------------- */
         .section .rodata.boot, "a"
         .balign 16
@@ -163,6 +203,9 @@ gdt:
         .quad   0x00cffb000000ffff      /* 0x20: 32-bit code, DPL 3 (unused) */
         .quad   0x00cff3000000ffff      /* 0x28: flat data, DPL 3 */
         .quad   0x00affb000000ffff      /* 0x30: 64-bit code, DPL 3 */
+        .quad   0                       /* 0x38: unused */
+gdt_tss:                                /* 0x40: one TSS descriptor per vCPU, */
+        .fill   MAX_VCPUS * 2, 8, 0     /* written by that vCPU before ltr */
 gdt_end:
         .balign 8
         .word   0                       /* pad so gdt_desc's base is aligned */

@@ -475,6 +475,7 @@ void pacer_start(struct pacer *p, const struct guest *g, u64 rate_mib)
     p->num = g->tsc_khz * 125;
     p->den = rate_mib * 32;
     p->sleep_min = g->tsc_khz / 5;      /* 200 us */
+    p->max_lag = g->tsc_khz * 20;       /* 20 ms */
     p->start = rdtsc();
 }
 
@@ -488,8 +489,14 @@ void pacer_wait(struct pacer *p, u64 done)
           (done % p->den) * p->num / p->den;
     for (;;) {
         now = rdtsc();
-        if ((long long)(due - now) <= 0)
+        if ((long long)(due - now) <= 0) {
+            /* Behind schedule (paused, throttled, migrated): keep at most
+             * 20 ms of backlog, so the guest does not burst at full speed
+             * to catch up; a throttled guest should look throttled. */
+            if (now - due > p->max_lag)
+                p->start += now - due - p->max_lag;
             return;
+        }
         left = due - now;
         /* No single batch is due more than a second ahead: if that is what
          * we see, the TSC jumped backwards (e.g. a restore). Move the

@@ -206,6 +206,7 @@ struct pacer {
     u64 num;                /* TSC ticks per page = num / den */
     u64 den;
     u64 sleep_min;          /* ticks: longer waits use the sleep port */
+    u64 max_lag;            /* ticks of backlog kept when behind schedule */
     u64 tsc_khz;
     int on;
     int sleep;
