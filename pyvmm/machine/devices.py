@@ -49,6 +49,9 @@ class PortDevice(Protocol):
     def io_in(self, vcpu: PortUser, port: int, size: int) -> bytes: ...
 
 
+_UNKNOWN = object()  # "not looked up yet" in PortBus's cache (None means "no device")
+
+
 class PortBus:
     """Maps port ranges to devices; unknown ports are logged once each."""
 
@@ -70,19 +73,23 @@ class PortBus:
             return found
 
     def _log_unhandled(self, port: int, what: str) -> None:
-        if port not in self._logged:
+        if port not in self._logged:  # only the first time: the set lookup is the whole cost
             self._logged.add(port)
             log.info("unhandled port 0x%x %s (logged once per port)", port, what)
 
     def io_out(self, vcpu: PortUser, port: int, data: bytes) -> None:
-        device = self._find(port)
+        device = self._cache.get(port, _UNKNOWN)
+        if device is _UNKNOWN:
+            device = self._find(port)
         if device is None:
             self._log_unhandled(port, "write ignored")
         else:
             device.io_out(vcpu, port, data)
 
     def io_in(self, vcpu: PortUser, port: int, size: int) -> bytes:
-        device = self._find(port)
+        device = self._cache.get(port, _UNKNOWN)
+        if device is _UNKNOWN:
+            device = self._find(port)
         if device is None:
             self._log_unhandled(port, "read as all ones")
             return b"\xff" * size

@@ -161,12 +161,15 @@ class Machine:
 
     # --- running -----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Start the vCPU threads; with paused=True they park at once (QEMU's -S)."""
         if not self.vcpus:
             raise MachineError("no vCPUs: boot an image or restore a state first")
         self.started = True
         self.boot_time_s = time.monotonic()
         for vcpu in self.vcpus:
+            if paused:
+                vcpu.request_pause()
             vcpu.start()
 
     def wait(self, timeout_s: float | None = None) -> MachineExit | None:
