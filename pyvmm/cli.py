@@ -66,7 +66,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         qmp_allow_remote=args.qmp_allow_remote,
         time_limit_s=args.time_limit,
         dirty_ring_entries=args.dirty_ring,
+        incoming=args.incoming,
+        start_paused=args.S,
     )
+    if args.guest is None and args.incoming is None:
+        raise CliError("GUEST is required unless --incoming is given")
     result = Vmm(options).run()
     if result.error:
         raise CliError(result.reason)
@@ -102,6 +106,12 @@ def cmd_qmp(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pyvmm.migrate_cli import run_migrate
+
+    return run_migrate(args)
 
 
 def cmd_dirtyrate(args: argparse.Namespace) -> int:
@@ -148,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="boot a guest and run it", description="Boot a PVH guest.")
-    run.add_argument("guest", metavar="GUEST", help="built-in guest name or path to a PVH ELF")
+    run.add_argument(
+        "guest",
+        metavar="GUEST",
+        nargs="?",
+        help="built-in guest name or path to a PVH ELF (not needed with --incoming)",
+    )
     run.add_argument(
         "--mem",
         type=parse_size,
@@ -177,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENTRIES",
         help="track dirty pages with a per-vCPU dirty ring (no value: the largest)",
     )
+    run.add_argument(
+        "--incoming",
+        metavar="URI",
+        help="receive a migration: tcp:HOST:PORT, unix:PATH, or defer (then QMP migrate-incoming)",
+    )
+    run.add_argument(
+        "-S", action="store_true", help="do not start the vCPUs (QEMU's -S); QMP cont starts them"
+    )
     run.set_defaults(func=cmd_run)
 
     guests = sub.add_parser("guests", help="list the built-in guest images")
@@ -188,6 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
     qmp.add_argument("json_args", metavar="JSON-ARGS", nargs="?", help="arguments as JSON")
     qmp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S")
     qmp.set_defaults(func=cmd_qmp)
+
+    mig = sub.add_parser("migrate", help="live-migrate a running pyvmm (over its QMP)")
+    mig.add_argument("address", metavar="SRC_QMP_ADDR", help="the source's QMP address")
+    mig.add_argument("uri", metavar="URI", help="where to: tcp:HOST:PORT or unix:PATH")
+    mig.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a migration parameter in QMP units (repeatable), e.g. "
+        "downtime-limit=300 max-bandwidth=1073741824",
+    )
+    mig.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        metavar="NAME=on|off",
+        help="a migration capability (repeatable), e.g. events=on",
+    )
+    mig.add_argument(
+        "--wait", action="store_true", help="return when it ends; exit 0 only if it completed"
+    )
+    mig.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final query-migrate result as one JSON object",
+    )
+    mig.set_defaults(func=cmd_migrate)
 
     rate = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate over QMP")
     rate.add_argument("address", metavar="ADDR", help="QMP address: unix:PATH or tcp:HOST:PORT")

@@ -21,10 +21,13 @@ def run_pyvmm(args: Sequence[str], timeout_s: float = 60.0) -> subprocess.Comple
 
 
 @contextmanager
-def pyvmm_process(args: Sequence[str], **kwargs: object) -> Iterator[subprocess.Popen[str]]:
-    """A background `pyvmm ...`; killed (by its pid) when the block ends."""
+def pyvmm_process(
+    args: Sequence[str], prefix: Sequence[str] = (), **kwargs: object
+) -> Iterator[subprocess.Popen[str]]:
+    """A background `pyvmm ...` (optionally behind a prefix such as `ip netns exec NS`);
+    killed by its pid when the block ends."""
     proc = subprocess.Popen(
-        [*PYVMM, *args],
+        [*prefix, *PYVMM, *args],
         stdout=kwargs.pop("stdout", subprocess.PIPE),
         stderr=kwargs.pop("stderr", subprocess.PIPE),
         text=True,

@@ -6,6 +6,7 @@ that scripts written for QEMU read pyvmm's replies unchanged.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.monitor.schema import QmpError
@@ -49,6 +50,17 @@ def register_machine_commands(vmm: Vmm) -> None:
         # QEMU replies first, then shuts down; the reply is sent when we return.
         vmm.request_quit()
 
+    def memory_hash(args: dict[str, Any]) -> dict[str, Any]:
+        """pyvmm's own command: a SHA-256 of all guest RAM, to compare the two sides of a
+        migration. Meaningful only while the guest is stopped."""
+        if vmm.machine is None or vmm.machine.memory is None:
+            raise QmpError("GenericError", "no guest memory")
+        digest = hashlib.sha256()
+        for region in vmm.machine.memory.regions:
+            digest.update(memoryview(region.array))
+        return {"sha256": digest.hexdigest(), "status": vmm.run_state}
+
+    qmp.register("x-pyvmm-query-memory-hash", memory_hash)
     qmp.register("query-status", query_status)
     qmp.register("stop", stop)
     qmp.register("cont", cont)

@@ -1,0 +1,193 @@
+"""The destination: accept one migration stream, build the VM it describes, fill guest RAM
+straight from the socket, restore the machine state, confirm, and let the guest run.
+
+Every record is validated (StreamValidator) before it is applied; page data is
+received with recv_into directly into guest RAM, at offsets checked against the
+VM's slots first. Any error is a StreamError or ConnectionError with one line
+naming the problem; the caller ends the process with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from pyvmm.dirty.scan import zero_pages
+from pyvmm.machine.errors import MachineError
+from pyvmm.machine.machine import Machine
+from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
+from pyvmm.machine.state import MachineState, restore
+from pyvmm.migration import transport
+from pyvmm.migration.stream import (
+    ACK_MAGIC,
+    ITERATION,
+    RUN,
+    ZERO,
+    RecordType,
+    StreamConfig,
+    StreamError,
+    StreamReader,
+    StreamValidator,
+)
+
+log = logging.getLogger(__name__)
+
+ACCEPT_POLL_S = 0.2
+
+
+@dataclass
+class IncomingResult:
+    guest_running: bool  # the source's guest was running: start ours
+    iterations: int
+    bytes_received: int
+    pages_received: int
+    zero_pages: int
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
+class MigrationDestination:
+    def __init__(self, machine: Machine, uri: str) -> None:
+        self.machine = machine
+        self.uri = transport.parse_uri(uri)
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self.config: StreamConfig | None = None
+
+    def listen(self) -> transport.MigrationUri:
+        self._listener = transport.listen(self.uri)
+        self.uri = transport.bound_uri(self._listener, self.uri)
+        return self.uri
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self.uri.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(self.uri.path)
+
+    def _accept(self) -> socket.socket:
+        assert self._listener is not None
+        self._listener.settimeout(ACCEPT_POLL_S)
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            sock.settimeout(transport.IDLE_TIMEOUT_S)
+            return sock
+        raise ConnectionError("stopped while waiting for the incoming migration")
+
+    def receive(self) -> IncomingResult:
+        """Run one incoming migration to its end (blocking)."""
+        if self._listener is None:
+            self.listen()
+        sock = self._accept()
+        try:
+            return self.receive_from(sock)
+        except TimeoutError:
+            raise ConnectionError(
+                f"the source sent nothing for {transport.IDLE_TIMEOUT_S:.0f} s"
+            ) from None
+        finally:
+            sock.close()
+            self.close()
+
+    def receive_from(self, sock: socket.socket) -> IncomingResult:
+        """Receive one stream from a connected socket (the fuzz tests feed it directly)."""
+        reader = StreamReader(sock)
+        validator = StreamValidator()
+        reader.preamble()
+        result = IncomingResult(False, 0, 0, 0, 0)
+        while True:
+            if self._stop.is_set():
+                raise ConnectionError("stopped during the incoming migration")
+            rtype, arg, length = reader.record()
+            validator.check_record(rtype, length)
+            if rtype is RecordType.HEADER:
+                config = StreamConfig.from_json(reader.read(length, "the HEADER record"))
+                self._build(config)
+                validator.config = config
+            elif rtype is RecordType.RAM_RUN:
+                slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
+                npages = (length - RUN.size) // PAGE_SIZE
+                validator.check_pages(slot, first, npages)
+                region = self._region(slot)
+                view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
+                reader.read_into(view, "page data")
+                result.pages_received += npages
+            elif rtype is RecordType.ZERO_RUN:
+                slot, _, first, npages = ZERO.unpack(reader.read(ZERO.size, "a ZERO_RUN record"))
+                validator.check_pages(slot, first, npages)
+                result.zero_pages += npages
+                self._zero(slot, first, npages)
+            elif rtype is RecordType.ITERATION:
+                (result.iterations,) = ITERATION.unpack(reader.read(length, "an ITERATION record"))
+            elif rtype is RecordType.STATE:
+                data = reader.read(length, "the STATE record")
+                assert self.config is not None
+                try:
+                    state = MachineState.from_bytes(
+                        data, vcpus=self.config.vcpus, irqchip=self.config.irqchip
+                    )
+                    restore(self.machine, state)
+                except MachineError as exc:
+                    raise StreamError(f"bad machine state in the stream: {exc}") from None
+            elif rtype is RecordType.COMPLETE:
+                result.guest_running = bool(arg & 1)
+                sock.sendall(ACK_MAGIC)
+                result.bytes_received = reader.bytes_received
+                return result
+
+    def _build(self, config: StreamConfig) -> None:
+        memory = self.machine.memory
+        assert memory is not None
+        if config.mem_bytes != memory.size_bytes:
+            raise StreamError(
+                f"memory size mismatch: the source VM has {_mib(config.mem_bytes)} of RAM, "
+                f"this one {_mib(memory.size_bytes)} (--mem)"
+            )
+        if config.vcpus != len(self.machine.vcpus) and self.machine.vcpus:
+            raise StreamError("vCPUs already exist on the destination")
+        if config.vcpus != self.machine.config.vcpus:
+            raise StreamError(
+                f"vCPU count mismatch: the source VM has {config.vcpus} vCPUs, "
+                f"this one {self.machine.config.vcpus} (--vcpus)"
+            )
+        slots = [(r.gpa, r.size_bytes) for r in memory.regions]
+        if config.slots != slots:
+            raise StreamError(f"memory layout mismatch: source {config.slots}, here {slots}")
+        self.machine.create_vcpus(config.start_all_vcpus)
+        self.config = config
+        log.info(
+            "incoming migration: %s, %d vCPUs, %s start",
+            _mib(config.mem_bytes), config.vcpus,
+            "all-vCPU" if config.start_all_vcpus else "standard",
+        )  # fmt: skip
+
+    def _region(self, slot: int) -> MemoryRegion:
+        assert self.machine.memory is not None
+        return self.machine.memory.regions[slot]
+
+    def _zero(self, slot: int, first: int, npages: int) -> None:
+        """Zero the pages that are not zero already: untouched memory stays untouched."""
+        region = self._region(slot)
+        pages = np.arange(first, first + npages, dtype=np.uint64)
+        is_zero = np.empty(npages, np.uint8)
+        if zero_pages(region.array, pages, is_zero) == npages:
+            return
+        for page in pages[is_zero == 0]:
+            start = int(page) * PAGE_SIZE
+            region.array[start : start + PAGE_SIZE] = 0

@@ -1,0 +1,95 @@
+"""Migration transports: `tcp:HOST:PORT` and `unix:PATH`, one connection each way."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+CONNECT_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 60.0  # a peer silent for this long has failed
+
+
+@dataclass(frozen=True)
+class MigrationUri:
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"tcp:{self.host}:{self.port}" if self.kind == "tcp" else f"unix:{self.path}"
+
+
+def parse_uri(text: str) -> MigrationUri:
+    if text.startswith("unix:") and len(text) > 5:
+        return MigrationUri("unix", path=text[5:])
+    if text.startswith("tcp:"):
+        host, sep, port = text[4:].rpartition(":")
+        host = host.strip("[]")
+        if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
+            return MigrationUri("tcp", host=host, port=int(port))
+    raise ValueError(f"invalid migration URI '{text}': use tcp:HOST:PORT or unix:PATH")
+
+
+def connect(uri: MigrationUri, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    try:
+        if uri.kind == "tcp":
+            sock = socket.create_connection((uri.host, uri.port), timeout=timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout_s)
+            try:
+                sock.connect(uri.path)
+            except BaseException:
+                sock.close()
+                raise
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {uri}: {exc.strerror or exc}") from None
+    sock.settimeout(IDLE_TIMEOUT_S)
+    return sock
+
+
+def listen(uri: MigrationUri) -> socket.socket:
+    """A listening socket for one incoming migration (a stale unix socket is replaced)."""
+    if uri.kind == "tcp":
+        family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        address: object = (uri.host, uri.port)
+    else:
+        _remove_stale_socket(uri.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = uri.path
+    try:
+        sock.bind(address)
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a unix socket nobody listens on; refuse one that is in use."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return  # not a socket: bind() will say what is wrong
+    finally:
+        probe.close()
+    raise OSError(f"cannot listen on unix:{path}: address in use")
+
+
+def bound_uri(sock: socket.socket, uri: MigrationUri) -> MigrationUri:
+    """The URI actually listened on (the real port when PORT was 0)."""
+    if uri.kind == "tcp":
+        return MigrationUri("tcp", host=uri.host, port=sock.getsockname()[1])
+    return uri

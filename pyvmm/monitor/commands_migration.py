@@ -1,0 +1,104 @@
+"""QMP migration commands, shaped like QEMU's (qapi/migration.json)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pyvmm.migration.params import PARAMETERS, ParameterError
+from pyvmm.migration.transport import parse_uri
+from pyvmm.monitor.schema import ArgSpec, QmpError
+
+if TYPE_CHECKING:
+    from pyvmm.monitor.vmm import Vmm
+
+
+def _generic(exc: Exception) -> QmpError:
+    return QmpError("GenericError", str(exc))
+
+
+def register_migration_commands(vmm: Vmm) -> None:
+    qmp = vmm.qmp
+    assert qmp is not None
+
+    def migrate(args: dict[str, Any]) -> None:
+        if args.get("resume"):
+            raise QmpError("GenericError", "Cannot resume: pyvmm has no postcopy")
+        if vmm.migration is not None and vmm.migration.active:
+            raise QmpError("GenericError", "There's a migration process in progress")
+        if vmm.run_state in ("inmigrate", "prelaunch") or vmm.machine is None:
+            raise QmpError("GenericError", "Guest is waiting for an incoming migration")
+        if vmm.run_state in ("shutdown", "internal-error"):
+            raise QmpError("GenericError", f"cannot migrate a VM in state '{vmm.run_state}'")
+        try:
+            parse_uri(args["uri"])
+        except ValueError as exc:
+            raise _generic(exc) from None
+        vmm.start_migration(args["uri"])
+
+    def migrate_cancel(args: dict[str, Any]) -> None:
+        if vmm.migration is not None:
+            vmm.migration.cancel()
+
+    def migrate_incoming(args: dict[str, Any]) -> None:
+        if vmm.options.incoming != "defer":
+            raise QmpError("GenericError", "'-incoming' was not specified on the command line")
+        if vmm.incoming is not None:
+            raise QmpError("GenericError", "The incoming migration has already been started")
+        try:
+            vmm.listen_incoming(args["uri"])
+        except (ValueError, OSError) as exc:
+            raise _generic(exc) from None
+
+    def query_migrate(args: dict[str, Any]) -> dict[str, Any]:
+        if vmm.migration is not None:
+            return vmm.migration.query()
+        if vmm.incoming_status != "none":
+            return {"status": vmm.incoming_status}
+        return {}
+
+    def set_parameters(args: dict[str, Any]) -> None:
+        try:
+            vmm.settings.set_parameters(args)
+        except ParameterError as exc:
+            raise _generic(exc) from None
+
+    def set_capabilities(args: dict[str, Any]) -> None:
+        changes: dict[str, bool] = {}
+        for item in args["capabilities"]:
+            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
+                raise QmpError("GenericError", "Invalid parameter type for 'capabilities[0]', "
+                               "expected: object with 'capability' and 'state'")  # fmt: skip
+            if not isinstance(item["state"], bool) or not isinstance(item["capability"], str):
+                raise QmpError(
+                    "GenericError", "Invalid parameter type for 'state', expected: boolean"
+                )
+            changes[item["capability"]] = item["state"]
+        if vmm.migration is not None and vmm.migration.active:
+            raise QmpError("GenericError", "There's a migration process in progress")
+        try:
+            vmm.settings.set_capabilities(changes)
+        except ParameterError as exc:
+            raise _generic(exc) from None
+
+    qmp.register(
+        "migrate",
+        migrate,
+        args={
+            "uri": ArgSpec("str"),
+            "detach": ArgSpec("bool", optional=True),
+            "resume": ArgSpec("bool", optional=True),
+        },
+    )
+    qmp.register("migrate_cancel", migrate_cancel)
+    qmp.register("migrate-incoming", migrate_incoming, args={"uri": ArgSpec("str")})
+    qmp.register("query-migrate", query_migrate)
+    qmp.register(
+        "migrate-set-parameters",
+        set_parameters,
+        args={name: ArgSpec(p.type, optional=True) for name, p in PARAMETERS.items()},
+    )
+    qmp.register("query-migrate-parameters", lambda args: vmm.settings.query_parameters())
+    qmp.register(
+        "migrate-set-capabilities", set_capabilities, args={"capabilities": ArgSpec("list")}
+    )
+    qmp.register("query-migrate-capabilities", lambda args: vmm.settings.query_capabilities())
