@@ -62,9 +62,12 @@ def test_corpus_streams_are_refused_cleanly(path: Path) -> None:
     error, ram = feed(path.read_bytes())
     assert isinstance(error, EXPECTED_ERRORS), repr(error)
     assert "\n" not in str(error) and str(error)
-    # Only the valid prefix's two pages (256, 257) may have been written.
+    # Only pages named by records that passed validation may have been written: the valid
+    # prefix's two pages, and the run whose data the truncated stream cut short (page data
+    # goes straight into guest RAM; a failed destination discards its VM).
+    allowed = {256, 257} | ({10, 11, 12, 13} if path.stem == "truncated-mid-page" else set())
     written = np.flatnonzero(ram.reshape(-1, 4096).any(axis=1))
-    assert set(written.tolist()) <= {256, 257}, written[:10]
+    assert set(written.tolist()) <= allowed, written[:10]
 
 
 def test_corpus_is_complete() -> None:
