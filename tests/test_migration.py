@@ -256,3 +256,41 @@ def test_parameters_and_capabilities_follow_qemu(tmp_path: Path) -> None:
         with pytest.raises(QmpCommandError, match="invalid migration URI"):
             q.execute("migrate", {"uri": "ftp://x"})
         assert q.execute("query-migrate") == {}
+
+
+def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path) -> None:
+    import netns
+
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with netns.veth_pair(rate_mbit=100) as link:
+        uri = f"tcp:{link.addr_b}:{free_tcp_port()}"
+        guest = ["memverify", "--mem", "128M", "--append", "mb=24"]
+        with (
+            vm_process(tmp_path, "dst", ["--mem", "128M", "--incoming", uri],
+                       prefix=link.prefix("b")) as dst,
+            vm_process(tmp_path, "src", guest, prefix=link.prefix("a")) as src,
+        ):  # fmt: skip
+            # Once verifying, the 24 MiB region is filled; pause so that exactly that
+            # (plus the image) has to cross the link.
+            while not [n for n in progress_by_vcpu(src).get(0, []) if n[1] > 0]:
+                time.sleep(0.05)
+            src.cmd("stop")
+            info = migrate(src, uri, **{"max-bandwidth": 0})
+            assert info["status"] == "completed", info
+            assert info["ram"]["normal-bytes"] > 24 << 20
+            mbps = info["ram"]["mbps"]
+            assert 60 < mbps <= 105, f"{mbps} Mbit/s over a 100 Mbit/s link: {info}"
+            dst.cmd("cont")
+            count = len(dst.lines("ok pages="))
+            dst.wait_line("ok pages=", 20, after=count + 1)
+            assert not dst.lines("CORRUPT")
+    assert not any("pyvmm-" in ns for ns in netns_list())
+
+
+def netns_list() -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return out.stdout.split()
