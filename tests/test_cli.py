@@ -140,3 +140,11 @@ def test_qmp_socket_is_private_and_cli_qmp_works(tmp_path: Path) -> None:
         assert quit_.returncode == 0 and json.loads(quit_.stdout) == {}
         assert proc.wait(5) == 0
     assert not sock.exists()
+
+
+@kvm
+def test_demo_migrates_and_passes() -> None:
+    proc = run_pyvmm(["demo", "--seconds", "2"], timeout_s=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "status: completed" in proc.stdout and "equal" in proc.stdout
+    assert "PASS" in proc.stdout
