@@ -51,6 +51,7 @@ MAX_XSAVE_BYTES = 64 << 10  # KVM_CAP_XSAVE2 is 4096 here, about 11 KiB with AMX
 MAX_TSC_KHZ = 0xFFFFFFFF  # KVM keeps it in a u32
 TSC_KHZ_TOLERANCE = 250e-6  # QEMU's and Firecracker's tolerance before rescaling the TSC
 PENDING_IO_MAX_EXITS = 64  # exits a pending I/O may take to complete before we give up
+KVM_RUN_IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset  # byte offset in the kvm_run page
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -74,8 +75,8 @@ KNOWN_EVENT_FLAGS = (
 KNOWN_MP_STATES = frozenset({0, 1, 2, 3, 4, 5, 9})
 
 CPUID_ENTRY_BYTES = ctypes.sizeof(abi.kvm_cpuid_entry2)
-SERIAL_REGS = ("1", "3", "4", "7")
-KNOWN_DEVICES = frozenset({"serial"})  # IER, LCR, MCR, SCR: what SerialConsole keeps
+SERIAL_REGS = ("1", "3", "4", "7")  # IER, LCR, MCR, SCR: what SerialConsole keeps
+KNOWN_DEVICES = frozenset({"serial"})
 
 
 # --- the state ---------------------------------------------------------------------------------
@@ -212,48 +213,53 @@ def _check_stopped(machine: Machine, action: str) -> None:
             )
 
 
-def _complete_pending_io(vcpu: Vcpu) -> None:
+def _complete_pending_io(machine: Machine, vcpu: Vcpu, action: str) -> None:
     """Finish an I/O exit KVM has not completed yet, without running guest code.
 
     After a port-I/O or MMIO exit KVM completes the instruction (stores an IN's data in
     RAX, advances RIP) only on the next KVM_RUN, and that half-done state is not in any
     register KVM_GET_* returns (api.rst, KVM_RUN). A vCPU paused right after such an exit
     would be captured with RIP still on the instruction and RAX stale (seen here with an
-    `in` loop). KVM's documented remedy: KVM_RUN with immediate_exit set completes the
-    operation and returns EINTR before any guest instruction runs.
+    `in` loop: the restored guest executed the IN twice). KVM's documented remedy: KVM_RUN
+    with immediate_exit set completes the operation and returns EINTR before any guest
+    instruction runs. It is issued from this thread while the vCPU's own thread is parked.
+    Restore needs it too when the machine has run (a checkpoint rollback): a completion
+    left pending would otherwise be applied on top of the restored registers.
     """
     if vcpu.thread is None:  # never ran: nothing can be pending
         return
     fd = vcpu.fd
-    run = fd.kvm_run
+    mm = fd.run_mmap
     try:
         for _ in range(PENDING_IO_MAX_EXITS):
-            run.immediate_exit = 1
+            mm[KVM_RUN_IMMEDIATE_EXIT] = 1
             result, reason, direction, size, port, count, offset = fd.run_decoded()
             if result == -errno.EINTR:
                 return
             if result < 0:
                 raise MachineError(
-                    f"capture: vCPU {vcpu.index}: KVM_RUN to complete pending I/O failed: "
+                    f"{action}: vCPU {vcpu.index}: KVM_RUN to complete pending I/O failed: "
                     f"errno {-result}"
                 )
-            # A string or split MMIO access can need another exit before it is complete.
-            if reason == abi.KVM_EXIT_IO:
-                vcpu._port_io(direction, size, port, count, offset)
-            elif reason == abi.KVM_EXIT_MMIO:
-                vcpu._dispatch(run)
-            else:
+            if reason != abi.KVM_EXIT_IO:
                 name = abi.EXIT_REASON_NAMES.get(reason, str(reason))
                 raise MachineError(
-                    f"capture: vCPU {vcpu.index}: exit KVM_EXIT_{name} while completing "
+                    f"{action}: vCPU {vcpu.index}: exit KVM_EXIT_{name} while completing "
                     "pending I/O; resume the machine and pause it again"
                 )
+            # A string instruction (rep ins/outs) can need further exits before it is done.
+            if direction == abi.KVM_EXIT_IO_OUT:
+                machine.bus.io_out(vcpu, port, mm[offset : offset + size * count])
+            else:
+                for i in range(count):
+                    start = offset + i * size
+                    mm[start : start + size] = machine.bus.io_in(vcpu, port, size)
         raise MachineError(
-            f"capture: vCPU {vcpu.index}: pending I/O still incomplete after "
+            f"{action}: vCPU {vcpu.index}: pending I/O still incomplete after "
             f"{PENDING_IO_MAX_EXITS} exits"
         )
     finally:
-        run.immediate_exit = 0
+        mm[KVM_RUN_IMMEDIATE_EXIT] = 0
 
 
 def capture(machine: Machine) -> MachineState:
@@ -265,7 +271,7 @@ def capture(machine: Machine) -> MachineState:
     """
     _check_stopped(machine, "capture")
     for vcpu in machine.vcpus:
-        _complete_pending_io(vcpu)
+        _complete_pending_io(machine, vcpu, "capture")
     try:
         clock = bytes(machine.vm.get_clock())
         msr_indices = list(dict.fromkeys(machine.kvm.msr_index_list()))
@@ -405,12 +411,17 @@ def restore(machine: Machine, state: MachineState) -> None:
     """Write `state` into `machine`, whose vCPUs came from Machine.create_vcpus(start_all)
     with the same count and start mode and are not running. Guest RAM is the caller's.
 
-    Order (docs/machine-state.md): per vCPU CPUID2, MP_STATE, REGS, SREGS, XSAVE/FPU, XCRS,
-    DEBUGREGS, LAPIC, MSRs (TSC first, TSC_DEADLINE last), VCPU_EVENTS; then PIT2, CLOCK,
-    IRQCHIP x3; then devices; then KVMCLOCK_CTRL on every vCPU.
+    A machine that has run (a checkpoint rollback) must be paused; its RAM is the
+    caller's to put back too.
+
+    Order (docs/machine-state.md): complete pending I/O; per vCPU CPUID2, MP_STATE, REGS,
+    SREGS, XSAVE/FPU, XCRS, DEBUGREGS, LAPIC, MSRs (TSC first, TSC_DEADLINE last),
+    VCPU_EVENTS; then PIT2, CLOCK, IRQCHIP x3; then devices; then KVMCLOCK_CTRL per vCPU.
     """
     _check_stopped(machine, "restore")
     _check_compatible(machine, state)
+    for vcpu in machine.vcpus:
+        _complete_pending_io(machine, vcpu, "restore")
     _match_tsc_khz(machine, state)
     for vcpu, vstate in zip(machine.vcpus, state.vcpus, strict=True):
         _restore_vcpu(machine, vcpu, vstate)
