@@ -1,4 +1,4 @@
-"""Guest RAM: anonymous shared mmaps exposed as numpy arrays, one per KVM memory slot.
+"""Guest RAM: private anonymous mmaps exposed as numpy arrays, one per KVM memory slot.
 
 Layout (what QEMU's pc machine does too): RAM fills guest-physical addresses from
 0 up to 3 GiB; the rest lives from 4 GiB upward, leaving the 3-4 GiB hole for the
@@ -70,14 +70,21 @@ class GuestMemory:
         self.size_bytes = size_bytes
         self.regions: list[MemoryRegion] = []
         for slot, (gpa, size) in enumerate(layout(size_bytes)):
-            # MAP_NORESERVE: untouched pages cost nothing, so a 4 GiB guest that only
-            # uses a little memory stays cheap (and reads as zero pages).
+            # Private anonymous memory, as QEMU uses: reading a page the guest never
+            # touched maps the kernel's shared zero page instead of allocating (with
+            # MAP_SHARED, i.e. shmem, every read allocated: scanning a mostly-zero 4 GiB
+            # guest for migration took 12 s instead of a fraction of a second).
+            # MAP_NORESERVE: untouched pages cost nothing. DONTFORK: a subprocess's fork
+            # must not copy-on-write guest RAM. HUGEPAGE: fewer faults, as QEMU does.
             mm = mmap.mmap(
                 -1,
                 size,
-                flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
+            for advice in ("MADV_DONTFORK", "MADV_HUGEPAGE"):
+                if hasattr(mmap, advice):
+                    mm.madvise(getattr(mmap, advice))
             array = np.frombuffer(mm, dtype=np.uint8)
             anchor = ctypes.c_char.from_buffer(mm)
             host_addr = ctypes.addressof(anchor)

@@ -87,6 +87,7 @@ class MigrationDestination:
             except TimeoutError:
                 continue
             sock.settimeout(transport.IDLE_TIMEOUT_S)
+            transport.tune(sock)
             return sock
         raise ConnectionError("stopped while waiting for the incoming migration")
 
