@@ -57,7 +57,8 @@ def raw_kvm_run_exits_per_s(count: int) -> float:
     from pyvmm.kvm import _ioctl
 
     loaded = load_pvh_image(resolve_image("iospin"))
-    with Machine(MachineConfig(64 << 20, 1, f"count={count * 2}"), SerialConsole(io.StringIO())) as m:
+    config = MachineConfig(64 << 20, 1, f"count={count * 2}")
+    with Machine(config, SerialConsole(io.StringIO())) as m:
         m.boot(loaded)
         fd, addr = m.vcpus[0].fd.fd, m.vcpus[0].fd.run_addr
         run = _ioctl.run_decoded
@@ -96,7 +97,8 @@ def qemu_first_line_ms(image: str) -> float | None:
         return None
     cmd = [qemu, "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nographic", "-no-reboot",
            "-display", "none", "-monitor", "none", "-serial", "stdio",
-           "-device", "isa-debug-exit,iobase=0x501,iosize=4", "-kernel", str(resolve_image(image))]  # fmt: skip
+           "-device", "isa-debug-exit,iobase=0x501,iosize=4",
+           "-kernel", str(resolve_image(image))]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -119,10 +121,12 @@ def main() -> None:
     qemu = qemu_first_line_ms("hello")
     print(f"{'figure':<44} {'pyvmm':>12} {'reference':>22}")
     ref = f"QEMU {qemu:.0f} ms" if qemu else "QEMU not installed"
-    print(f"{'VM creation -> first serial line (median)':<44} {statistics.median(boot):>9.1f} ms {ref:>22}")
+    median = statistics.median(boot)
+    print(f"{'VM creation -> first serial line (median)':<44} {median:>9.1f} ms {ref:>22}")
     count = 100_000 if args.quick else 1_000_000
     ceiling = f"raw KVM_RUN {raw_kvm_run_exits_per_s(count // 2):,.0f}"
-    print(f"{'port-I/O exits per second, 1 vCPU':<44} {iospin_exits_per_s(count):>12,.0f} {ceiling:>22}")
+    rate = iospin_exits_per_s(count)
+    print(f"{'port-I/O exits per second, 1 vCPU':<44} {rate:>12,.0f} {ceiling:>22}")
     secs = 3 if args.quick else 6
     for vcpus in (1, 2):
         rates = memstress_mib_s(vcpus, secs)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_scan  # noqa: E402
+import bench_scan
 
-from pyvmm.dirty.tracker import make_tracker  # noqa: E402
-from pyvmm.machine.devices import SerialConsole  # noqa: E402
-from pyvmm.machine.elf import load_pvh_image  # noqa: E402
-from pyvmm.machine.images import resolve_image  # noqa: E402
-from pyvmm.machine.machine import Machine, MachineConfig  # noqa: E402
+from pyvmm.dirty.tracker import make_tracker
+from pyvmm.machine.devices import SerialConsole
+from pyvmm.machine.elf import load_pvh_image
+from pyvmm.machine.images import resolve_image
+from pyvmm.machine.machine import Machine, MachineConfig
 
 
 def sync_cost_ms(mode: str, rounds: int, interval_s: float = 0.1) -> tuple[float, float, int]:

@@ -168,7 +168,7 @@ class Vmm:
                 "-device",
                 "isa-debug-exit,iobase=0x501,iosize=4",
                 "-kernel",
-                str(resolve_image("memverify" if not guest else guest)),
+                str(resolve_image(guest if guest else "memverify")),
             ]
             cmd += ["-append", append] if guest else []
             cmd += ["-incoming", incoming] if incoming else []

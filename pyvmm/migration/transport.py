@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -56,10 +57,8 @@ def connect(uri: MigrationUri, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.s
 def tune(sock: socket.socket) -> None:
     """Large socket buffers (the kernel caps them at net.core.[rw]mem_max)."""
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-        except OSError:
-            pass
 
 
 def listen(uri: MigrationUri) -> socket.socket:
