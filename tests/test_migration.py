@@ -294,3 +294,22 @@ def netns_list() -> list[str]:
 
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
     return out.stdout.split()
+
+
+def test_incoming_defer_then_migrate_incoming(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path}/late.sock"
+    with (
+        vm_process(tmp_path, "dst", [*DEST, "--incoming", "defer"]) as dst,
+        vm_process(tmp_path, "src", VERIFY) as src,
+    ):
+        assert dst.cmd("query-status")["status"] == "inmigrate"
+        with pytest.raises(QmpCommandError, match="invalid migration URI"):
+            dst.cmd("migrate-incoming", uri="nowhere")
+        dst.cmd("migrate-incoming", uri=uri)  # listening when the command returns
+        with pytest.raises(QmpCommandError, match="already been started"):
+            dst.cmd("migrate-incoming", uri=uri)
+        src.wait_line("ok pages=", 20)
+        assert migrate(src, uri, **{"max-bandwidth": 0})["status"] == "completed"
+        dst.wait_line("ok pages=", 20)
+        assert dst.cmd("query-status")["status"] == "running"
+        assert dst.cmd("query-migrate")["status"] == "completed"
