@@ -229,10 +229,7 @@ class StreamValidator:
         if not self.seen_header and rtype is not RecordType.HEADER:
             raise StreamError(f"{rtype.name} record before the HEADER record")
         if rtype is RecordType.HEADER:
-            if self.seen_header:
-                raise StreamError("duplicate HEADER record")
-            if not 0 < length <= MAX_HEADER_BYTES:
-                raise StreamError(f"HEADER record of {length} bytes (limit {MAX_HEADER_BYTES})")
+            self._once(rtype, length, MAX_HEADER_BYTES, self.seen_header)
             self.seen_header = True
         elif self.seen_state and rtype is not RecordType.COMPLETE:
             raise StreamError(f"{rtype.name} record after the STATE record")
@@ -247,16 +244,21 @@ class StreamValidator:
         elif rtype is RecordType.ITERATION and length != ITERATION.size:
             raise StreamError(f"ITERATION record of {length} bytes (expected 8)")
         elif rtype is RecordType.STATE:
-            if self.seen_state:
-                raise StreamError("duplicate STATE record")
-            if not 0 < length <= MAX_STATE_BYTES:
-                raise StreamError(f"STATE record of {length} bytes (limit {MAX_STATE_BYTES})")
+            self._once(rtype, length, MAX_STATE_BYTES, self.seen_state)
             self.seen_state = True
         elif rtype is RecordType.COMPLETE:
             if length != 0:
                 raise StreamError(f"COMPLETE record with {length} bytes of payload")
             if not self.seen_state:
                 raise StreamError("COMPLETE record before the STATE record")
+
+    @staticmethod
+    def _once(rtype: RecordType, length: int, limit: int, seen: bool) -> None:
+        """A record that appears once, with a payload of 1..limit bytes."""
+        if seen:
+            raise StreamError(f"duplicate {rtype.name} record")
+        if not 0 < length <= limit:
+            raise StreamError(f"{rtype.name} record of {length} bytes (limit {limit})")
 
     def check_pages(self, slot: int, first_page: int, npages: int) -> None:
         assert self.config is not None
