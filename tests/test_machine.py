@@ -17,7 +17,7 @@ from pyvmm.machine.errors import ImageError, MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig
 from pyvmm.machine.memory import HIGH_RAM_START, LOW_RAM_END, GuestMemory
-from pyvmm.machine.vcpu import VcpuState
+from pyvmm.machine.vcpu import VcpuRunState
 
 pytestmark = pytest.mark.kvm
 
@@ -157,7 +157,7 @@ def test_pause_stops_the_guest_and_resume_restarts_it() -> None:
         t0 = time.monotonic()
         machine.pause()
         pause_ms = (time.monotonic() - t0) * 1000
-        assert all(v.state is VcpuState.PAUSED for v in machine.vcpus)
+        assert all(v.state is VcpuRunState.PAUSED for v in machine.vcpus)
         assert pause_ms < 500, pause_ms
         ram = machine.memory.regions[0].array
         before = ram.copy()

@@ -27,7 +27,7 @@ from pyvmm.machine.dirty_ring_setup import enable_dirty_ring
 from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
-from pyvmm.machine.vcpu import Vcpu, VcpuState, install_kick_handler
+from pyvmm.machine.vcpu import Vcpu, VcpuRunState, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class Machine:
         self.request_exit(code, f"guest wrote exit code {code} to port 0x{EXIT_PORT:x}")
 
     def vcpu_finished(self, vcpu: Vcpu) -> None:
-        if all(v.state is VcpuState.FINISHED for v in self.vcpus):
+        if all(v.state is VcpuRunState.FINISHED for v in self.vcpus):
             self.request_exit(0, "all vCPUs halted")
 
     def log_unhandled_mmio(self, addr: int, is_write: bool) -> None:
@@ -221,7 +221,7 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.request_pause()
         for vcpu in self.vcpus:
-            if not vcpu.wait_paused(PAUSE_TIMEOUT_S) and vcpu.state is not VcpuState.FINISHED:
+            if not vcpu.wait_paused(PAUSE_TIMEOUT_S) and vcpu.state is not VcpuRunState.FINISHED:
                 raise MachineError(f"vCPU {vcpu.index} did not pause within {PAUSE_TIMEOUT_S} s")
 
     def resume(self) -> None:
@@ -233,7 +233,7 @@ class Machine:
         return (
             self.started
             and not self._done.is_set()
-            and any(v.state is VcpuState.RUNNING for v in self.vcpus)
+            and any(v.state is VcpuRunState.RUNNING for v in self.vcpus)
         )
 
     def stats(self) -> MachineStats:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.kvm import KvmError, abi
 from pyvmm.machine.devices import MAX_LINE_BYTES, SerialConsole
 from pyvmm.machine.errors import MachineError
-from pyvmm.machine.vcpu import VcpuState as RunState
+from pyvmm.machine.vcpu import VcpuRunState as RunState
 
 if TYPE_CHECKING:
     from pyvmm.kvm import VcpuFd
@@ -60,14 +60,13 @@ APIC_LVT_MASKED = 1 << 16
 APIC_LVT_TIMER_MODE_MASK = 3 << 17
 APIC_LVT_TIMER_TSCDEADLINE = 2 << 17
 
-KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
 KNOWN_EVENT_FLAGS = (
     abi.KVM_VCPUEVENT_VALID_NMI_PENDING
     | abi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     | abi.KVM_VCPUEVENT_VALID_SHADOW
     | abi.KVM_VCPUEVENT_VALID_SMM
     | abi.KVM_VCPUEVENT_VALID_PAYLOAD
-    | KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+    | abi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT
 )
 # x86 mp_state values: RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED,
 # AP_RESET_HOLD (5) and SUSPENDED (9). KVM checks the rest (e.g. only RUNNABLE without

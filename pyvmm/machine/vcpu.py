@@ -33,7 +33,7 @@ KICK_SIGNAL = signal.SIGUSR1
 RFLAGS_IF = 1 << 9
 
 
-class VcpuState(Enum):
+class VcpuRunState(Enum):
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"
@@ -54,7 +54,7 @@ class Vcpu:
         self.machine = machine
         self.index = index
         self.fd = fd
-        self.state = VcpuState.CREATED
+        self.state = VcpuRunState.CREATED
         self.thread: threading.Thread | None = None
         self.exits = 0
         self._cond = threading.Condition()
@@ -86,10 +86,8 @@ class Vcpu:
 
     def wait_paused(self, timeout_s: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self.state in (VcpuState.PAUSED, VcpuState.STOPPED, VcpuState.CREATED),
-                timeout_s,
-            )
+            parked = (VcpuRunState.PAUSED, VcpuRunState.STOPPED, VcpuRunState.CREATED)
+            return self._cond.wait_for(lambda: self.state in parked, timeout_s)
 
     def resume(self) -> None:
         with self._cond:
@@ -123,21 +121,21 @@ class Vcpu:
             self.machine.fail(f"vCPU {self.index}: internal error: {exc}")
         finally:
             with self._cond:
-                self.state = VcpuState.STOPPED
+                self.state = VcpuRunState.STOPPED
                 self._cond.notify_all()
 
-    def _park(self, state: VcpuState) -> None:
+    def _park(self, state: VcpuRunState) -> None:
         """Wait (paused or finished) until resumed or stopped."""
         with self._cond:
             self.state = state
             self._cond.notify_all()
-            if state is VcpuState.FINISHED:
+            if state is VcpuRunState.FINISHED:
                 self.machine.vcpu_finished(self)
                 self._cond.wait_for(lambda: self._stop_requested)
             else:
                 self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
             if not self._stop_requested:
-                self.state = VcpuState.RUNNING
+                self.state = VcpuRunState.RUNNING
 
     def _loop(self) -> None:
         # The hot path: everything it touches is bound to a local first, because each
@@ -153,7 +151,7 @@ class Vcpu:
             -errno.EAGAIN,
         )
         with self._cond:
-            self.state = VcpuState.RUNNING
+            self.state = VcpuRunState.RUNNING
         while True:
             mm[1] = 0  # kvm_run.immediate_exit, cleared before the requests are read
             while pending:
@@ -161,7 +159,7 @@ class Vcpu:
             if self._stop_requested:
                 return
             if self._pause_requested:
-                self._park(VcpuState.PAUSED)
+                self._park(VcpuRunState.PAUSED)
                 continue
             result, reason, direction, size, port, count, offset = run_decoded(fd, addr)
             if result == 0 and reason == exit_io:
@@ -189,7 +187,7 @@ class Vcpu:
             regs = self.fd.get_regs()
             if regs.rflags & RFLAGS_IF:
                 log.info("vCPU %d: HLT with interrupts enabled but no interrupt source", self.index)
-            self._park(VcpuState.FINISHED)
+            self._park(VcpuRunState.FINISHED)
             return False
         if reason == abi.KVM_EXIT_DIRTY_RING_FULL:
             if self.on_dirty_ring_full is None:
@@ -212,7 +210,7 @@ class Vcpu:
         ):
             kind = "power-off" if run.exit.system_event.type == 1 else "reset (not supported)"
             self.machine.request_exit(0, f"guest requested {kind} on vCPU {self.index}")
-            self._park(VcpuState.PAUSED)
+            self._park(VcpuRunState.PAUSED)
             return True
         self.machine.fail(self.describe_exit(run))
         return False
