@@ -36,7 +36,7 @@ from pyvmm.machine.state import (
     capture,
     restore,
 )
-from pyvmm.machine.vcpu import VcpuState as RunState
+from pyvmm.machine.vcpu import VcpuRunState as RunState
 
 pytestmark = pytest.mark.kvm
 
