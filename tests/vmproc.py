@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 
-from helpers import pyvmm_process, wait_for_path
+from helpers import pyvmm_process
 from pyvmm.monitor.client import SyncQmp
 
 FINAL = ("completed", "failed", "cancelled")
@@ -70,7 +70,14 @@ def vm_process(
     full = ["run", *args, "--qmp", f"unix:{qmp}", "--serial", str(serial)]
     with ExitStack() as stack:
         proc = stack.enter_context(pyvmm_process(full, prefix=prefix or ()))
-        wait_for_path(qmp, 20)
+        deadline = time.monotonic() + 30
+        while not qmp.exists():
+            if proc.poll() is not None:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"{name} exited with {proc.returncode} at start: {err}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: no QMP socket within 30 s")
+            time.sleep(0.02)
         yield VmProc(name, proc, qmp, serial)
 
 

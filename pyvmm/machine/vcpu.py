@@ -100,6 +100,10 @@ class Vcpu:
             self._cond.notify_all()
         self.kick()
 
+    def wake(self) -> None:
+        """End a sleep_us in progress early (a throttle that stops, a switchover)."""
+        self._wake.set()
+
     def run_on_thread(self, fn: Callable[[Vcpu], None]) -> None:
         """Run fn(vcpu) on this vCPU's thread at its next exit (kicks it)."""
         self._pending.append(fn)

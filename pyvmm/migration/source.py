@@ -278,8 +278,12 @@ class MigrationSource:
                 continue
             walked += int(nz[0])
             word += int(nz[0])
+            step_words = STEP_WORDS
+            if budget:  # never overshoot a small budget by a whole step
+                left = budget - self._window_budget_used
+                step_words = max(1, min(STEP_WORDS, int(left // (64 * PAGE_SIZE))))
             with self._lock:
-                step = bitmap[word : word + STEP_WORDS]
+                step = bitmap[word : word + step_words]
                 pages = bitmap_to_pages(step) + np.uint64(word * 64)
                 step.fill(0)
                 self.tracker.before_copy(slot, word * 64, len(step) * 64)  # get, clear, copy
@@ -363,7 +367,9 @@ class MigrationSource:
         self._window_start_ms = now
         self._window_start_bytes = self._writer.bytes_sent
         self._window_start_pages = sent_pages
-        self._window_budget_used = 0
+        # A window may end a little over budget (whole 64-page words are sent): carry it.
+        budget = self.settings["max-bandwidth"] / 10
+        self._window_budget_used = max(0.0, self._window_budget_used - budget) if budget else 0
 
     # --- switchover --------------------------------------------------------------------------
 

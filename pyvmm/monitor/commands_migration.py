@@ -76,7 +76,8 @@ def register_migration_commands(vmm: Vmm) -> None:
         if vmm.migration is not None and vmm.migration.active:
             raise QmpError("GenericError", "There's a migration process in progress")
         try:
-            vmm.settings.set_capabilities(changes)
+            ring = vmm.machine is not None and vmm.machine.ring_bytes > 0
+            vmm.settings.set_capabilities(changes, dirty_ring=ring)
         except ParameterError as exc:
             raise _generic(exc) from None
 

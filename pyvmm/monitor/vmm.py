@@ -25,11 +25,13 @@ from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
+from pyvmm.migration.convergence import build_policies
 from pyvmm.migration.destination import MigrationDestination
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.source import MigrationSource
 from pyvmm.migration.stream import StreamError
 from pyvmm.monitor.commands_dirty import register_dirty_commands
+from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
 from pyvmm.monitor.commands_machine import register_machine_commands
 from pyvmm.monitor.commands_migration import register_migration_commands
 from pyvmm.monitor.server import QmpServer
@@ -99,6 +101,7 @@ class Vmm:
                 register_machine_commands(self)
                 register_dirty_commands(self)
                 register_migration_commands(self)
+                register_dirtylimit_commands(self)
                 self.qmp.start()
         except BaseException:
             self.close()
@@ -144,6 +147,9 @@ class Vmm:
         if self.incoming is not None:
             self.incoming.stop()
             self.incoming.close()
+        if getattr(self, "_dirty_limit", None) is not None:
+            self._dirty_limit.close()
+            self._dirty_limit = None
         if self._dirty_rate is not None:
             self._dirty_rate.close()
             self._dirty_rate = None
@@ -224,8 +230,23 @@ class Vmm:
             self.emit_event,
             self._set_state,
             lambda: self.run_state == "running",
+            build_policies(self.settings.caps, self.dirty_limit_controller()),
         )
         self.migration.start(uri)
+
+    def dirty_limit_controller(self) -> Any:
+        """The VM's dirty-limit controller (shared by QMP and migrations), or None."""
+        controller = getattr(self, "_dirty_limit", None)
+        machine = self.machine
+        if controller is None and machine is not None and machine.ring_bytes and machine.vcpus:
+            # Created on first use, once the vCPUs (and their rings) exist; ring mode only.
+            from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
+
+            controller = DirtyLimitController(
+                machine, self.dirty_tracker, self.settings, lambda: self.migration
+            )
+            self._dirty_limit = controller
+        return controller
 
     # --- dirty tracking, created on first use ------------------------------------------------
 

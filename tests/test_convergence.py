@@ -1,0 +1,226 @@
+"""Convergence: the throttle engine, QEMU's trigger rules, auto-converge and periodic sync."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+
+import pytest
+from vmproc import vm_process, wait_migration
+
+from pyvmm.machine.devices import SerialConsole, SerialLine
+from pyvmm.machine.elf import load_pvh_image
+from pyvmm.machine.images import resolve_image
+from pyvmm.machine.machine import Machine, MachineConfig
+from pyvmm.migration.convergence.throttle import CpuThrottle, LegacyThrottle
+from pyvmm.migration.convergence.trigger import DirtyTrigger
+from pyvmm.monitor.client import QmpCommandError
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+# --- QEMU's trigger rules (pure logic) ---------------------------------------------------------
+
+
+def test_second_bad_period_fires_and_good_periods_do_not_reset() -> None:
+    t = DirtyTrigger(50)
+    dirty, xfer = 60 * MIB // PAGE, 100 * MIB  # 60 % > 50 %
+    assert not t.evaluate(dirty, xfer, 1).fire  # first hit
+    assert not t.evaluate(1, xfer, 1).fire  # a good period: the counter stays at 1
+    verdict = t.evaluate(dirty, xfer, 1)
+    assert verdict.fire and verdict.criterion == "dirty-rate"
+    assert verdict.bytes_dirty_threshold == 50 * MIB
+    assert not t.evaluate(dirty, xfer, 1).fire  # counter reset after firing
+
+
+def test_threshold_is_a_parameter() -> None:
+    t = DirtyTrigger(80)
+    for _ in range(4):  # 60 % dirty never crosses an 80 % threshold
+        assert not t.evaluate(60 * MIB // PAGE, 100 * MIB, 1).fire
+
+
+def test_legacy_2013_fires_on_the_sixth_bad_period() -> None:
+    t = DirtyTrigger(10, legacy=True)  # the 2013 rule ignores the parameter: 50 %
+    fired = [t.evaluate(60 * MIB // PAGE, 100 * MIB, 1).fire for _ in range(7)]
+    assert fired == [False] * 5 + [True, False]
+    assert not DirtyTrigger(50, legacy=True).evaluate(60 * MIB // PAGE, 100 * MIB, 0).fire
+
+
+def test_responsive_ratio_fires_before_the_second_rate_hit() -> None:
+    """The 2024 series: a not-improving dirty ratio fires, with a fresh rate counter."""
+    t = DirtyTrigger(50, responsive=True)
+    xfer = 100 * MIB
+    assert not t.evaluate(10 * MIB // PAGE, xfer, 1).fire  # good: history 10 %
+    v1 = t.evaluate(60 * MIB // PAGE, xfer, 1)  # rate hit 1; ratio 60 >= 10: ratio hit 1
+    assert not v1.fire
+    v2 = t.evaluate(70 * MIB // PAGE, xfer, 1)  # rate hit 2 fires first
+    assert v2.fire and v2.criterion == "dirty-rate"
+    t2 = DirtyTrigger(50, responsive=True)
+    t2.evaluate(55 * MIB // PAGE, xfer, 1)  # rate hit 1, ratio history 55
+    t2.dirty_rate_high_cnt = 0  # as if a step just happened
+    v = t2.evaluate(60 * MIB // PAGE, xfer, 1)  # ratio hit 1 (60 >= 55)
+    v = t2.evaluate(65 * MIB // PAGE, xfer, 1)  # rate hit 2 and ratio hit 2
+    assert v.fire
+    plain = DirtyTrigger(50)
+    plain.evaluate(55 * MIB // PAGE, xfer, 1)
+    plain.dirty_rate_high_cnt = 0
+    assert not plain.evaluate(60 * MIB // PAGE, xfer, 1).fire
+
+
+# --- the engine on a real guest ----------------------------------------------------------------
+
+
+def _rate_meter(machine_samples: list[tuple[float, int]]):
+    pattern = re.compile(r"memstress vcpu=0 mib=(\d+)")
+
+    def on_line(line: SerialLine) -> None:
+        if m := pattern.search(line.text):
+            machine_samples.append((line.wall_time_s, int(m.group(1))))
+
+    return on_line
+
+
+def _rate(samples: list[tuple[float, int]], seconds: float) -> float:
+    start = len(samples)
+    time.sleep(seconds)
+    window = samples[start:]
+    assert len(window) >= 2, "memstress printed no progress"
+    return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+
+
+@pytest.mark.kvm
+def test_throttle_engine_slows_the_guest_by_its_percentage() -> None:
+    samples: list[tuple[float, int]] = []
+    serial = SerialConsole(io.StringIO())
+    serial.listeners.append(_rate_meter(samples))
+    with Machine(MachineConfig(128 << 20, 1, "mb=16"), serial) as machine:
+        machine.boot(load_pvh_image(resolve_image("memstress")))
+        machine.start()
+        time.sleep(1.5)
+        base = _rate(samples, 3.5)
+        throttle = CpuThrottle(lambda: machine.vcpus)
+        for pct in (50, 80):
+            throttle.set_percentage(pct)
+            time.sleep(1.2)
+            ratio = _rate(samples, 3.5) / base
+            assert abs(ratio - (1 - pct / 100)) <= 0.10, (pct, ratio)
+        throttle.stop()
+        time.sleep(1.2)
+        assert _rate(samples, 2.5) / base > 0.85
+        legacy = LegacyThrottle(lambda: machine.vcpus)
+        legacy.start()
+        time.sleep(1.2)
+        assert abs(_rate(samples, 3.5) / base - 0.25) <= 0.10  # 30 ms asleep per 40 ms
+        legacy.stop()
+
+
+# --- auto-converge in a real migration ---------------------------------------------------------
+
+VERIFY = ["memverify", "--mem", "256M", "--vcpus", "2", "--append", "mb=16"]
+DEST = ["--mem", "256M", "--vcpus", "2"]
+
+
+@pytest.mark.kvm
+def test_auto_converge_makes_an_impossible_migration_complete(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path}/mig.sock"
+    cap = 32 * MIB
+    with (
+        vm_process(tmp_path, "dst", [*DEST, "--incoming", uri]) as dst,
+        vm_process(tmp_path, "src", VERIFY) as src,
+    ):
+        src.wait_line("ok pages=", 20, after=1)
+        with src.qmp() as q:
+            q.execute("migrate-set-parameters", {"max-bandwidth": cap})
+            q.execute("migrate", {"uri": uri})
+            time.sleep(30)  # the guest dirties far more than 32 MiB/s: no convergence
+            info = q.execute("query-migrate")
+            assert info["status"] == "active", info
+            assert "cpu-throttle-percentage" not in info
+            q.execute("migrate_cancel")
+        assert wait_migration(src)["status"] == "cancelled"
+        with src.qmp() as q:
+            caps = [{"capability": "auto-converge", "state": True}]
+            q.execute("migrate-set-capabilities", {"capabilities": caps})
+        with vm_process(tmp_path, "dst2", [*DEST, "--incoming", uri]) as dst2:
+            with src.qmp() as q:
+                q.execute("migrate", {"uri": uri})
+                seen_pct = 0
+                deadline = time.monotonic() + 90
+                while (info := q.execute("query-migrate"))["status"] in ("setup", "active"):
+                    seen_pct = max(seen_pct, info.get("cpu-throttle-percentage", 0))
+                    assert time.monotonic() < deadline, info
+                    time.sleep(0.1)
+            assert info["status"] == "completed", info
+            assert seen_pct >= 20 and info["downtime"] < 300
+            count = len(dst2.lines("ok pages="))
+            dst2.wait_line("ok pages=", 20, after=count + 2)
+            assert not dst2.lines("CORRUPT")
+        assert dst.proc.wait(10) != 0  # the first destination saw its stream cancelled
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("periodic", [True, False], ids=["periodic-on", "periodic-off"])
+def test_periodic_sync_during_a_long_pass(tmp_path: Path, periodic: bool) -> None:
+    """A pass over 96 MiB at 6 MiB/s takes 16 s. QEMU 9.2 syncs at least every 10 s during
+    it; QEMU <= 9.1 syncs once per pass."""
+    uri = f"unix:{tmp_path}/mig.sock"
+    guest = ["memstress", "--mem", "160M", "--append", "mb=96"]
+    with (
+        vm_process(tmp_path, "dst", ["--mem", "160M", "--incoming", uri]),
+        vm_process(tmp_path, "src", guest) as src,
+    ):
+        src.wait_line("mib=", 20)
+        with src.qmp() as q:
+            caps = [{"capability": "auto-converge", "state": True}]
+            q.execute("migrate-set-capabilities", {"capabilities": caps})
+            q.execute("migrate-set-parameters", {
+                "max-bandwidth": 6 * MIB, "x-cpu-throttle-periodic-sync": periodic,
+                "cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
+            })  # fmt: skip
+            q.execute("migrate", {"uri": uri})
+            deadline = time.monotonic() + 40
+            while q.execute("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < 2:
+                assert time.monotonic() < deadline, "the first pass did not end"
+                time.sleep(0.2)
+            counts, t0 = [], time.monotonic()
+            while time.monotonic() - t0 < 12:
+                syncs = q.execute("query-migrate")["ram"]["dirty-sync-count"]
+                counts.append((time.monotonic() - t0, syncs))
+                time.sleep(0.25)
+            q.execute("migrate_cancel")
+        increases = [t for (t, c), (_, prev) in zip(counts[1:], counts, strict=False) if c > prev]
+        if periodic:
+            assert len(increases) >= 1 and increases[0] <= 10.5, increases
+        else:
+            assert increases == [], increases
+
+
+@pytest.mark.kvm
+def test_convergence_parameters_follow_qemu(tmp_path: Path) -> None:
+    with vm_process(tmp_path, "src", ["memstress", "--append", "mb=8"]) as src, src.qmp() as q:
+        params = q.execute("query-migrate-parameters")
+        assert (params["throttle-trigger-threshold"], params["cpu-throttle-initial"],
+                params["cpu-throttle-increment"], params["cpu-throttle-tailslow"],
+                params["max-cpu-throttle"]) == (50, 20, 10, False, 99)  # fmt: skip
+        assert params["x-cpu-throttle-periodic-sync"] is True
+        assert params["x-cpu-throttle-periodic-sync-interval"] == 5000
+        assert params["x-auto-converge-legacy"] is False
+        assert params["cpu-throttle-responsive"] is False
+        for args, needle in (
+            ({"throttle-trigger-threshold": 0}, "'throttle_trigger_threshold' expects an integer "
+             "in the range of 1 to 100"),
+            ({"cpu-throttle-initial": 100}, "'cpu_throttle_initial' expects"),
+            ({"cpu-throttle-increment": 0}, "'cpu_throttle_increment' expects"),
+            ({"max-cpu-throttle": 100}, "'max_cpu_throttle' expects"),
+            ({"x-vcpu-dirty-limit-period": 1001}, "expects a value between 1 and 1000"),
+            ({"vcpu-dirty-limit": 0}, "'vcpu_dirty_limit'"),
+            ({"cpu-throttle-tailslow": 1}, "expected: boolean"),
+        ):  # fmt: skip
+            with pytest.raises(QmpCommandError, match=needle):
+                q.execute("migrate-set-parameters", args)
+        with pytest.raises(QmpCommandError, match="requires KVM with accelerator property"):
+            q.execute("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "dirty-limit", "state": True}]})  # fmt: skip
