@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pyvmm.migration.params import ParameterError, parse_cli_value
@@ -87,7 +88,7 @@ def _follow(qmp: SyncQmp) -> dict[str, Any]:
             progress = Progress(
                 TextColumn("{task.fields[status]}"), BarColumn(), DownloadColumn(),
                 TextColumn("{task.fields[mbps]:.0f} Mbit/s"), TimeElapsedColumn(),
-                transient=True, console=None,
+                transient=True, console=Console(stderr=True),
             )  # fmt: skip
             progress.start()
             task = progress.add_task("migrate", total=None, status="setup", mbps=0.0)

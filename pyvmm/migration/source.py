@@ -99,6 +99,7 @@ class MigrationSource:
         self._we_paused = False
         self.in_downtime = False
         self._run_state_before: str | None = None
+        self._header_sent = False
         # Rate-limit window and period bookkeeping.
         self._window_start_ms = 0.0
         self._window_start_bytes = 0
@@ -126,7 +127,9 @@ class MigrationSource:
         self.thread.start()
 
     def cancel(self) -> None:
-        if not self.active:
+        # Once switchover has begun the destination may already own the guest: cancelling
+        # then could leave two copies running, so it is refused (quietly, like a no-op).
+        if not self.active or self.stats.status == "device":
             return
         self._cancel.set()
         self._status("cancelling")
@@ -196,6 +199,7 @@ class MigrationSource:
         )
         self._writer.preamble()
         self._writer.header(config)
+        self._header_sent = True
         for policy in self.policies:
             policy.on_setup(self)
         now = now_ms()
@@ -207,12 +211,17 @@ class MigrationSource:
         return sum(count_set(b) for b in self._bitmaps)
 
     def _sync(self) -> None:
-        """One dirty-log sync: QEMU's migration_bitmap_sync."""
-        new = self.tracker.sync()
+        """One dirty-log sync: QEMU's migration_bitmap_sync.
+
+        Like QEMU, the period counts only pages that became dirty in the migration bitmap
+        (a page still waiting to be sent counts once), so the all-dirty setup sync adds 0."""
+        before = self._dirty_pages()
+        self.tracker.sync()
+        pending = self._dirty_pages()
         ram = self.stats.ram
         ram.dirty_sync_count += 1
-        self._period_dirty_pages += new
-        self._remaining_at_sync = self._dirty_pages() * PAGE_SIZE
+        self._period_dirty_pages += pending - before
+        self._remaining_at_sync = pending * PAGE_SIZE
         now = now_ms()
         period = None
         elapsed = now - self._period_start_ms
@@ -228,6 +237,8 @@ class MigrationSource:
             self._period_start_bytes = transferred
         for policy in self.policies:
             policy.on_sync(self, period)
+        if self._header_sent and self._writer is not None:
+            self._writer.iteration(ram.dirty_sync_count)  # the destination counts passes
         if self.settings.caps.get("events"):
             self._emit("MIGRATION_PASS", {"pass": ram.dirty_sync_count})
 
@@ -380,8 +391,8 @@ class MigrationSource:
         self._run_state_before = "running" if was_running else "paused"
         self._set_run_state("finish-migrate")
         if was_running:
+            self._we_paused = True  # before pause(): a pause failing half-way is undone too
             self.machine.pause()
-            self._we_paused = True
         self.in_downtime = True
         self._status("device")
         with self._lock:

@@ -37,7 +37,7 @@ ACK_MAGIC = b"PYVMM-OK"
 PAGE_SIZE = 4096
 MAX_HEADER_BYTES = 64 << 10
 MAX_RUN_PAGES = 4096  # 16 MiB of data per RAM_RUN record
-MAX_STATE_BYTES = 64 << 20
+MAX_STATE_BYTES = 16 << 20  # what machine/state.py accepts
 
 
 class RecordType(IntEnum):
