@@ -66,6 +66,11 @@ class RingTracker(DirtyTracker):
         self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
         self.overflows = 0  # harvests that found a ring at its soft limit
         self.on_ring_full: Callable[[Vcpu], None] | None = None  # the dirty limit's hook
+        # Called after every harvest that found entries, outside the ring locks, on the
+        # harvesting thread (reaper, sync or ring-full exit), with (vCPU index, that vCPU's
+        # cumulative distinct-page count, as vcpu_dirty_pages()). Must be cheap: it runs in
+        # the reaper's loop. The dirty limit counts virtual ring fills with it.
+        self.on_harvest: Callable[[int, int], None] | None = None
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         for vcpu in machine.vcpus:
@@ -143,6 +148,10 @@ class RingTracker(DirtyTracker):
                 )  # fmt: skip
             if invalid:
                 log.warning("vCPU %d: %d dirty ring entries named no known page", index, invalid)
+            pages = self._harvested[index]
+        hook = self.on_harvest
+        if harvested and hook is not None:
+            hook(index, pages)
         return harvested
 
     def _reap_all(self, discard: bool = False) -> int:

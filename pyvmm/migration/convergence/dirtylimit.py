@@ -1,0 +1,564 @@
+"""The dirty limit: QEMU 8.1's per-vCPU dirty-rate throttle (system/dirtylimit.c), on
+pyvmm's dirty rings.
+
+QEMU's design, restated (docs/dirty-limit.md has the long version):
+- a "dirtyrate-stat" thread measures each vCPU's dirty rate over a period (1000 ms;
+  during a migration with the dirty-limit capability, x-vcpu-dirty-limit-period) from
+  the per-vCPU harvested-page counters of the dirty rings: snapshot, wait, sync,
+  snapshot;
+- after each period, for every limited vCPU, `dirtylimit_set_throttle` moves that
+  vCPU's sleep per ring-full (`throttle_us_per_full`) towards the quota: nothing
+  within 25 MB/s; a ratio step when more than 50 % off; a fixed step of a tenth of
+  the ring-full time when near; clamped to [0, 99 ring-full times];
+- each time a vCPU fills its dirty ring it sleeps `throttle_us_per_full` on its own
+  thread. Only vCPUs that write are slowed down; readers run freely.
+
+pyvmm's one deviation: the penalty unit is a *virtual* ring of
+x-vcpu-dirty-limit-ring-size entries (default 4096, QEMU's usual dirty-ring-size),
+not the KVM ring. Small KVM rings lose entries and livelock on this host (DESIGN.md),
+so pyvmm runs the largest ring KVM offers and harvests it from a reaper long before
+it fills. The reaper reports each harvest (RingTracker.on_harvest); every time a
+vCPU's count of distinct newly dirty pages crosses another virtual ring's worth, the
+vCPU owes one sleep, and is kicked to serve it in its exit path (Vcpu.run_on_thread
++ Vcpu.sleep_us). A real KVM_EXIT_DIRTY_RING_FULL serves the debt (or one sleep) on
+the spot (RingTracker.on_ring_full). The controller reasons about the virtual ring
+exactly as QEMU's does about the real one: ring MiB = virtual entries x 4 KiB.
+
+QEMU quirks kept on purpose, so experiments compare: the ring-full time divides by a
+running maximum of every rate ever seen (a function-static in QEMU, never reset; here
+one per VM, for the life of the process); throttle_us_per_full survives a cancel and
+is where a later limit starts from; query-migrate's ring-full time goes through the
+same function and can raise that maximum.
+
+Every decision is one structured log line on logger "pyvmm.convergence" (INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyvmm.dirty.rate import pages_to_mib_s
+from pyvmm.dirty.ring import RingTracker
+from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.machine.machine import Machine
+from pyvmm.machine.vcpu import Vcpu, VcpuRunState
+from pyvmm.migration.convergence.trigger import DirtyTrigger, TriggerVerdict
+from pyvmm.migration.params import MigrationSettings
+
+if TYPE_CHECKING:
+    from pyvmm.migration.source import MigrationSource, PeriodStats
+
+log = logging.getLogger("pyvmm.convergence")
+
+TOLERANCE_MBPS = 25  # DIRTYLIMIT_TOLERANCE_RANGE: no adjustment within this of the quota
+LINEAR_ADJUSTMENT_PCT = 50  # DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT: "far" beyond this error
+THROTTLE_PCT_MAX = 99  # DIRTYLIMIT_THROTTLE_PCT_MAX: sleep <= 99 ring-full times
+CALC_TIME_MS = 1000  # DIRTYLIMIT_CALC_TIME_MS: the period outside a dirty-limit migration
+PAGE_SIZE = 4096
+STOP_TIMEOUT_S = 5.0
+
+QMP_THROTTLE_TIME = "dirty-limit-throttle-time-per-round"
+QMP_RING_FULL_TIME = "dirty-limit-ring-full-time"
+
+
+# --- the controller's arithmetic (pure) -------------------------------------------------------
+
+
+class RingFullTime:
+    """QEMU's dirtylimit_dirty_ring_full_time: how long a vCPU takes to fill its ring.
+
+    `ring_bytes x 1e6 / max_rate` in microseconds, where max_rate is a running maximum
+    of every rate ever passed in (QEMU's function-static `max_dirtyrate`): it never
+    decreases, so the estimate is the shortest fill time seen, not the current one.
+    QEMU counts the ring in whole MiB (an integer); for rings of 256 entries and more
+    that is the same number, below it QEMU's would be 0 and pyvmm's is exact.
+    """
+
+    def __init__(self) -> None:
+        self.max_rate_mbps = 0
+
+    def __call__(self, rate_mbps: int, ring_entries: int) -> int:
+        if self.max_rate_mbps < rate_mbps:
+            self.max_rate_mbps = rate_mbps
+        if self.max_rate_mbps == 0:
+            return 0
+        return ring_entries * PAGE_SIZE * 1_000_000 // (self.max_rate_mbps << 20)
+
+
+@dataclass
+class Adjustment:
+    """One decision of dirtylimit_adjust_throttle / dirtylimit_set_throttle for one vCPU."""
+
+    quota_mbps: int
+    current_mbps: int
+    old_us: int
+    new_us: int
+    rule: str  # tolerance | idle | far-up | far-down | near-up | near-down
+    sleep_pct: int = 0  # the far rule's percentage
+    ring_full_us: int = 0
+    clamped: bool = False
+
+
+def adjust_throttle(
+    old_us: int, quota_mbps: int, current_mbps: int, ring_full_time: Callable[[int], int]
+) -> Adjustment:
+    """The new sleep per ring-full, QEMU's integer arithmetic step for step.
+
+    ring_full_time(current) is RingFullTime bound to the ring size (it updates the
+    running maximum, so it is called exactly where QEMU calls it)."""
+    adj = Adjustment(quota_mbps, current_mbps, old_us, old_us, "tolerance")
+    if abs(quota_mbps - current_mbps) <= TOLERANCE_MBPS:  # dirtylimit_done
+        return adj
+    if current_mbps == 0:
+        adj.new_us, adj.rule = 0, "idle"
+        return adj
+    rft = ring_full_time(current_mbps)
+    adj.ring_full_us = rft
+    low, high = min(quota_mbps, current_mbps), max(quota_mbps, current_mbps)
+    new = old_us
+    if (high - low) * 100 // high > LINEAR_ADJUSTMENT_PCT:
+        if quota_mbps < current_mbps:
+            pct = (current_mbps - quota_mbps) * 100 // current_mbps
+            new += int(rft * pct / (100 - pct))  # C: double, truncated to uint64
+            adj.rule = "far-up"
+        else:
+            pct = (quota_mbps - current_mbps) * 100 // quota_mbps
+            new -= int(rft * pct / (100 - pct))
+            adj.rule = "far-down"
+        adj.sleep_pct = pct
+    elif quota_mbps < current_mbps:
+        new += rft // 10
+        adj.rule = "near-up"
+    else:
+        new -= rft // 10
+        adj.rule = "near-down"
+    cap = rft * THROTTLE_PCT_MAX
+    adj.clamped = not 0 <= new <= cap
+    adj.new_us = max(min(new, cap), 0)
+    return adj
+
+
+# --- per-vCPU state ---------------------------------------------------------------------------
+
+
+@dataclass
+class VcpuLimit:
+    index: int
+    enabled: bool = False
+    quota_mbps: int = 0
+    current_mbps: int = 0  # measured over the last period (0 until one has ended)
+    throttle_us_per_full: int = 0  # sleep per (virtual) ring fill; survives a cancel (QEMU)
+    ring_mark_pages: int = 0  # cumulative distinct pages at the last virtual ring boundary
+    owed_us: int = 0  # sleep owed for rings filled, not yet served
+    penalty_queued: bool = False  # a _serve_penalty is queued or running on the vCPU
+    rings_filled: int = 0  # virtual rings filled since the last decision (for the log)
+    slept_us: int = 0  # sleep actually served since the last decision (for the log)
+
+
+# --- the controller ---------------------------------------------------------------------------
+
+
+class DirtyLimitController:
+    """One per VM: the limits set by QMP or by a migration, the stat thread, the penalties.
+
+    `migration()` returns the VM's current outgoing migration (or None). While one is
+    active, the controller's syncs go through MigrationSource.force_sync(): a sync
+    fans pages out into the migration's bitmap, which only the source may touch while it
+    sends, and the source then also counts those pages in its dirty-pages-rate and its
+    throttle trigger. So during a migration each measurement period adds one to
+    dirty-sync-count (QEMU's stat thread syncs the KVM log but not the migration bitmap;
+    pyvmm's tracker has a single level).
+    """
+
+    def __init__(
+        self,
+        machine: Machine,
+        tracker: DirtyTracker,
+        settings: MigrationSettings,
+        migration: Callable[[], MigrationSource | None] = lambda: None,
+    ) -> None:
+        if not isinstance(tracker, RingTracker):
+            raise ValueError("the dirty limit needs ring-mode dirty tracking (--dirty-ring)")
+        self.machine = machine
+        self.tracker: RingTracker = tracker
+        self.settings = settings
+        self._migration = migration
+        self.vcpus = [VcpuLimit(i) for i in range(len(machine.vcpus))]
+        self.ring_full_time = RingFullTime()
+        self.last_migration_quota = 0  # migration_dirty_limit_guest's static quota_dirtyrate
+        self.periods = 0
+        self.listeners: list[Callable[[], None]] = []  # run after each adjustment pass
+        self._lock = threading.RLock()  # QEMU's dirtylimit_mutex: limits and throttles
+        self._penalty_lock = threading.Lock()  # owed_us / penalty_queued
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        tracker.on_harvest = self._on_harvest
+        tracker.on_ring_full = self._on_ring_full
+
+    # --- what QMP and the migration policy call ----------------------------------------------
+
+    @property
+    def in_service(self) -> bool:
+        """QEMU's dirtylimit_in_service: at least one vCPU is limited."""
+        return any(v.enabled for v in self.vcpus)
+
+    def ring_entries(self) -> int:
+        return int(self.settings["x-vcpu-dirty-limit-ring-size"])
+
+    def period_ms(self) -> int:
+        """x-vcpu-dirty-limit-period during a migration with the capability, else 1000."""
+        source = self._migration()
+        if source is not None and source.active and source.settings.caps.get("dirty-limit"):
+            return int(source.settings["x-vcpu-dirty-limit-period"])
+        return CALC_TIME_MS
+
+    def set_limit(self, cpu_index: int | None, quota_mbps: int) -> None:
+        """Limit one vCPU (or all) to quota_mbps MB/s; 0 cancels (qmp_set_vcpu_dirty_limit)."""
+        if quota_mbps <= 0:
+            self.cancel(cpu_index)
+            return
+        counts = self.tracker.vcpu_dirty_pages() or [0] * len(self.vcpus)
+        with self._lock:
+            start = not self.in_service
+            for v in self._select(cpu_index):
+                if not v.enabled:
+                    v.ring_mark_pages = counts[v.index]  # penalties count from now on
+                    v.rings_filled = v.slept_us = 0
+                v.enabled, v.quota_mbps = True, quota_mbps
+        log.info(
+            "limit policy=dirty-limit vcpu=%s quota_mbps=%d ring_entries=%d period_ms=%d",
+            "all" if cpu_index is None else cpu_index, quota_mbps, self.ring_entries(),
+            self.period_ms(),
+        )  # fmt: skip
+        if start:
+            self._start_thread()
+        self._notify()
+
+    def cancel(self, cpu_index: int | None = None) -> None:
+        """Remove the limit of one vCPU (or all); the thread ends with the last one."""
+        with self._lock:
+            was = self.in_service
+            cancelled = [v for v in self._select(cpu_index) if v.enabled]
+            for v in cancelled:
+                v.enabled, v.quota_mbps = False, 0
+                with self._penalty_lock:
+                    v.owed_us = 0
+            stop = was and not self.in_service
+        for v in cancelled:  # end a penalty being served
+            if v.index < len(self.machine.vcpus):
+                self.machine.vcpus[v.index].kick()
+        if cancelled:
+            log.info(
+                "cancel policy=dirty-limit vcpu=%s",
+                "all" if cpu_index is None else cpu_index,
+            )
+        if stop:
+            self._stop_thread()
+        self._notify()
+
+    def query(self) -> list[dict[str, int]]:
+        """query-vcpu-dirty-limit: the limited vCPUs, rates in MB/s."""
+        with self._lock:
+            return [
+                {"cpu-index": v.index, "limit-rate": v.quota_mbps, "current-rate": v.current_mbps}
+                for v in self.vcpus
+                if v.enabled
+            ]
+
+    def throttle_time_per_round_us(self) -> int:
+        """dirtylimit_throttle_time_per_round: the largest sleep per ring-full of any vCPU."""
+        return max((v.throttle_us_per_full for v in self.vcpus), default=0)
+
+    def ring_full_time_us(self) -> int:
+        """dirtylimit_ring_full_time: ring-full time at the running vCPUs' mean rate (0: idle)."""
+        rates = [
+            self.vcpus[vcpu.index].current_mbps
+            for vcpu in self.machine.vcpus
+            if vcpu.state is VcpuRunState.RUNNING and vcpu.index < len(self.vcpus)
+        ]
+        if not rates or not sum(rates):
+            return 0
+        with self._lock:
+            return self.ring_full_time(sum(rates) // len(rates), self.ring_entries())
+
+    def close(self) -> None:
+        self.cancel(None)
+        self._stop_thread()
+        if self.tracker.on_harvest == self._on_harvest:
+            self.tracker.on_harvest = None
+        if self.tracker.on_ring_full == self._on_ring_full:
+            self.tracker.on_ring_full = None
+
+    # --- the stat thread ("dirtyrate-stat") ---------------------------------------------------
+
+    def _select(self, cpu_index: int | None) -> list[VcpuLimit]:
+        return self.vcpus if cpu_index is None else [self.vcpus[cpu_index]]
+
+    def _start_thread(self) -> None:
+        old = self._thread
+        if old is not None and old is not threading.current_thread() and old.is_alive():
+            old.join(STOP_TIMEOUT_S)  # a thread still ending after a cancel
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
+                return
+            for v in self.vcpus:
+                v.current_mbps = 0  # vcpu_dirty_rate_stat_initialize
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name="dirtyrate-stat", daemon=True
+            )
+            self._thread.start()
+
+    def _stop_thread(self) -> None:
+        with self._lock:
+            self._stop.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(STOP_TIMEOUT_S)
+            if thread.is_alive():
+                log.warning("dirty-limit stat thread did not stop within %.0f s", STOP_TIMEOUT_S)
+
+    def _run(self, stop: threading.Event) -> None:
+        bitmaps = self.tracker.new_bitmaps()
+        self.tracker.attach(bitmaps)  # dirty logging (and the reaper) on while we run
+        try:
+            self._sync()
+            while not stop.is_set():
+                rates, elapsed_ms = self._measure(stop)
+                if stop.is_set():
+                    break
+                self._process(rates, elapsed_ms)
+        except Exception:  # the VM may be ending under us; never die silently
+            log.exception("dirty-limit stat thread failed")
+        finally:
+            self.tracker.detach(bitmaps)
+
+    def _sync(self) -> None:
+        """Make the per-vCPU counters current (through the migration while one runs)."""
+        source = self._migration()
+        if source is None or not source.active:
+            self.tracker.sync()
+            return
+        # Decide under the source's own lock: switchover sets in_downtime (and the "device"
+        # status) before it takes that lock for the final sync, then writes the machine state
+        # after releasing it. Checking first and then calling force_sync() could let a sync
+        # (which also writes an ITERATION record) run after the final one, interleaved with
+        # the state on the stream. During setup, switchover or cancelling no sync is done:
+        # the reaper's counts are at most REAP_MAX_AGE_S old, good enough for one period.
+        with source._lock:  # MigrationSource._lock is an RLock: force_sync() re-enters it
+            if source.stats.status == "active" and not source.in_downtime:
+                source.force_sync()
+
+    def _measure(self, stop: threading.Event) -> tuple[list[int], float]:
+        """vcpu_calculate_dirtyrate: snapshot, wait a period, sync, snapshot."""
+        period_ms = self.period_ms()
+        t0 = time.monotonic()
+        before = self.tracker.vcpu_dirty_pages() or []
+        if stop.wait(period_ms / 1000):
+            return [], 0.0
+        self._sync()
+        after = self.tracker.vcpu_dirty_pages() or []
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        return [
+            pages_to_mib_s(a - b, elapsed_ms) for a, b in zip(after, before, strict=True)
+        ], elapsed_ms
+
+    def _process(self, rates: list[int], elapsed_ms: float) -> None:
+        """dirtylimit_process: adjust every limited vCPU's sleep per ring-full."""
+        entries = self.ring_entries()
+        with self._lock:
+            self.periods += 1
+            for v, rate in zip(self.vcpus, rates, strict=False):
+                v.current_mbps = rate
+            for v in self.vcpus:
+                if not v.enabled:
+                    continue
+                adj = adjust_throttle(
+                    v.throttle_us_per_full, v.quota_mbps, v.current_mbps,
+                    lambda rate: self.ring_full_time(rate, entries),
+                )  # fmt: skip
+                v.throttle_us_per_full = adj.new_us
+                rings, slept_us = v.rings_filled, v.slept_us
+                v.rings_filled = v.slept_us = 0
+                log.info(
+                    "decision policy=dirty-limit vcpu=%d quota_mbps=%d current_mbps=%d "
+                    "old_us=%d new_us=%d rule=%s sleep_pct=%d ring_full_us=%d clamped=%s "
+                    "max_rate_mbps=%d ring_entries=%d period_ms=%.0f rings=%d slept_ms=%.0f",
+                    v.index, adj.quota_mbps, adj.current_mbps, adj.old_us, adj.new_us, adj.rule,
+                    adj.sleep_pct, adj.ring_full_us, adj.clamped,
+                    self.ring_full_time.max_rate_mbps, entries, elapsed_ms, rings, slept_us / 1000,
+                )  # fmt: skip
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("dirty-limit listener failed")
+
+    # --- penalties: on the reaper's and the vCPUs' threads ------------------------------------
+
+    def _on_harvest(self, index: int, pages: int) -> None:
+        """RingTracker.on_harvest (reaper thread): count virtual ring fills, owe sleeps."""
+        if index >= len(self.vcpus):
+            return
+        v = self.vcpus[index]
+        if not v.enabled:
+            return
+        entries = self.ring_entries()
+        filled = (pages - v.ring_mark_pages) // entries
+        if filled <= 0:
+            return
+        v.ring_mark_pages += filled * entries
+        v.rings_filled += filled
+        sleep_us = v.throttle_us_per_full
+        if sleep_us <= 0:
+            return
+        with self._penalty_lock:
+            v.owed_us += filled * sleep_us
+            if v.penalty_queued:
+                return  # the queued (or running) one serves this debt too
+            v.penalty_queued = True
+        vcpus = self.machine.vcpus
+        if index < len(vcpus):
+            vcpus[index].run_on_thread(self._serve_penalty)
+
+    def _serve_penalty(self, vcpu: Vcpu) -> None:
+        """On the vCPU's thread, before it re-enters the guest: sleep what it owes.
+
+        Debt that arrives while it sleeps is served by the same call, so one penalty never
+        kicks (and so cuts short) another. A pause, stop or any other kick ends the sleep
+        early (Vcpu.sleep_us); what was not slept is forgiven."""
+        v = self.vcpus[vcpu.index]
+        while True:
+            with self._penalty_lock:
+                owed = v.owed_us if v.enabled else 0
+                v.owed_us = 0
+                if owed <= 0:
+                    v.penalty_queued = False
+                    return
+            t0 = time.monotonic()
+            vcpu.sleep_us(owed)
+            slept = int((time.monotonic() - t0) * 1e6)
+            v.slept_us += slept
+            log.debug(
+                "penalty policy=dirty-limit vcpu=%d owed_us=%d slept_us=%d", v.index, owed, slept
+            )
+            if slept < owed * 0.9:  # interrupted: pause, stop, switchover, cancel
+                with self._penalty_lock:
+                    v.owed_us = 0
+                    v.penalty_queued = False
+                return
+
+    def _on_ring_full(self, vcpu: Vcpu) -> None:
+        """RingTracker.on_ring_full (vCPU thread, ring already harvested): QEMU's
+        dirtylimit_vcpu_execute. Serve the debt the harvest just counted, or one sleep."""
+        if vcpu.index >= len(self.vcpus):
+            return
+        v = self.vcpus[vcpu.index]
+        if not v.enabled or v.throttle_us_per_full <= 0:
+            return
+        with self._penalty_lock:
+            if v.owed_us <= 0:
+                v.owed_us = v.throttle_us_per_full
+            v.penalty_queued = True
+        self._serve_penalty(vcpu)
+
+
+# --- the migration policy ---------------------------------------------------------------------
+
+
+class DirtyLimitPolicy:
+    """Capability dirty-limit: when DirtyTrigger fires (dirty bytes over the threshold, second
+    hit, as auto-converge), limit every vCPU to vcpu-dirty-limit (QEMU's
+    migration_dirty_limit_guest); at the end (completed, failed or cancelled) cancel it.
+
+    QEMU 8.1 cancels only in migration_cancel(), so after a failed or completed migration its
+    limit stays on; pyvmm cancels at every end so that a source that goes on running after
+    a failure is not left throttled."""
+
+    def __init__(self, controller: DirtyLimitController | None) -> None:
+        self.controller = controller
+        self.trigger: DirtyTrigger | None = None
+        self.limited = False  # this migration set the limits
+        self._source: MigrationSource | None = None
+
+    def on_setup(self, source: MigrationSource) -> None:
+        s = source.settings
+        self.trigger = DirtyTrigger(s["throttle-trigger-threshold"])
+        self._source = source
+        if self.controller is not None:
+            self.controller.listeners.append(self._publish)
+        log.info(
+            "setup policy=dirty-limit threshold_pct=%d vcpu_dirty_limit_mbps=%d period_ms=%d "
+            "ring_entries=%d controller=%s",
+            s["throttle-trigger-threshold"], s["vcpu-dirty-limit"],
+            s["x-vcpu-dirty-limit-period"], s["x-vcpu-dirty-limit-ring-size"],
+            self.controller is not None,
+        )  # fmt: skip
+
+    def on_sync(self, source: MigrationSource, period: PeriodStats | None) -> None:
+        if period is None or self.trigger is None:
+            return
+        verdict = self.trigger.evaluate(
+            period.dirty_pages, period.bytes_transferred, source.stats.ram.dirty_pages_rate
+        )
+        log.debug(
+            "period policy=dirty-limit sync=%d dirty_bytes=%d xfer_bytes=%d threshold_bytes=%d "
+            "fire=%s", period.sync_count, verdict.bytes_dirty_period, verdict.bytes_xfer_period,
+            verdict.bytes_dirty_threshold, verdict.fire,
+        )  # fmt: skip
+        if verdict.fire:
+            self._limit_guest(source, period, verdict)
+
+    def on_end(self, source: MigrationSource) -> None:
+        controller = self.controller
+        if controller is not None:
+            if self._publish in controller.listeners:
+                controller.listeners.remove(self._publish)
+            if self.limited:
+                controller.cancel(None)
+        source.stats.extra.pop(QMP_THROTTLE_TIME, None)
+        source.stats.extra.pop(QMP_RING_FULL_TIME, None)
+        self._source = None
+
+    def _limit_guest(self, source: MigrationSource, period: PeriodStats, v: TriggerVerdict) -> None:
+        """migration_dirty_limit_guest: set (or update) every vCPU's quota, no stepping."""
+        quota = int(source.settings["vcpu-dirty-limit"])
+        controller = self.controller
+        if controller is None:
+            log.warning("dirty-limit triggered but the VM has no dirty-limit controller")
+            return
+        unchanged = controller.in_service and controller.last_migration_quota == quota
+        log.info(
+            "decision policy=dirty-limit trigger=%s sync=%d period_ms=%.0f dirty_bytes=%d "
+            "xfer_bytes=%d threshold_bytes=%d quota_mbps=%d action=%s",
+            v.criterion, period.sync_count, period.elapsed_ms, v.bytes_dirty_period,
+            v.bytes_xfer_period, v.bytes_dirty_threshold, quota,
+            "none (already in service)" if unchanged else "limit all vCPUs",
+        )  # fmt: skip
+        if unchanged:
+            return
+        controller.last_migration_quota = quota
+        self.limited = True
+        controller.set_limit(None, quota)
+        self._publish()
+
+    def _publish(self) -> None:
+        """query-migrate's two fields, present while the limit is in service."""
+        source, controller = self._source, self.controller
+        if source is None or controller is None:
+            return
+        extra: dict[str, Any] = source.stats.extra
+        if controller.in_service:
+            extra[QMP_THROTTLE_TIME] = controller.throttle_time_per_round_us()
+            extra[QMP_RING_FULL_TIME] = controller.ring_full_time_us()
+        else:
+            extra.pop(QMP_THROTTLE_TIME, None)
+            extra.pop(QMP_RING_FULL_TIME, None)
