@@ -11,10 +11,11 @@ This host's ring loses entries when a guest dirties more pages between
 harvests than the ring holds, and can livelock (DIRTY_RING_FULL forever with
 nothing to harvest) with small rings (DESIGN.md). Hence:
 - a reaper thread looks at every ring every 5 ms and harvests it when it is an
-  eighth full, or 100 ms after its last harvest: rings stay far from full, and a
-  page the guest keeps rewriting is counted about 10 times a second, not 200
-  (QEMU's reaper runs about once a second, so its per-vCPU counts see hot pages
-  once a second; pyvmm's rates stay comparable);
+  eighth full, or 100 ms after its last harvest: rings stay far from full;
+- per-vCPU counts are of *distinct* pages newly dirty since the last sync (a page
+  rewritten many times between two syncs counts once, for the vCPU harvested
+  first), because this host pushes duplicate entries (see _harvested below);
+  QEMU counts entries, and its reaper runs about once a second;
 - a harvest that finds a ring at or past its soft limit may have lost entries:
   the whole guest is marked dirty for that round, and it is logged;
 - KVM_EXIT_DIRTY_RING_FULL is handled on the vCPU's thread (harvest its ring,

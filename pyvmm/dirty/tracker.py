@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,12 @@ class DirtyTracker:
             self._clients = [c for c in self._clients if c is not bitmaps]
             if not self._clients:
                 self._stop_logging()
+
+    @property
+    def bitmap_lock(self) -> AbstractContextManager[bool]:
+        """Held by every sync while it ORs into the attached bitmaps. A user that reads and
+        clears bits in its own bitmap while others may sync takes it around that step."""
+        return self._lock
 
     @property
     def active(self) -> bool:

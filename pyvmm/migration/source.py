@@ -260,10 +260,17 @@ class MigrationSource:
             self._send_dirty(time.monotonic() + MAX_ITERATE_MS / 1000, limited=True)
             self._rate_limit()
 
-    def force_sync(self) -> None:
-        """A sync requested from outside the loop (periodic sync): safe, it takes the lock."""
+    def force_sync(self) -> bool:
+        """A sync requested from outside the loop (periodic sync, the dirty limit).
+
+        Decided under the lock: once switchover has begun (status `device`) the stream
+        carries the final pages and the state, and a sync's ITERATION record must not
+        interleave with them. Returns whether it synced."""
         with self._lock:
+            if self.stats.status != "active" or self.in_downtime:
+                return False
             self._sync()
+            return True
 
     # --- sending pages -----------------------------------------------------------------------
 
@@ -294,9 +301,13 @@ class MigrationSource:
                 left = budget - self._window_budget_used
                 step_words = max(1, min(STEP_WORDS, int(left // (64 * PAGE_SIZE))))
             with self._lock:
-                step = bitmap[word : word + step_words]
-                pages = bitmap_to_pages(step) + np.uint64(word * 64)
-                step.fill(0)
+                # Read and clear the step under the tracker's lock: any tracker sync (a
+                # dirty-rate measurement, the dirty limit) ORs new bits into our bitmap,
+                # and a bit landing between the read and the clear would be lost.
+                with self.tracker.bitmap_lock:
+                    step = bitmap[word : word + step_words]
+                    pages = bitmap_to_pages(step) + np.uint64(word * 64)
+                    step.fill(0)
                 self.tracker.before_copy(slot, word * 64, len(step) * 64)  # get, clear, copy
                 sent = self._send_pages(slot, pages)
             walked += len(step)

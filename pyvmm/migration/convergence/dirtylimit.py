@@ -344,15 +344,11 @@ class DirtyLimitController:
         if source is None or not source.active:
             self.tracker.sync()
             return
-        # Decide under the source's own lock: switchover sets in_downtime (and the "device"
-        # status) before it takes that lock for the final sync, then writes the machine state
-        # after releasing it. Checking first and then calling force_sync() could let a sync
-        # (which also writes an ITERATION record) run after the final one, interleaved with
-        # the state on the stream. During setup, switchover or cancelling no sync is done:
-        # the reaper's counts are at most REAP_MAX_AGE_S old, good enough for one period.
-        with source._lock:  # MigrationSource._lock is an RLock: force_sync() re-enters it
-            if source.stats.status == "active" and not source.in_downtime:
-                source.force_sync()
+        # force_sync() decides under the source's lock whether a sync may still happen: not
+        # during setup, switchover or cancelling (an ITERATION record must not interleave
+        # with the final pages and state). Then the reaper's counts, at most
+        # REAP_MAX_AGE_S old, are good enough for one period.
+        source.force_sync()
 
     def _measure(self, stop: threading.Event) -> tuple[list[int], float]:
         """vcpu_calculate_dirtyrate: snapshot, wait a period, sync, snapshot."""
