@@ -72,14 +72,7 @@ class AutoConverge:
     def on_sync(self, source: MigrationSource, period: PeriodStats | None) -> None:
         if period is None or self.trigger is None:
             return
-        verdict = self.trigger.evaluate(
-            period.dirty_pages, period.bytes_transferred, source.stats.ram.dirty_pages_rate
-        )
-        log.debug(
-            "period policy=auto-converge sync=%d dirty_bytes=%d xfer_bytes=%d threshold_bytes=%d "
-            "fire=%s", period.sync_count, verdict.bytes_dirty_period, verdict.bytes_xfer_period,
-            verdict.bytes_dirty_threshold, verdict.fire,
-        )  # fmt: skip
+        verdict = self.trigger.judge("auto-converge", period, source.stats.ram.dirty_pages_rate)
         if not verdict.fire:
             return
         if self.legacy is not None:

@@ -26,6 +26,17 @@ TIMESLICE_MS = 10.0
 PCT_MIN, PCT_MAX = 1, 99
 
 
+def _halt(
+    stop: threading.Event, thread: threading.Thread | None, vcpus: Callable[[], list[Vcpu]]
+) -> None:
+    """Stop a throttle's timer thread and end the sleeps in progress."""
+    stop.set()
+    if thread is not None:
+        thread.join(2)
+    for vcpu in vcpus():
+        vcpu.wake()
+
+
 class CpuThrottle:
     def __init__(self, vcpus: Callable[[], list[Vcpu]]) -> None:
         self._vcpus = vcpus
@@ -49,12 +60,8 @@ class CpuThrottle:
 
     def stop(self) -> None:
         self._pct = 0
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-            self._thread = None
-        for vcpu in self._vcpus():
-            vcpu.wake()
+        _halt(self._stop, self._thread, self._vcpus)
+        self._thread = None
 
     def _run(self) -> None:
         while self._pct and not self._stop.is_set():
@@ -100,12 +107,8 @@ class LegacyThrottle:
 
     def stop(self) -> None:
         self.active = False
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-            self._thread = None
-        for vcpu in self._vcpus():
-            vcpu.wake()
+        _halt(self._stop, self._thread, self._vcpus)
+        self._thread = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.EVERY_MS / 1000):

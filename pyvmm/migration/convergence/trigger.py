@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyvmm.migration.source import PeriodStats
 
 log = logging.getLogger("pyvmm.convergence")
 
@@ -66,6 +70,16 @@ class DirtyTrigger:
             verdict.fire, verdict.criterion = True, "dirty-rate"
         elif ratio_fired:
             verdict.fire, verdict.criterion = True, "dirty-ratio"
+        return verdict
+
+    def judge(self, policy: str, period: PeriodStats, dirty_pages_rate: int) -> TriggerVerdict:
+        """Evaluate one closed period, with a debug trace line for the policy."""
+        verdict = self.evaluate(period.dirty_pages, period.bytes_transferred, dirty_pages_rate)
+        log.debug(
+            "period policy=%s sync=%d dirty_bytes=%d xfer_bytes=%d threshold_bytes=%d fire=%s",
+            policy, period.sync_count, verdict.bytes_dirty_period, verdict.bytes_xfer_period,
+            verdict.bytes_dirty_threshold, verdict.fire,
+        )  # fmt: skip
         return verdict
 
     def _ratio_high(self, bytes_dirty: int, bytes_xfer: int) -> bool:
