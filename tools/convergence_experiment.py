@@ -49,7 +49,8 @@ def run_once(work: Path, load_mib: int, config: str, bandwidth: int, max_time_s:
     extra = ["--dirty-ring"] if ring else []
     mig = f"unix:{run_dir}/mig.sock"
     dst = [*py, *extra, "--incoming", mig, "--qmp", f"unix:{run_dir}/d.qmp"]
-    src = [*py, *extra, "memstress", "--append", f"mb={load_mib}",
+    # The guest name goes before --dirty-ring, whose value is optional.
+    src = [*py, "memstress", *extra, "--append", f"mb={load_mib}",
            "--qmp", f"unix:{run_dir}/s.qmp", "--serial", str(run_dir / "s.serial")]  # fmt: skip
     with ExitStack() as stack:
         stack.enter_context(spawn(dst, run_dir / "d.log"))
