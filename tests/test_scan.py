@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -314,7 +315,6 @@ def test_page_hashes_are_xxh64_and_fixed() -> None:
     out = np.zeros(2, dtype=U64)
     scan.page_hashes(mem, np.array([0, 1], U64), out)
     assert [int(h) for h in out] == [0xAC869B6F32D8BBDB, 0x0F6E64BE186AF6A4]
-    xxhash = pytest.importorskip("xxhash")
     assert int(out[1]) == xxhash.xxh64_intdigest(mem[PAGE:].tobytes())
 
 
