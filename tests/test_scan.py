@@ -392,6 +392,21 @@ def _kernel_push(ring: np.ndarray, index: int, slot: int, offset: int) -> None:
     entry["flags"] = scan.KVM_DIRTY_GFN_F_DIRTY
 
 
+def test_harvest_ring_counts_only_newly_set_bits() -> None:
+    """Duplicate entries and pages already dirty in the bitmap are not new (this host's KVM
+    pushes duplicates; per-vCPU dirty rates count distinct pages)."""
+    n = 8
+    ring = np.zeros(n, dtype=GFN)
+    bitmaps = [np.zeros(2, U64)]
+    bitmaps[0][0] = np.uint64(1 << 5)  # page 5 was already dirty
+    for k, offset in enumerate([5, 7, 7, 70, 7]):
+        _kernel_push(ring, k, 0, offset)
+    fresh = np.zeros(1, U64)
+    assert scan.harvest_ring(ring, n, 0, bitmaps, np.array([128], U64), fresh) == (5, 5, 0)
+    assert int(fresh[0]) == 2  # pages 7 and 70
+    assert list(bitmaps[0]) == [(1 << 5) | (1 << 7), 1 << 6]
+
+
 def test_harvest_ring_in_an_mmap_with_wraparound_and_invalid_entries() -> None:
     n = 8
     with mmap.mmap(-1, n * scan.KVM_DIRTY_GFN_SIZE) as mm:

@@ -392,7 +392,7 @@ def page_hashes(const uint8_t[::1] mem not None, const uint64_t[::1] pages not N
 # --------------------------------------------------------------------------------------------
 
 def harvest_ring(ring, nentries, fetch_index, bitmaps,
-                 const uint64_t[::1] slot_pages not None):
+                 const uint64_t[::1] slot_pages not None, uint64_t[::1] newly_set=None):
     """Harvest one vCPU's KVM dirty ring into per-slot dirty bitmaps.
 
     ring:        writable buffer (the vCPU fd's ring mmap) of nentries 16-byte kvm_dirty_gfn.
@@ -405,11 +405,14 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
     RESET; `invalid` of them named an unknown slot or an offset past the slot's end and set no
     bit. At most nentries entries are taken per call. The caller then issues
     KVM_RESET_DIRTY_RINGS so the kernel re-protects those pages and can reuse the entries.
+    newly_set: optional 1-element array; the number of bits this call set that were clear
+    before (distinct newly dirty pages) is added to newly_set[0].
     """
     cdef Py_ssize_t nslots, s
     cdef uint8_t[::1] ring_view
     cdef uint64_t[::1] bm_view
-    cdef uint64_t n, mask, fetch, harvested = 0, invalid = 0, offset
+    cdef uint64_t n, mask, fetch, harvested = 0, invalid = 0, offset, fresh = 0, bit
+    cdef uint64_t *word
     cdef uint32_t flags, slot_id
     cdef kvm_dirty_gfn *entries
     cdef kvm_dirty_gfn *e
@@ -485,7 +488,11 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
                 slot_id = e.slot & 0xffff          # low 16 bits: slot id; high: address space
                 offset = e.offset
                 if slot_id < <uint32_t>nslots and offset < bm_limits[slot_id]:
-                    bm_ptrs[slot_id][offset >> 6] |= (<uint64_t>1) << (offset & 63)
+                    word = &bm_ptrs[slot_id][offset >> 6]
+                    bit = (<uint64_t>1) << (offset & 63)
+                    if word[0] & bit == 0:
+                        fresh += 1
+                    word[0] |= bit
                 else:
                     invalid += 1
                 # Release: pairs with the kernel's acquire load of flags in
@@ -497,6 +504,8 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
     finally:
         free(bm_ptrs)
         free(bm_limits)
+    if newly_set is not None and newly_set.shape[0] > 0:
+        newly_set[0] += fresh
     return fetch, harvested, invalid
 
 

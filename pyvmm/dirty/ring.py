@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pyvmm.dirty.scan import count_set, harvest_ring
+from pyvmm.dirty.scan import harvest_ring
 from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
@@ -64,6 +64,7 @@ class RingTracker(DirtyTracker):
         self._ring_locks = [threading.Lock() for _ in machine.vcpus]
         self._acc = self.new_bitmaps()  # harvested since the last sync
         self._acc_lock = threading.Lock()
+        self._fresh = np.zeros(1, np.uint64)  # harvest_ring's count of newly set bits
         self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
         self.overflows = 0  # harvests that found a ring at its soft limit
         self.on_ring_full: Callable[[Vcpu], None] | None = None  # the dirty limit's hook
@@ -129,12 +130,13 @@ class RingTracker(DirtyTracker):
         if ring is None:
             return 0
         with self._ring_locks[index], self._acc_lock:
-            before = sum(count_set(acc) for acc in self._acc)
+            fresh = self._fresh
+            fresh[0] = 0
             fetch, harvested, invalid = harvest_ring(
-                ring, self.entries, self._fetch[index], self._acc, self._slot_pages
+                ring, self.entries, self._fetch[index], self._acc, self._slot_pages, fresh
             )
             self._fetch[index] = fetch
-            self._harvested[index] += sum(count_set(acc) for acc in self._acc) - before
+            self._harvested[index] += int(fresh[0])
             self.entries_harvested[index] += harvested
             if harvested >= self.soft_limit:
                 # The ring reached its soft limit: on this host KVM may have wrapped over

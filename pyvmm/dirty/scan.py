@@ -79,8 +79,10 @@ if TYPE_CHECKING:
         fetch_index: int,
         bitmaps: Sequence[U64Array | None],
         slot_pages: U64Array,
+        newly_set: U64Array | None = None,
     ) -> tuple[int, int, int]:
-        """Harvest a vCPU dirty ring; returns (new_fetch_index, harvested, invalid)."""
+        """Harvest a vCPU dirty ring; returns (new_fetch_index, harvested, invalid).
+        newly_set[0] (optional) grows by the number of bits that were clear before."""
 
     def gather_pages(mem: ReadableBuffer, pages: U64Array, out: WritableBytes) -> int:
         """Copy the listed pages back to back into out; returns bytes written."""

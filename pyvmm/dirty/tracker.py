@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,13 +26,6 @@ from pyvmm.dirty.scan import count_set, or_into, take_and_clear
 from pyvmm.machine.machine import Machine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SyncStats:
-    syncs: int = 0
-    pages_last_sync: int = 0  # newly reported pages in the last sync (all slots)
-    pages_total: int = 0
 
 
 class DirtyTracker:
@@ -45,7 +37,6 @@ class DirtyTracker:
         self.memory = machine.memory
         self._clients: list[list[np.ndarray]] = []
         self._lock = threading.RLock()  # one sync at a time; attach/detach vs sync
-        self.stats = SyncStats()
         # Scratch bitmaps, one per slot, that each sync fills before fanning out.
         self._scratch = [np.zeros(r.bitmap_words(), np.uint64) for r in self.memory.regions]
 
@@ -95,9 +86,6 @@ class DirtyTracker:
                 new += count_set(scratch)
                 for client in self._clients:
                     or_into(client[slot], scratch)
-            self.stats.syncs += 1
-            self.stats.pages_last_sync = new
-            self.stats.pages_total += new
             return new
 
     def before_copy(self, slot: int, first_page: int, npages: int) -> None:

@@ -39,10 +39,6 @@ class VcpuFd:
         """KVM_RUN, then (result, exit_reason, direction, size, port, count, data_offset)."""
         return _ioctl.run_decoded(self.fd, self.run_addr)
 
-    def io_data(self, offset: int, length: int) -> memoryview:
-        """The port-I/O data area inside the kvm_run mapping."""
-        return memoryview(self.run_mmap)[offset : offset + length]
-
     def map_dirty_ring(self, ring_bytes: int) -> mmap.mmap:
         self.ring_mmap = mmap.mmap(
             self.fd,

@@ -88,7 +88,6 @@ class Machine:
         self.bus.register(SLEEP_PORT, 1, control)
         self.irqchip = False
         self.started = False
-        self.boot_time_s = 0.0
         self._exit: MachineExit | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -166,7 +165,6 @@ class Machine:
         if not self.vcpus:
             raise MachineError("no vCPUs: boot an image or restore a state first")
         self.started = True
-        self.boot_time_s = time.monotonic()
         for vcpu in self.vcpus:
             if paused:
                 vcpu.request_pause()
@@ -227,14 +225,6 @@ class Machine:
     def resume(self) -> None:
         for vcpu in self.vcpus:
             vcpu.resume()
-
-    @property
-    def running(self) -> bool:
-        return (
-            self.started
-            and not self._done.is_set()
-            and any(v.state is VcpuRunState.RUNNING for v in self.vcpus)
-        )
 
     def stats(self) -> MachineStats:
         return MachineStats([v.exits for v in self.vcpus])

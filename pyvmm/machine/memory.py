@@ -102,10 +102,6 @@ class GuestMemory:
             except BufferError:  # someone still holds a view; the GC unmaps it later
                 log.debug("slot %d still has views; unmapped later", region.slot)
 
-    @property
-    def total_pages(self) -> int:
-        return sum(r.pages for r in self.regions)
-
     def region_of(self, gpa: int, length: int = 1) -> MemoryRegion:
         """The region holding [gpa, gpa+length), which must not cross a region's end."""
         for region in self.regions:
@@ -152,6 +148,3 @@ class GuestMemory:
         last = (gpa - region.gpa + length - 1) // PAGE_SIZE
         pages = np.arange(first, last + 1, dtype=np.uint64)
         np.bitwise_or.at(self.vmm_dirty[region.slot], pages >> 6, np.uint64(1) << (pages & 63))
-
-    def page_gpa(self, slot: int, page: int) -> int:
-        return self.regions[slot].gpa + page * PAGE_SIZE

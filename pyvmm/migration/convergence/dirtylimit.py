@@ -191,7 +191,6 @@ class DirtyLimitController:
         self.vcpus = [VcpuLimit(i) for i in range(len(machine.vcpus))]
         self.ring_full_time = RingFullTime()
         self.last_migration_quota = 0  # migration_dirty_limit_guest's static quota_dirtyrate
-        self.periods = 0
         self.listeners: list[Callable[[], None]] = []  # run after each adjustment pass
         self._lock = threading.RLock()  # QEMU's dirtylimit_mutex: limits and throttles
         self._penalty_lock = threading.Lock()  # owed_us / penalty_queued
@@ -368,7 +367,6 @@ class DirtyLimitController:
         """dirtylimit_process: adjust every limited vCPU's sleep per ring-full."""
         entries = self.ring_entries()
         with self._lock:
-            self.periods += 1
             for v, rate in zip(self.vcpus, rates, strict=False):
                 v.current_mbps = rate
             for v in self.vcpus:
