@@ -332,11 +332,12 @@ class MigrationSource:
         parts: list[bytes | memoryview] = []
         starts = np.empty(len(pages), np.uint64)
         lengths = np.empty(len(pages), np.uint64)
+        zero_mask = is_zero.view(bool)
         if nzero:
-            zpages = pages[is_zero.astype(bool)]
+            zpages = pages[zero_mask]
             for i in range(pages_to_runs(zpages, starts, lengths)):
                 parts.append(self._writer.zero_run(slot, int(starts[i]), int(lengths[i])))
-        normal = pages[~is_zero.astype(bool)] if nzero else pages
+        normal = pages[~zero_mask] if nzero else pages
         if len(normal):
             mem = memoryview(region.array)
             for i in range(pages_to_runs(normal, starts, lengths)):

@@ -231,6 +231,9 @@ class StreamValidator:
         if rtype is RecordType.HEADER:
             self._once(rtype, length, MAX_HEADER_BYTES, self.seen_header)
             self.seen_header = True
+        elif rtype is RecordType.STATE:
+            self._once(rtype, length, MAX_STATE_BYTES, self.seen_state)
+            self.seen_state = True
         elif self.seen_state and rtype is not RecordType.COMPLETE:
             raise StreamError(f"{rtype.name} record after the STATE record")
         elif rtype is RecordType.RAM_RUN:
@@ -243,9 +246,6 @@ class StreamValidator:
             raise StreamError(f"ZERO_RUN record of {length} bytes (expected {ZERO.size})")
         elif rtype is RecordType.ITERATION and length != ITERATION.size:
             raise StreamError(f"ITERATION record of {length} bytes (expected 8)")
-        elif rtype is RecordType.STATE:
-            self._once(rtype, length, MAX_STATE_BYTES, self.seen_state)
-            self.seen_state = True
         elif rtype is RecordType.COMPLETE:
             if length != 0:
                 raise StreamError(f"COMPLETE record with {length} bytes of payload")

@@ -26,6 +26,7 @@ from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
 from pyvmm.migration.convergence import build_policies
+from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
 from pyvmm.migration.destination import MigrationDestination
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.source import MigrationSource
@@ -74,6 +75,7 @@ class Vmm:
         self._stopping = threading.Event()
         self._tracker: DirtyTracker | None = None
         self._dirty_rate: DirtyRateMonitor | None = None
+        self._dirty_limit: DirtyLimitController | None = None
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class Vmm:
         if self.incoming is not None:
             self.incoming.stop()
             self.incoming.close()
-        if getattr(self, "_dirty_limit", None) is not None:
+        if self._dirty_limit is not None:
             self._dirty_limit.close()
             self._dirty_limit = None
         if self._dirty_rate is not None:
@@ -234,19 +236,15 @@ class Vmm:
         )
         self.migration.start(uri)
 
-    def dirty_limit_controller(self) -> Any:
+    def dirty_limit_controller(self) -> DirtyLimitController | None:
         """The VM's dirty-limit controller (shared by QMP and migrations), or None."""
-        controller = getattr(self, "_dirty_limit", None)
         machine = self.machine
-        if controller is None and machine is not None and machine.ring_bytes and machine.vcpus:
+        if self._dirty_limit is None and machine and machine.ring_bytes and machine.vcpus:
             # Created on first use, once the vCPUs (and their rings) exist; ring mode only.
-            from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
-
-            controller = DirtyLimitController(
+            self._dirty_limit = DirtyLimitController(
                 machine, self.dirty_tracker, self.settings, lambda: self.migration
             )
-            self._dirty_limit = controller
-        return controller
+        return self._dirty_limit
 
     # --- dirty tracking, created on first use ------------------------------------------------
 
