@@ -64,14 +64,18 @@ def register_migration_commands(vmm: Vmm) -> None:
 
     def set_capabilities(args: dict[str, Any]) -> None:
         changes: dict[str, bool] = {}
-        for item in args["capabilities"]:
+        for i, item in enumerate(args["capabilities"]):
             if not isinstance(item, dict) or set(item) != {"capability", "state"}:
-                raise QmpError("GenericError", "Invalid parameter type for 'capabilities[0]', "
+                raise QmpError("GenericError", f"Invalid parameter type for 'capabilities[{i}]', "
                                "expected: object with 'capability' and 'state'")  # fmt: skip
-            if not isinstance(item["state"], bool) or not isinstance(item["capability"], str):
-                raise QmpError(
-                    "GenericError", "Invalid parameter type for 'state', expected: boolean"
+            if not isinstance(item["capability"], str):
+                desc = (
+                    f"Invalid parameter type for 'capabilities[{i}].capability', expected: string"
                 )
+                raise QmpError("GenericError", desc)
+            if not isinstance(item["state"], bool):
+                desc = f"Invalid parameter type for 'capabilities[{i}].state', expected: boolean"
+                raise QmpError("GenericError", desc)
             changes[item["capability"]] = item["state"]
         if vmm.migration is not None and vmm.migration.active:
             raise QmpError("GenericError", "There's a migration process in progress")
