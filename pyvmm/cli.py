@@ -260,15 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on embedded defaults")
     demo.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")
     demo.set_defaults(func=cmd_demo)
+
+    sub.add_parser("bench", help="migration benchmark harness (pyvmm bench --help)", add_help=False)
     return parser  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: subcommands of its own and a default one
+        from pyvmm.bench.cli import main as bench_main
+
+        return guarded(lambda _args: bench_main(argv[1:]), argparse.Namespace())
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="pyvmm: %(levelname)s %(name)s: %(message)s")
-    func: Callable[[argparse.Namespace], int] = args.func
+    return guarded(args.func, args)
+
+
+def guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; every known failure becomes one line and a non-zero exit code."""
     try:
         return func(args)
     except KeyboardInterrupt:

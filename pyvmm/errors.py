@@ -10,6 +10,11 @@ def describe_error(exc: BaseException) -> str | None:
 
     if isinstance(exc, MachineError | KvmUnavailable | KvmError):
         return str(exc)
+    from pyvmm.bench.netns import NetnsError
+    from pyvmm.bench.vms import BenchError
+
+    if isinstance(exc, BenchError | NetnsError):
+        return str(exc)
     if isinstance(exc, ValueError):  # bad addresses and arguments from the library
         return str(exc)
     if isinstance(exc, OSError):

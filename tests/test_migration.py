@@ -259,7 +259,7 @@ def test_parameters_and_capabilities_follow_qemu(tmp_path: Path) -> None:
 
 
 def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path) -> None:
-    import netns
+    from pyvmm.bench import netns
 
     reason = netns.unavailable()
     if reason:

@@ -1,0 +1,155 @@
+"""`pyvmm bench batch`: run named comparisons, one JSON report per run, then a Markdown
+table and charts per comparison, and optionally a summary page (docs/results.md)."""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pyvmm.bench import plot, report, table
+from pyvmm.bench.comparisons import COMPARISONS, Comparison
+from pyvmm.bench.display import Display
+from pyvmm.bench.engine import RunOptions, run
+from pyvmm.bench.scenario import ScenarioError
+from pyvmm.bench.vms import BenchError, is_qemu
+
+
+@dataclass
+class BatchOptions:
+    output: Path
+    names: list[str]
+    filter: str = "*"
+    repeat: int = 1
+    peers: list[str] = field(default_factory=list)  # QEMU binaries run beside pyvmm
+    summary: Path | None = None
+    command: str = ""  # how the batch was started, for the summary page
+    sleep_s: float = 5.0
+    max_time: int | None = None  # caps every run's max_time (a quick look at a comparison)
+
+
+@dataclass
+class ComparisonResult:
+    comparison: Comparison
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    charts: list[Path] = field(default_factory=list)
+
+
+def selected(names: list[str]) -> list[Comparison]:
+    unknown = [n for n in names if n != "all" and n not in COMPARISONS]
+    if unknown:
+        raise ScenarioError(
+            f"unknown comparison {unknown[0]!r} (have: {', '.join(COMPARISONS)}, all)"
+        )
+    wanted = list(COMPARISONS) if "all" in names else names
+    return [COMPARISONS[n]() for n in wanted]
+
+
+def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
+              say: Callable[[str], None]) -> list[ComparisonResult]:  # fmt: skip
+    """Every selected run, `repeat` times, on pyvmm and on each peer binary. A run that a
+    peer cannot do is noted and skipped; a run that fails is noted, and the batch goes on."""
+    results = []
+    for comp in selected(opts.names):
+        res = ComparisonResult(comp)
+        out_dir = opts.output / comp.name
+        for scenario, hw in comp.runs:
+            if not fnmatch.fnmatch(f"{comp.name}/{scenario.name}", opts.filter):
+                continue
+            if opts.max_time is not None:
+                scenario = replace(scenario, max_time=min(scenario.max_time, opts.max_time))
+            for binary in ["pyvmm", *opts.peers]:
+                suffix = "" if binary == "pyvmm" else "-qemu"
+                for rep in range(1, opts.repeat + 1):
+                    tag = f"{comp.name}/{scenario.name}{suffix} #{rep}"
+                    say(f"== {tag}")
+                    try:
+                        rpt = run(scenario, hw, RunOptions(binary, opts.sleep_s), display_for(tag))
+                    except ScenarioError as exc:
+                        if not is_qemu(binary):
+                            raise
+                        res.notes.append(f"{scenario.name} on {Path(binary).name}: skipped ({exc})")
+                        say(f"   skipped: {exc}")
+                        break
+                    except BenchError as exc:
+                        res.notes.append(f"{tag}: failed ({exc})")
+                        say(f"   failed: {exc}")
+                        continue
+                    report.write(rpt, out_dir / f"{scenario.name}{suffix}-{rep}.json")
+                    res.reports.append(rpt)
+                    r = rpt["result"]
+                    say(f"   {r['status']}: {r['total_time'] / 1000:.1f} s, downtime "
+                        f"{r['downtime']} ms, {r['dirty_syncs']} syncs, "
+                        f"max throttle {r['max_throttle_pcent']}%")  # fmt: skip
+        if res.reports:
+            (out_dir / "table.md").write_text(table.markdown(res.reports))
+            res.charts = charts(comp, res.reports, out_dir)
+        results.append(res)
+    return results
+
+
+def charts(comp: Comparison, reports: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One chart per group, with the first repeat of each run on each VMM."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for rpt in reports:
+        lbl = report.label(rpt)
+        if lbl not in seen:
+            seen.add(lbl)
+            groups.setdefault(comp.chart(rpt["scenario"]["name"]), []).append(rpt)
+    pngs = []
+    for key, group in groups.items():
+        png = out_dir / (f"chart-{key}.png" if key else "chart.png")
+        plot.render(group, png)
+        pngs.append(png)
+    return pngs
+
+
+def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
+    """The Markdown page a batch leaves behind: how it was made, then per comparison the
+    table, the notes and the charts."""
+    base = opts.summary.parent if opts.summary else Path(".")
+    lines = [
+        "# pyvmm bench results",
+        "",
+        f"Produced by `{opts.command}` on {datetime.date.today().isoformat()}"
+        f" ({platform.node()}, Linux {platform.release()}, {_cpus()} CPUs,"
+        f" Python {platform.python_version()}). Each run's JSON report is in"
+        f" `{_rel(opts.output, base)}/`; the charts have an HTML version beside them.",
+        "",
+        "This page is generated; do not edit it by hand. docs/bench.md explains the harness, "
+        "docs/convergence.md discusses the convergence results.",
+        "",
+    ]
+    for res in results:
+        comp = res.comparison
+        lines += [f"## {comp.name}", "", comp.description, ""]
+        if res.reports:
+            lines += [table.markdown(res.reports), ""]
+        lines += [f"- {note}" for note in res.notes] + ([""] if res.notes else [])
+        for png in res.charts:
+            lines += [f"![{comp.name}: {png.stem}]({_rel(png, base)})", ""]
+    return "\n".join(lines)
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def print_err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,353 @@
+"""`pyvmm bench ...`: argument parsing and printing only.
+
+pyvmm bench [run] [SCENARIO OPTIONS] [--output REPORT.json]
+pyvmm bench batch COMPARISON... --output DIR [--filter GLOB] [--repeat N] [--binary QEMU]
+pyvmm bench plot REPORT... [--output PNG]
+pyvmm bench table REPORT...
+pyvmm bench schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from pyvmm.bench import report
+from pyvmm.bench.comparisons import COMPARISONS
+from pyvmm.bench.scenario import Hardware, Scenario
+
+COMMANDS = ("run", "batch", "plot", "table", "schema")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(low: int) -> type[int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"'{text}' must be at least {low}")
+        return value
+
+    return parse  # type: ignore[return-value]
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"'{text}': use on or off")
+    return text == "on"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sleep",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds of steady workload before migrating, and on the destination "
+        "after (default 5; guestperf's is 15)",
+    )
+    p.add_argument("--verbose", action="store_true", help="also log each step")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    d, h = Scenario(), Hardware()
+    p = Parser(
+        prog="pyvmm bench",
+        description="Migrate a memstress guest between two local VMMs under one scenario and "
+        "write a JSON report (guestperf's options and defaults, --mem in MiB).",
+    )
+    g = p.add_argument_group("guest")
+    g.add_argument("--cpus", type=_int(1), default=h.cpus, help=f"vCPUs (default {h.cpus})")
+    g.add_argument(
+        "--mem",
+        type=_int(1),
+        default=h.mem,
+        help=f"MiB of working set in total (default {h.mem}); the VM gets 256 more",
+    )
+    g.add_argument(
+        "--dirty-ring-size",
+        type=_int(0),
+        default=0,
+        metavar="N",
+        help="track with a dirty ring; N sizes dirty limit's ring (default 0: bitmap)",
+    )
+    g.add_argument(
+        "--stress-mem",
+        type=_int(0),
+        default=0,
+        metavar="MIB",
+        help="MiB each vCPU rewrites (default --mem / --cpus)",
+    )
+    g.add_argument(
+        "--stress-rate",
+        type=_int(0),
+        default=0,
+        metavar="MIBS",
+        help="MiB/s per vCPU (default 0: flat out)",
+    )
+    g.add_argument(
+        "--stress-pattern",
+        choices=["word", "page"],
+        default="word",
+        help="one store per page (default) or every word",
+    )
+    m = p.add_argument_group("migration")
+    m.add_argument("--max-iters", type=_int(1), default=d.max_iters, metavar="N")
+    m.add_argument("--max-time", type=_int(1), default=d.max_time, metavar="S")
+    m.add_argument(
+        "--bandwidth",
+        type=_int(1),
+        default=d.bandwidth,
+        metavar="MIBS",
+        help=f"max-bandwidth in MiB/s (default {d.bandwidth})",
+    )
+    m.add_argument("--downtime", type=_int(1), default=d.downtime, metavar="MS")
+    m.add_argument("--auto-converge", action="store_true")
+    m.add_argument(
+        "--auto-converge-step", type=_int(1), default=d.auto_converge_step, metavar="PCT"
+    )
+    m.add_argument(
+        "--periodic-sync",
+        type=_on_off,
+        default=True,
+        metavar="on|off",
+        help="QEMU 9.2's periodic dirty sync under auto-converge (default on)",
+    )
+    m.add_argument("--responsive", action="store_true", help="the 2024 responsive throttle")
+    m.add_argument("--throttle-legacy", action="store_true", help="the 2013 auto-converge")
+    m.add_argument("--dirty-limit", action="store_true")
+    m.add_argument("--vcpu-dirty-limit", type=_int(1), default=d.vcpu_dirty_limit, metavar="MBS")
+    m.add_argument(
+        "--x-vcpu-dirty-limit-period",
+        type=_int(1),
+        default=d.x_vcpu_dirty_limit_period,
+        metavar="MS",
+    )
+    m.add_argument("--transport", choices=["unix", "tcp"], default=d.transport)
+    m.add_argument(
+        "--link-mbit",
+        type=_int(1),
+        default=0,
+        metavar="N",
+        help="migrate over a veth pair shaped to N Mbit/s (needs --transport tcp)",
+    )
+    p.add_argument(
+        "--binary",
+        default="pyvmm",
+        help="run on this QEMU binary instead of pyvmm, e.g. qemu-system-x86_64",
+    )
+    p.add_argument("--name", default="perfreport", help="the scenario's name in reports")
+    p.add_argument("--output", type=Path, metavar="REPORT", help="JSON report (default stdout)")
+    _common(p)
+    return p
+
+
+def batch_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="pyvmm bench batch",
+        description="Run named comparisons; one report per run in DIR/COMPARISON/, then a "
+        "table and charts per comparison.",
+    )
+    p.add_argument(
+        "comparisons", nargs="+", metavar="COMPARISON", help=f"{', '.join(COMPARISONS)}, or all"
+    )
+    p.add_argument("--output", type=Path, required=True, metavar="DIR")
+    p.add_argument("--filter", default="*", metavar="GLOB", help="on COMPARISON/SCENARIO")
+    p.add_argument("--repeat", type=_int(1), default=1, metavar="N")
+    p.add_argument(
+        "--binary",
+        action="append",
+        default=[],
+        metavar="QEMU",
+        help="also run each scenario on this QEMU binary (repeatable)",
+    )
+    p.add_argument("--summary", type=Path, metavar="MD", help="write a results page here")
+    p.add_argument(
+        "--max-time", type=_int(1), metavar="S", help="cap every run's --max-time (a quick look)"
+    )
+    _common(p)
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="pyvmm bench plot", description="Chart reports: a PNG and an HTML page beside it."
+    )
+    p.add_argument("reports", nargs="+", type=Path, metavar="REPORT")
+    p.add_argument(
+        "--output",
+        type=Path,
+        metavar="PNG",
+        help="default: the first report's stem .png in the current directory",
+    )
+    return p
+
+
+def table_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="pyvmm bench table", description="The comparison table of reports, in Markdown."
+    )
+    p.add_argument("reports", nargs="+", type=Path, metavar="REPORT")
+    return p
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    from pyvmm.bench.display import make_display
+    from pyvmm.bench.engine import RunOptions, run
+    from pyvmm.bench.vms import resolve_binary
+
+    a = run_parser().parse_args(argv)
+    scenario = Scenario(
+        name=a.name,
+        downtime=a.downtime,
+        bandwidth=a.bandwidth,
+        max_iters=a.max_iters,
+        max_time=a.max_time,
+        auto_converge=a.auto_converge,
+        auto_converge_step=a.auto_converge_step,
+        dirty_limit=a.dirty_limit,
+        x_vcpu_dirty_limit_period=a.x_vcpu_dirty_limit_period,
+        vcpu_dirty_limit=a.vcpu_dirty_limit,
+        periodic_sync=a.periodic_sync,
+        responsive=a.responsive,
+        throttle_legacy=a.throttle_legacy,
+        link_mbit=a.link_mbit,
+        transport=a.transport,
+    )
+    hw = Hardware(
+        cpus=a.cpus,
+        mem=a.mem,
+        dirty_ring_size=a.dirty_ring_size,
+        stress_mem=a.stress_mem,
+        stress_rate=a.stress_rate,
+        stress_pattern=a.stress_pattern,
+    )
+    _logging(a.verbose)
+    display = make_display(a.quiet)
+    try:
+        rpt = run(scenario, hw, RunOptions(resolve_binary(a.binary), a.sleep), display)
+    finally:
+        display.close()
+    if a.output:
+        report.write(rpt, a.output)
+    else:
+        report.validate(rpt)
+        print(json.dumps(rpt, indent=2))
+    result = rpt["result"]
+    if result["status"] == "failed":
+        print(f"pyvmm: error: the migration failed: {result['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_batch(argv: Sequence[str]) -> int:
+    from pyvmm.bench.batch import BatchOptions, print_err, run_batch, summary_page
+    from pyvmm.bench.display import Plain, Quiet
+    from pyvmm.bench.vms import resolve_binary
+
+    a = batch_parser().parse_args(argv)
+    _logging(a.verbose)
+    opts = BatchOptions(
+        output=a.output,
+        names=a.comparisons,
+        filter=a.filter,
+        repeat=a.repeat,
+        peers=[resolve_binary(b) for b in a.binary],
+        summary=a.summary,
+        command="pyvmm bench batch " + shlex.join(argv),
+        sleep_s=a.sleep,
+        max_time=a.max_time,
+    )
+    say = (lambda _text: None) if a.quiet else print_err
+    results = run_batch(opts, lambda _tag: Quiet() if a.quiet else Plain(5.0), say)
+    if not any(r.reports for r in results) and not any(r.notes for r in results):
+        raise ValueError(f"--filter {a.filter!r} selects no run")
+    if opts.summary:
+        opts.summary.write_text(summary_page(opts, results))
+    failed = [n for r in results for n in r.notes if "failed" in n]
+    for note in failed:
+        print(f"pyvmm: error: {note}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_plot(argv: Sequence[str]) -> int:
+    from pyvmm.bench import plot
+
+    a = plot_parser().parse_args(argv)
+    reports = [report.load(p) for p in a.reports]
+    png = a.output or Path.cwd() / (a.reports[0].stem + ".png")
+    png_path, html_path = plot.render(reports, png)
+    print(f"{png_path}\n{html_path}")
+    return 0
+
+
+def cmd_table(argv: Sequence[str]) -> int:
+    from pyvmm.bench import table
+
+    a = table_parser().parse_args(argv)
+    print(table.markdown([report.load(p) for p in a.reports]))
+    return 0
+
+
+def cmd_schema(argv: Sequence[str]) -> int:
+    print(json.dumps(report.SCHEMA, indent=2))
+    return 0
+
+
+def _logging(verbose: bool) -> None:
+    import logging
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="pyvmm: %(name)s: %(message)s")
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that every cleanup runs."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # One signal is enough: ignore more while the cleanups run.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run a bench command; errors are turned into one line by pyvmm.cli.main."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    try:
+        return {
+            "run": cmd_run,
+            "batch": cmd_batch,
+            "plot": cmd_plot,
+            "table": cmd_table,
+            "schema": cmd_schema,
+        }[command](argv)
+    except Terminated:
+        print("pyvmm: bench terminated; its VMs and namespaces are gone", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("pyvmm: bench interrupted; its VMs and namespaces are gone", file=sys.stderr)
+        return 130
