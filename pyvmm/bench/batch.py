@@ -74,7 +74,7 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                     except ScenarioError as exc:
                         if not is_qemu(binary):
                             raise
-                        res.notes.append(f"{scenario.name} on {Path(binary).name}: skipped ({exc})")
+                        res.notes.append(f"not run on {Path(binary).name}: {exc}")
                         say(f"   skipped: {exc}")
                         break
                     except BenchError as exc:
@@ -91,6 +91,8 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
             (out_dir / "table.md").write_text(table.markdown(res.reports))
             res.charts = charts(comp, res.reports, out_dir)
         results.append(res)
+        if opts.summary:  # after each comparison: a long batch cut short keeps what it did
+            opts.summary.write_text(summary_page(opts, results))
     return results
 
 
@@ -132,7 +134,8 @@ def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
         lines += [f"## {comp.name}", "", comp.description, ""]
         if res.reports:
             lines += [table.markdown(res.reports), ""]
-        lines += [f"- {note}" for note in res.notes] + ([""] if res.notes else [])
+        notes = list(dict.fromkeys(res.notes))  # the same skip, once
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         for png in res.charts:
             lines += [f"![{comp.name}: {png.stem}]({_rel(png, base)})", ""]
     return "\n".join(lines)

@@ -260,7 +260,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_batch(argv: Sequence[str]) -> int:
-    from pyvmm.bench.batch import BatchOptions, print_err, run_batch, summary_page
+    from pyvmm.bench.batch import BatchOptions, print_err, run_batch
     from pyvmm.bench.display import Plain, Quiet
     from pyvmm.bench.vms import resolve_binary
 
@@ -281,8 +281,6 @@ def cmd_batch(argv: Sequence[str]) -> int:
     results = run_batch(opts, lambda _tag: Quiet() if a.quiet else Plain(5.0), say)
     if not any(r.reports for r in results) and not any(r.notes for r in results):
         raise ValueError(f"--filter {a.filter!r} selects no run")
-    if opts.summary:
-        opts.summary.write_text(summary_page(opts, results))
     failed = [n for r in results for n in r.notes if "failed" in n]
     for note in failed:
         print(f"pyvmm: error: {note}", file=sys.stderr)
