@@ -144,6 +144,39 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, sig: signal.Si
     assert not [n for n in _netns() if f"-{proc.pid}-" in n]
 
 
+@pytest.mark.kvm
+def test_a_dying_source_fails_the_run_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([*PYVMM, "bench", *SMALL, "--output", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    children: list[int] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "migrating to" in line:
+                break
+        children = _children(proc.pid)
+        source = [p for p in children if b"memstress" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(source) == 1, children
+        os.kill(source[0], signal.SIGKILL)  # the failure injected: the source VM dies
+        rc = proc.wait(30)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pyvmm: error: the src VM exited with -9"), err
+    assert "Traceback" not in err
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert not list(tmp_path.glob("pyvmm-bench-*")) and not (tmp_path / "r").exists()
+
+
 def _netns() -> list[str]:
     if shutil.which("ip") is None:
         return []
@@ -203,6 +236,14 @@ def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> Non
     assert (out / "downtime" / "chart.png").exists() and (out / "downtime" / "chart.html").exists()
     page = summary.read_text()
     assert "pyvmm bench batch downtime" in page and "](results/downtime/chart.png)" in page
+    # --resume keeps what an earlier batch wrote and rebuilds the tables, charts and page.
+    before = reports[0].read_bytes()
+    summary.unlink()
+    proc = bench(tmp_path, "batch", "downtime", "--filter", "*1000ms", "--output", str(out),
+                 "--summary", str(summary), "--resume", timeout_s=60)  # fmt: skip
+    assert proc.returncode == 0 and "kept from an earlier batch" in proc.stderr, proc.stderr
+    assert reports[0].read_bytes() == before
+    assert "--resume" not in summary.read_text() and "| downtime-1000ms " in summary.read_text()
 
 
 @pytest.mark.kvm

@@ -31,6 +31,7 @@ class BatchOptions:
     command: str = ""  # how the batch was started, for the summary page
     sleep_s: float = 5.0
     max_time: int | None = None  # caps every run's max_time (a quick look at a comparison)
+    resume: bool = False  # keep the reports an earlier (interrupted) batch wrote
 
 
 @dataclass
@@ -69,6 +70,11 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                 for rep in range(1, opts.repeat + 1):
                     tag = f"{comp.name}/{scenario.name}{suffix} #{rep}"
                     say(f"== {tag}")
+                    path = out_dir / f"{scenario.name}{suffix}-{rep}.json"
+                    if opts.resume and path.exists():
+                        res.reports.append(report.load(path))
+                        say("   kept from an earlier batch")
+                        continue
                     try:
                         rpt = run(scenario, hw, RunOptions(binary, opts.sleep_s), display_for(tag))
                     except ScenarioError as exc:
@@ -81,7 +87,7 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                         res.notes.append(f"{tag}: failed ({exc})")
                         say(f"   failed: {exc}")
                         continue
-                    report.write(rpt, out_dir / f"{scenario.name}{suffix}-{rep}.json")
+                    report.write(rpt, path)
                     res.reports.append(rpt)
                     r = rpt["result"]
                     say(f"   {r['status']}: {r['total_time'] / 1000:.1f} s, downtime "
@@ -122,8 +128,8 @@ def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
         "",
         f"Produced by `{opts.command}` on {datetime.date.today().isoformat()}"
         f" ({platform.node()}, Linux {platform.release()}, {_cpus()} CPUs,"
-        f" Python {platform.python_version()}). Each run's JSON report is in"
-        f" `{_rel(opts.output, base)}/`; the charts have an HTML version beside them.",
+        f" Python {platform.python_version()}). The command writes each run's JSON report to"
+        f" `{_rel(opts.output, base)}/COMPARISON/`; each chart has an HTML version beside it.",
         "",
         "This page is generated; do not edit it by hand. docs/bench.md explains the harness, "
         "docs/convergence.md discusses the convergence results.",

@@ -181,6 +181,11 @@ def batch_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-time", type=_int(1), metavar="S", help="cap every run's --max-time (a quick look)"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep reports already in DIR (an interrupted batch goes on where it stopped)",
+    )
     _common(p)
     return p
 
@@ -273,9 +278,11 @@ def cmd_batch(argv: Sequence[str]) -> int:
         repeat=a.repeat,
         peers=[resolve_binary(b) for b in a.binary],
         summary=a.summary,
-        command="pyvmm bench batch " + shlex.join(argv),
+        # Resuming changes how long the batch took, not what it measured.
+        command="pyvmm bench batch " + shlex.join(a for a in argv if a != "--resume"),
         sleep_s=a.sleep,
         max_time=a.max_time,
+        resume=a.resume,
     )
     say = (lambda _text: None) if a.quiet else print_err
     results = run_batch(opts, lambda _tag: Quiet() if a.quiet else Plain(5.0), say)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
@@ -36,6 +37,8 @@ from pyvmm.bench.vms import (
     wait_for_socket,
 )
 from pyvmm.monitor.client import QmpClientError, SyncQmp
+
+log = logging.getLogger("pyvmm.bench")
 
 POLL_S = 0.05
 CPU_EVERY = 10  # polls between CPU-time samples (0.5 s)
@@ -184,10 +187,12 @@ class Run:
                 qmp, serial = work / f"{side}.qmp", work / f"{side}.serial"
                 cmd = vm_command(self.options.binary, self.hw, qmp, serial, incoming, tsc_khz)
                 self.display.phase(f"starting the {side} VM")
+                log.info("%s: %s", side, " ".join([*prefix, *cmd]))
                 vm = start_vm(side, [*prefix, *cmd], work, qmp, serial)
                 stack.callback(vm.stop)
                 self.vms[side] = vm
                 wait_for_socket(vm)
+            stack.push(self._explain_qmp_error)  # runs before the VMs are stopped
             src_q = stack.enter_context(SyncQmp(f"unix:{self.vms['src'].qmp}", timeout_s=30))
             dst_q = stack.enter_context(SyncQmp(f"unix:{self.vms['dst'].qmp}", timeout_s=30))
             version = _version(src_q)
@@ -202,6 +207,7 @@ class Run:
             if caps:
                 src_q.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": c, "state": v} for c, v in caps.items()]})  # fmt: skip
+            log.info("src: capabilities %s, parameters %s", caps, params)
             src_q.execute("migrate-set-parameters", params)
             result = self._migrate(src_q, dst_q, uri)
             return {
@@ -231,6 +237,14 @@ class Run:
                 },
                 "result": result,
             }
+
+    def _explain_qmp_error(self, _type: object, exc: BaseException | None, _tb: object) -> bool:
+        """A lost QMP connection usually means a VM died: say that instead."""
+        if isinstance(exc, QmpClientError):
+            for side, vm in self.vms.items():
+                if side == "src" or not self.migrating:
+                    vm.check_alive()
+        return False
 
     @staticmethod
     def _tids(q: SyncQmp) -> dict[int, int]:
