@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from pyvmm.bench.vms import host_tsc_khz
 from pyvmm.machine.images import resolve_image
 from pyvmm.monitor.client import SyncQmp
 
@@ -104,20 +105,6 @@ def wait_serial(path: Path, pattern: str, timeout_s: float = 120) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"no {pattern!r} in {path}")
-
-
-def host_tsc_khz() -> int:
-    from pyvmm.kvm import Kvm
-
-    with Kvm() as kvm:
-        vm = kvm.create_vm()
-        try:
-            vcpu = vm.create_vcpu(0)
-            khz = vcpu.get_tsc_khz()
-            vcpu.close()
-            return khz
-        finally:
-            vm.close()
 
 
 class Vmm:
