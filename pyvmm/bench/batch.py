@@ -38,7 +38,8 @@ class BatchOptions:
 class ComparisonResult:
     comparison: Comparison
     reports: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # runs a peer could not do
+    failures: list[str] = field(default_factory=list)
     charts: list[Path] = field(default_factory=list)
 
 
@@ -84,7 +85,7 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                         say(f"   skipped: {exc}")
                         break
                     except BenchError as exc:
-                        res.notes.append(f"{tag}: failed ({exc})")
+                        res.failures.append(f"{tag}: failed ({exc})")
                         say(f"   failed: {exc}")
                         continue
                     report.write(rpt, path)
@@ -140,7 +141,7 @@ def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
         lines += [f"## {comp.name}", "", comp.description, ""]
         if res.reports:
             lines += [table.markdown(res.reports), ""]
-        notes = list(dict.fromkeys(res.notes))  # the same skip, once
+        notes = list(dict.fromkeys(res.notes + res.failures))  # the same skip, once
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         for png in res.charts:
             lines += [f"![{comp.name}: {png.stem}]({_rel(png, base)})", ""]

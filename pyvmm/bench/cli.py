@@ -286,9 +286,9 @@ def cmd_batch(argv: Sequence[str]) -> int:
     )
     say = (lambda _text: None) if a.quiet else print_err
     results = run_batch(opts, lambda _tag: Quiet() if a.quiet else Plain(5.0), say)
-    if not any(r.reports for r in results) and not any(r.notes for r in results):
+    if not any(r.reports or r.notes or r.failures for r in results):
         raise ValueError(f"--filter {a.filter!r} selects no run")
-    failed = [n for r in results for n in r.notes if "failed" in n]
+    failed = [f for r in results for f in r.failures]
     for note in failed:
         print(f"pyvmm: error: {note}", file=sys.stderr)
     return 1 if failed else 0
