@@ -247,7 +247,7 @@ def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> Non
 
 
 @pytest.mark.kvm
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not on PATH (.ci/run installs it)")
 def test_the_same_scenario_runs_on_qemu(tmp_path: Path) -> None:
     out = tmp_path / "q.json"
     proc = bench(tmp_path, "--binary", "qemu-system-x86_64", "--mem", "32", "--stress-rate", "40",

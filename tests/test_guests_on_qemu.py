@@ -10,7 +10,9 @@ import pytest
 from pyvmm.machine.images import resolve_image
 
 QEMU = shutil.which("qemu-system-x86_64")
-pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+pytestmark = pytest.mark.skipif(
+    QEMU is None, reason="qemu-system-x86_64 is not on PATH (.ci/run installs it)"
+)
 
 
 def qemu(image: str, append: str = "", timeout_s: float = 60) -> subprocess.CompletedProcess:

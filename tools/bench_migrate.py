@@ -25,17 +25,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from pyvmm.bench.vms import host_tsc_khz
+from pyvmm.bench.vms import free_tcp_port, host_tsc_khz
 from pyvmm.machine.images import resolve_image
 from pyvmm.monitor.client import SyncQmp
 
 UNLIMITED = 1 << 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def warm_host_memory(gib: int) -> None:
@@ -166,7 +160,7 @@ def migrate_once(kind: str, work: Path, guest: str, mem_mib: int, append: str, r
                  pause: bool, params: dict) -> dict:  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=work))  # fresh socket paths
     vmm = Vmm(kind, work)
-    uri = f"tcp:127.0.0.1:{free_port()}"
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
     dcmd, dqmp, _ = vmm.cmd("dst", guest if kind == "qemu" else None, mem_mib, append, uri)
     scmd, sqmp, sserial = vmm.cmd("src", guest, mem_mib, append, None)
     with ExitStack() as stack:

@@ -10,6 +10,7 @@ pyvmm bench schema
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import signal
@@ -221,31 +222,10 @@ def cmd_run(argv: Sequence[str]) -> int:
     from pyvmm.bench.vms import resolve_binary
 
     a = run_parser().parse_args(argv)
-    scenario = Scenario(
-        name=a.name,
-        downtime=a.downtime,
-        bandwidth=a.bandwidth,
-        max_iters=a.max_iters,
-        max_time=a.max_time,
-        auto_converge=a.auto_converge,
-        auto_converge_step=a.auto_converge_step,
-        dirty_limit=a.dirty_limit,
-        x_vcpu_dirty_limit_period=a.x_vcpu_dirty_limit_period,
-        vcpu_dirty_limit=a.vcpu_dirty_limit,
-        periodic_sync=a.periodic_sync,
-        responsive=a.responsive,
-        throttle_legacy=a.throttle_legacy,
-        link_mbit=a.link_mbit,
-        transport=a.transport,
-    )
-    hw = Hardware(
-        cpus=a.cpus,
-        mem=a.mem,
-        dirty_ring_size=a.dirty_ring_size,
-        stress_mem=a.stress_mem,
-        stress_rate=a.stress_rate,
-        stress_pattern=a.stress_pattern,
-    )
+    # The options are named after the fields (--max-iters is max_iters), so one loop fills
+    # each dataclass.
+    scenario = Scenario(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Scenario)})
+    hw = Hardware(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Hardware)})
     _logging(a.verbose)
     display = make_display(a.quiet)
     try:

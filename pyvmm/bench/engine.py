@@ -30,6 +30,7 @@ from pyvmm.bench.scenario import Hardware, Scenario, ScenarioError, to_dict
 from pyvmm.bench.vms import (
     BenchError,
     VmProcess,
+    free_tcp_port,
     host_tsc_khz,
     is_qemu,
     start_vm,
@@ -51,14 +52,6 @@ class RunOptions:
     binary: str = "pyvmm"  # or a QEMU binary's path
     sleep_s: float = 5.0  # steady state before, guest time on the destination after
     steady_timeout_s: float = 180.0
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _version(q: SyncQmp) -> str:
@@ -119,12 +112,13 @@ def qemu_parameters(q: SyncQmp, scenario: Scenario, version: str) -> dict[str, A
     """The scenario's parameters as this QEMU can take them, or a ScenarioError naming
     what it lacks. QEMU before 9.2 never syncs periodically and has no switch for it;
     9.2 and later always do."""
+    number = version.split()[0]
     have = set(q.execute("query-migrate-parameters"))
     caps = {c["capability"] for c in q.execute("query-migrate-capabilities")}
     for cap in scenario.capabilities():
         if cap not in caps:
-            raise ScenarioError(f"QEMU {version.split()[0]} has no {cap} capability")
-    major_minor = tuple(int(x) for x in version.split()[0].split(".")[:2])
+            raise ScenarioError(f"QEMU {number} has no {cap} capability")
+    major_minor = tuple(int(x) for x in number.split(".")[:2])
     params = {}
     for name, value in scenario.parameters().items():
         if name in have:
@@ -132,14 +126,12 @@ def qemu_parameters(q: SyncQmp, scenario: Scenario, version: str) -> dict[str, A
         elif name == "x-cpu-throttle-periodic-sync":
             if value != (major_minor >= (9, 2)):
                 raise ScenarioError(
-                    f"QEMU {version.split()[0]} cannot run --periodic-sync "
+                    f"QEMU {number} cannot run --periodic-sync "
                     f"{'on' if value else 'off'}: QEMU 9.2 made the periodic sync "
                     f"unconditional under auto-converge, and earlier versions have none"
                 )
         else:
-            raise ScenarioError(
-                f"QEMU {version.split()[0]} cannot run this scenario: no {name}={value}"
-            )
+            raise ScenarioError(f"QEMU {number} cannot run this scenario: no {name}={value}")
     return params
 
 
@@ -177,9 +169,9 @@ class Run:
                     raise BenchError(f"--link-mbit: {reason}")
                 link = stack.enter_context(netns.veth_pair(self.scenario.link_mbit))
                 src_prefix, dst_prefix = link.prefix("a"), link.prefix("b")
-                uri = f"tcp:{link.addr_b}:{_port()}"
+                uri = f"tcp:{link.addr_b}:{free_tcp_port()}"
             elif self.scenario.transport == "tcp":
-                uri = f"tcp:127.0.0.1:{_port()}"
+                uri = f"tcp:127.0.0.1:{free_tcp_port()}"
             else:
                 uri = f"unix:{work}/migrate.sock"
             tsc_khz = host_tsc_khz()

@@ -45,6 +45,15 @@ def resolve_binary(binary: str) -> str:
     return path
 
 
+def free_tcp_port() -> int:
+    """A loopback port nobody listens on right now (the destination will)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def host_tsc_khz() -> int:
     """What the guest needs on QEMU (tsc_khz=), where it has no pyvmm CPUID leaf."""
     from pyvmm.kvm import Kvm
