@@ -54,7 +54,14 @@ def positive_float(text: str) -> float:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pyvmm.monitor.vmm import RunOptions, Vmm
+    # Signals go to the control loop from the start: a SIGTERM during start-up ends the VM
+    # as soon as it exists, cleanly (the handler only writes to a pipe).
+    from pyvmm.monitor.control import ControlLoop
+
+    loop = ControlLoop()
+    loop.install_signal_handlers()
+    from pyvmm.monitor.process import make_vmm
+    from pyvmm.monitor.vmm import RunOptions
 
     options = RunOptions(
         image=args.guest,
@@ -71,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.guest is None and args.incoming is None:
         raise CliError("GUEST is required unless --incoming is given")
-    result = Vmm(options).run()
+    result = make_vmm(options, loop=loop).run()
     if result.error:
         raise CliError(result.reason)
     print(f"pyvmm: {result.reason}", file=sys.stderr)

@@ -73,7 +73,10 @@ HOSTILE: dict[str, bytes] = {
     "unknown-record": valid_prefix() + record(99, b""),
     "garbage-state": valid_prefix() + record(RecordType.STATE, b"\x00garbage\xff" * 10),
     "huge-state": valid_prefix() + record(RecordType.STATE, b"", length=1 << 33),
-    "complete-before-state": valid_prefix() + record(RecordType.COMPLETE, b""),
+    "switchover-before-state": valid_prefix() + record(RecordType.SWITCHOVER, b""),
+    "go-before-switchover": valid_prefix() + record(RecordType.GO, b""),
+    "abandoned": valid_prefix() + record(RecordType.ABANDON, b"the source was cancelled"),
+    "huge-abandon": valid_prefix() + record(RecordType.ABANDON, b"", length=1 << 30),
     "truncated-mid-page": valid_prefix() + ram_run(0, 10, 4)[:9000],
     "truncated-after-prefix": valid_prefix(),
 }  # fmt: skip

@@ -47,7 +47,7 @@ def feed(data: bytes) -> tuple[BaseException | None, np.ndarray]:
     thread.start()
     error: BaseException | None = None
     try:
-        dest.receive_from(theirs)
+        dest.receive_from(theirs, lambda running: running)
     except BaseException as exc:
         error = exc
     finally:
@@ -81,6 +81,8 @@ def test_messages_name_the_problem() -> None:
         "duplicate-header": "duplicate HEADER",
         "truncated-mid-page": "stream ended early",
         "garbage-state": "bad machine state",
+        "abandoned": "the source abandoned the migration: the source was cancelled",
+        "go-before-switchover": "GO record before the SWITCHOVER record",
     }
     for name, needle in cases.items():
         error, _ = feed(streamgen.HOSTILE[name])
@@ -100,5 +102,5 @@ def test_fuzzed_streams_fail_cleanly(data: st.DataObject, cut: int, flips: list)
             base[pos] ^= xor
     stream = bytes(base[: max(cut, 12)])
     error, _ = feed(stream)
-    # Without a valid STATE and COMPLETE no stream can succeed: it must fail, cleanly.
+    # Without a valid STATE, SWITCHOVER and GO no stream can succeed: it must fail, cleanly.
     assert isinstance(error, EXPECTED_ERRORS), repr(error)

@@ -68,6 +68,12 @@ class DirtyTracker:
         clears bits in its own bitmap while others may sync takes it around that step."""
         return self._lock
 
+    def open_view(
+        self, name: str, *, defer_clear: bool = False, initially_dirty: bool = False
+    ) -> DirtyView:
+        """A user's own bitmaps, attached until view.close()."""
+        return DirtyView(self, name, defer_clear=defer_clear, initially_dirty=initially_dirty)
+
     @property
     def active(self) -> bool:
         return bool(self._clients)
@@ -111,6 +117,49 @@ class DirtyTracker:
 
     def _harvest(self, into: list[np.ndarray]) -> None:
         raise NotImplementedError
+
+
+class DirtyView:
+    """One user's window on the tracker: its own bitmaps, filled by every sync."""
+
+    def __init__(
+        self, tracker: DirtyTracker, name: str, *, defer_clear: bool, initially_dirty: bool
+    ) -> None:
+        self.tracker = tracker
+        self.name = name
+        self.bitmaps = tracker.new_bitmaps()
+        if initially_dirty:
+            for region, bitmap in zip(tracker.memory.regions, self.bitmaps, strict=True):
+                bitmap.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
+                if region.pages % 64:
+                    bitmap[-1] = np.uint64((1 << (region.pages % 64)) - 1)
+        self._defer_saved = getattr(tracker, "defer_clear", None)
+        if defer_clear and self._defer_saved is not None:
+            tracker.defer_clear = getattr(tracker, "manual_protect", False)  # type: ignore[attr-defined]
+        self.defer_clear = defer_clear
+        tracker.attach(self.bitmaps)
+        self._closed = False
+
+    @property
+    def lock(self) -> AbstractContextManager[bool]:
+        return self.tracker.bitmap_lock
+
+    def sync(self) -> int:
+        with self.tracker.bitmap_lock:
+            before = sum(count_set(b) for b in self.bitmaps)
+            self.tracker.sync()
+            return sum(count_set(b) for b in self.bitmaps) - before
+
+    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
+        self.tracker.before_copy(slot, first_page, npages)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.tracker.detach(self.bitmaps)
+        if self.defer_clear and self._defer_saved is not None:
+            self.tracker.defer_clear = self._defer_saved  # type: ignore[attr-defined]
 
 
 def make_tracker(machine: Machine) -> DirtyTracker:

@@ -14,6 +14,8 @@ import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,20 +27,24 @@ from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
 from pyvmm.machine.state import MachineState, restore
 from pyvmm.migration import transport
 from pyvmm.migration.stream import (
-    ACK_MAGIC,
     ITERATION,
     RUN,
     ZERO,
     RecordType,
+    ReplyType,
     StreamConfig,
     StreamError,
     StreamReader,
     StreamValidator,
+    StreamWriter,
 )
 
 log = logging.getLogger(__name__)
 
 ACCEPT_POLL_S = 0.2
+LINGER_S = 1.0  # after an ERROR: how long to drain the source's data so it reads the ERROR
+
+StartGuest = Callable[[bool], bool]
 
 
 @dataclass
@@ -48,6 +54,20 @@ class IncomingResult:
     bytes_received: int
     pages_received: int
     zero_pages: int
+
+
+def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
+    """Send ERROR, then drain what the source still sends until it closes (or LINGER_S):
+    closing with unread data would reset the connection and could discard the ERROR."""
+    try:
+        sock.settimeout(LINGER_S)
+        writer.message(ReplyType.ERROR, reason)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        while time.monotonic() < deadline and sock.recv(1 << 20):
+            pass
+    except OSError:
+        pass
 
 
 def _mib(n: int) -> str:
@@ -60,6 +80,9 @@ class MigrationDestination:
         self.uri = transport.parse_uri(uri)
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
+        self._go_received = False
+        self._stop_reason = "stopped"
+        self._sock: socket.socket | None = None  # the accepted connection
         self.config: StreamConfig | None = None
 
     def listen(self) -> transport.MigrationUri:
@@ -67,8 +90,14 @@ class MigrationDestination:
         self.uri = transport.bound_uri(self._listener, self.uri)
         return self.uri
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "stopped") -> None:
+        """End a wait or a transfer in progress (from any thread)."""
+        self._stop_reason = reason
         self._stop.set()
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -89,32 +118,59 @@ class MigrationDestination:
             sock.settimeout(transport.IDLE_TIMEOUT_S)
             transport.tune(sock)
             return sock
-        raise ConnectionError("stopped while waiting for the incoming migration")
+        raise ConnectionError(f"{self._stop_reason} while waiting for the incoming migration")
 
-    def receive(self) -> IncomingResult:
-        """Run one incoming migration to its end (blocking)."""
+    def receive(
+        self, start_guest: StartGuest, on_active: Callable[[], None] | None = None
+    ) -> IncomingResult:
+        """Run one incoming migration to its end (blocking); start_guest(running) is called
+        on GO and returns whether the guest now runs (False under -S); on_active when a
+        source has connected."""
         if self._listener is None:
             self.listen()
         sock = self._accept()
+        self._sock = sock
+        if self._stop.is_set():  # stop() came between accept and here
+            sock.close()
+            raise ConnectionError(f"{self._stop_reason} while waiting for the incoming migration")
+        if on_active is not None:
+            on_active()
         try:
-            return self.receive_from(sock)
+            return self.receive_from(sock, start_guest)
         except TimeoutError:
             raise ConnectionError(
                 f"the source sent nothing for {transport.IDLE_TIMEOUT_S:.0f} s"
             ) from None
         finally:
+            self._sock = None
             sock.close()
             self.close()
 
-    def receive_from(self, sock: socket.socket) -> IncomingResult:
-        """Receive one stream from a connected socket (the fuzz tests feed it directly)."""
+    def receive_from(self, sock: socket.socket, start_guest: StartGuest) -> IncomingResult:
+        """Receive one stream from a connected socket (the fuzz tests feed it directly).
+
+        A failure of ours is told to the source in an ERROR reply before it is raised."""
+        writer = StreamWriter(sock)
+        try:
+            return self._receive(sock, writer, start_guest)
+        except Exception as exc:  # a bug of ours too: the source must hear of it
+            failure: Exception = exc
+            if self._stop.is_set():
+                failure = ConnectionError(f"{self._stop_reason} during the incoming migration")
+            if not self._go_received:
+                _tell_source(sock, writer, str(failure) or type(failure).__name__)
+            raise failure from None
+
+    def _receive(
+        self, sock: socket.socket, writer: StreamWriter, start_guest: StartGuest
+    ) -> IncomingResult:
         reader = StreamReader(sock)
         validator = StreamValidator()
         reader.preamble()
         result = IncomingResult(False, 0, 0, 0, 0)
         while True:
             if self._stop.is_set():
-                raise ConnectionError("stopped during the incoming migration")
+                raise ConnectionError(f"{self._stop_reason} during the incoming migration")
             rtype, arg, length = reader.record()
             validator.check_record(rtype, length)
             if rtype is RecordType.HEADER:
@@ -146,11 +202,31 @@ class MigrationDestination:
                     restore(self.machine, state)
                 except MachineError as exc:
                     raise StreamError(f"bad machine state in the stream: {exc}") from None
-            elif rtype is RecordType.COMPLETE:
+            elif rtype is RecordType.ABANDON:
+                reason = reader.reason(length, "ABANDON")
+                raise StreamError(f"the source abandoned the migration: {reason}")
+            elif rtype is RecordType.SWITCHOVER:
                 result.guest_running = bool(arg & 1)
-                sock.sendall(ACK_MAGIC)
                 result.bytes_received = reader.bytes_received
+                writer.reply(ReplyType.LOADED)
+                self._await_go(reader)
+                self._go_received = True
+                running = start_guest(result.guest_running)
+                writer.reply(ReplyType.STARTED, int(running))
                 return result
+
+    def _await_go(self, reader: StreamReader) -> None:
+        """After LOADED: only GO starts the guest; ABANDON or silence end the migration."""
+        try:
+            rtype, _, length = reader.record()
+        except StreamError as exc:
+            raise StreamError(f"no GO from the source after the state was loaded: {exc}") from None
+        if rtype is RecordType.ABANDON:
+            raise StreamError(
+                f"the source abandoned the migration: {reader.reason(length, 'ABANDON')}"
+            )
+        if rtype is not RecordType.GO or length:
+            raise StreamError(f"{rtype.name} record where GO was expected")
 
     def _build(self, config: StreamConfig) -> None:
         memory = self.machine.memory

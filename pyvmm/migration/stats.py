@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 PAGE_SIZE = 4096
 ACTIVE_STATES = ("setup", "active", "device", "cancelling")
-
-
-def now_ms() -> float:
-    return time.monotonic() * 1000
 
 
 @dataclass
@@ -65,12 +60,13 @@ class MigrationStats:
     ram: RamStats = field(default_factory=RamStats)
     extra: dict[str, Any] = field(default_factory=dict)  # fields added by convergence policies
 
-    def to_qmp(self) -> dict[str, Any]:
+    def to_qmp(self, now_ms: float) -> dict[str, Any]:
+        """query-migrate's reply; now_ms (the migration's clock) for a live total-time."""
         if self.status == "none":
             return {}
         out: dict[str, Any] = {"status": self.status}
         if self.status in ("setup", *ACTIVE_STATES, "completed", "failed", "cancelled"):
-            end = self.end_ms if self.status not in ACTIVE_STATES else now_ms()
+            end = self.end_ms if self.status not in ACTIVE_STATES else now_ms
             out["total-time"] = int(end - self.start_ms)
             out["setup-time"] = int(self.setup_time_ms)
         if self.status != "setup":

@@ -1,20 +1,31 @@
-"""The pyvmm migration stream, version 1 (documented record by record in
+"""The pyvmm migration stream, version 2 (documented record by record in
 docs/migration-stream.md).
 
 A stream is a 12-byte preamble (magic b"PYVMM-MG", u32 version) followed by
 records. Every record is a 16-byte header, `<IIQ`: type, a type-specific
 argument, and the payload length in bytes; then the payload. Little-endian.
 
-  HEADER     once, first      JSON machine configuration (<= 64 KiB)
-  RAM_RUN    any number       u32 slot, u32 0, u64 first_page, then npages x 4096 bytes
-  ZERO_RUN   any number       u32 slot, u32 0, u64 first_page, u64 npages (no data)
-  ITERATION  any number       u64 iteration number (end of a pre-copy pass)
-  STATE      once             the machine state (pyvmm/machine/state.py's format)
-  COMPLETE   once, last       empty; arg 1 if the guest was running; answered with ACK_MAGIC
+Source to destination:
+  HEADER      once, first     JSON machine configuration (<= 64 KiB)
+  RAM_RUN     any number      u32 slot, u32 0, u64 first_page, then npages x 4096 bytes
+  ZERO_RUN    any number      u32 slot, u32 0, u64 first_page, u64 npages (no data)
+  ITERATION   any number      u64 iteration number (end of a pre-copy pass)
+  STATE       once            the machine state (pyvmm/machine/state.py's format)
+  SWITCHOVER  once, after STATE   "everything is sent: load it and answer"; arg bit 0:
+                              the guest was running
+  GO          once, after LOADED  the source has committed: start the guest
+  ABANDON     at any time     the source gives up (payload: UTF-8 reason); nothing runs here
+
+Destination to source (replies, same record layout):
+  LOADED      to SWITCHOVER   the state is loaded and checked; waiting for GO
+  STARTED     to GO           the guest is started (arg bit 0: running, 0: held by -S)
+  ERROR       at any time     the destination gives up (payload: UTF-8 reason)
 
 The receiver checks every length, slot, page range and ordering rule before
 it touches guest memory (StreamValidator), so a truncated, corrupted or
 hostile stream ends with a StreamError, never a write outside guest RAM.
+The switchover is a handshake (docs/migration.md): the source commits only after
+LOADED and never resumes its guest after sending GO; the destination runs only on GO.
 """
 
 from __future__ import annotations
@@ -27,17 +38,17 @@ from enum import IntEnum
 from typing import Any
 
 PREAMBLE_MAGIC = b"PYVMM-MG"
-STREAM_VERSION = 1
+STREAM_VERSION = 2
 PREAMBLE = struct.Struct("<8sI")
 RECORD = struct.Struct("<IIQ")
 RUN = struct.Struct("<IIQ")  # slot, pad, first_page
 ZERO = struct.Struct("<IIQQ")  # slot, pad, first_page, npages
 ITERATION = struct.Struct("<Q")
-ACK_MAGIC = b"PYVMM-OK"
 PAGE_SIZE = 4096
 MAX_HEADER_BYTES = 64 << 10
 MAX_RUN_PAGES = 4096  # 16 MiB of data per RAM_RUN record
 MAX_STATE_BYTES = 16 << 20  # what machine/state.py accepts
+MAX_REASON_BYTES = 4096  # ABANDON and ERROR texts
 
 
 class RecordType(IntEnum):
@@ -46,7 +57,17 @@ class RecordType(IntEnum):
     ZERO_RUN = 3
     ITERATION = 4
     STATE = 5
-    COMPLETE = 6
+    SWITCHOVER = 6
+    GO = 7
+    ABANDON = 8
+
+
+class ReplyType(IntEnum):
+    """Records the destination sends back on the same connection."""
+
+    LOADED = 0x101
+    STARTED = 0x102
+    ERROR = 0x103
 
 
 class StreamError(RuntimeError):
@@ -141,7 +162,7 @@ class StreamWriter:
         self.send([PREAMBLE.pack(PREAMBLE_MAGIC, STREAM_VERSION)])
 
     @staticmethod
-    def record_header(rtype: RecordType, length: int, arg: int = 0) -> bytes:
+    def record_header(rtype: RecordType | ReplyType, length: int, arg: int = 0) -> bytes:
         return RECORD.pack(rtype, arg, length)
 
     def header(self, config: StreamConfig) -> None:
@@ -166,9 +187,23 @@ class StreamWriter:
     def state(self, data: bytes) -> None:
         self.send([self.record_header(RecordType.STATE, len(data)), data])
 
-    def complete(self, guest_running: bool) -> None:
-        """The end; the argument says whether the guest ran (the destination then starts it)."""
-        self.send([self.record_header(RecordType.COMPLETE, 0, int(guest_running))])
+    def switchover(self, guest_running: bool) -> None:
+        """Everything is sent; arg bit 0 says whether the guest ran (then it runs there)."""
+        self.send([self.record_header(RecordType.SWITCHOVER, 0, int(guest_running))])
+
+    def go(self) -> None:
+        self.send([self.record_header(RecordType.GO, 0)])
+
+    def abandon(self, reason: str) -> None:
+        self.message(RecordType.ABANDON, reason)
+
+    def reply(self, rtype: ReplyType, arg: int = 0) -> None:
+        self.send([self.record_header(rtype, 0, arg)])
+
+    def message(self, rtype: RecordType | ReplyType, reason: str) -> None:
+        """A record whose payload is a one-line reason (ABANDON, ERROR)."""
+        text = reason.encode("utf-8", "replace")[:MAX_REASON_BYTES] or b"?"
+        self.send([RECORD.pack(rtype, 0, len(text)), text])
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -216,6 +251,26 @@ class StreamReader:
         except ValueError:
             raise StreamError(f"unknown record type {rtype} in the migration stream") from None
 
+    def reason(self, length: int, what: str) -> str:
+        """The payload of an ABANDON or ERROR record, as one printable line."""
+        if not 0 < length <= MAX_REASON_BYTES:
+            raise StreamError(f"{what} record of {length} bytes (limit {MAX_REASON_BYTES})")
+        text = self.read(length, f"the {what} record").decode("utf-8", "replace")
+        return "".join(c if c.isprintable() else "?" for c in text)
+
+    def reply(self) -> tuple[ReplyType, int, str]:
+        """One reply from the destination: (type, arg, reason for ERROR else "")."""
+        rtype, arg, length = RECORD.unpack(self.read(RECORD.size, "a reply"))
+        try:
+            reply = ReplyType(rtype)
+        except ValueError:
+            raise StreamError(f"the destination sent an unknown reply type {rtype}") from None
+        if reply is ReplyType.ERROR:
+            return reply, arg, self.reason(length, "ERROR")
+        if length:
+            raise StreamError(f"{reply.name} reply with {length} bytes of payload")
+        return reply, arg, ""
+
 
 class StreamValidator:
     """The ordering and size rules of the stream, checked before anything is applied."""
@@ -226,6 +281,8 @@ class StreamValidator:
         self.config: StreamConfig | None = None
 
     def check_record(self, rtype: RecordType, length: int) -> None:
+        if rtype is RecordType.ABANDON:
+            return  # allowed at any point; its length is checked when it is read
         if not self.seen_header and rtype is not RecordType.HEADER:
             raise StreamError(f"{rtype.name} record before the HEADER record")
         if rtype is RecordType.HEADER:
@@ -234,7 +291,7 @@ class StreamValidator:
         elif rtype is RecordType.STATE:
             self._once(rtype, length, MAX_STATE_BYTES, self.seen_state)
             self.seen_state = True
-        elif self.seen_state and rtype is not RecordType.COMPLETE:
+        elif self.seen_state and rtype is not RecordType.SWITCHOVER:
             raise StreamError(f"{rtype.name} record after the STATE record")
         elif rtype is RecordType.RAM_RUN:
             data = length - RUN.size
@@ -246,11 +303,13 @@ class StreamValidator:
             raise StreamError(f"ZERO_RUN record of {length} bytes (expected {ZERO.size})")
         elif rtype is RecordType.ITERATION and length != ITERATION.size:
             raise StreamError(f"ITERATION record of {length} bytes (expected 8)")
-        elif rtype is RecordType.COMPLETE:
+        elif rtype is RecordType.SWITCHOVER:
             if length != 0:
-                raise StreamError(f"COMPLETE record with {length} bytes of payload")
+                raise StreamError(f"SWITCHOVER record with {length} bytes of payload")
             if not self.seen_state:
-                raise StreamError("COMPLETE record before the STATE record")
+                raise StreamError("SWITCHOVER record before the STATE record")
+        elif rtype is RecordType.GO:
+            raise StreamError("GO record before the SWITCHOVER record")
 
     @staticmethod
     def _once(rtype: RecordType, length: int, limit: int, seen: bool) -> None:

@@ -27,7 +27,13 @@ def register_machine_commands(vmm: Vmm) -> None:
         vmm.pause_guest()
 
     def cont(args: dict[str, Any]) -> None:
-        if vmm.run_state in ("postmigrate", "shutdown", "inmigrate", "internal-error"):
+        if vmm.run_state in (
+            "postmigrate",
+            "finish-migrate",
+            "shutdown",
+            "inmigrate",
+            "internal-error",
+        ):
             raise QmpError("GenericError", f"cannot continue a VM in state '{vmm.run_state}'")
         vmm.resume_guest()
 
@@ -60,9 +66,9 @@ def register_machine_commands(vmm: Vmm) -> None:
             digest.update(memoryview(region.array))
         return {"sha256": digest.hexdigest(), "status": vmm.run_state}
 
-    qmp.register("x-pyvmm-query-memory-hash", memory_hash)
-    qmp.register("query-status", query_status)
+    qmp.register("x-pyvmm-query-memory-hash", memory_hash, query=True)
+    qmp.register("query-status", query_status, query=True)
     qmp.register("stop", stop)
     qmp.register("cont", cont)
-    qmp.register("query-cpus-fast", query_cpus_fast)
+    qmp.register("query-cpus-fast", query_cpus_fast, query=True)
     qmp.register("quit", quit_)

@@ -21,6 +21,8 @@ def register_migration_commands(vmm: Vmm) -> None:
     assert qmp is not None
 
     def migrate(args: dict[str, Any]) -> None:
+        if "uri" not in args:  # QEMU: migration_channel_parse_input
+            raise QmpError("GenericError", "need either 'uri' or 'channels' argument")
         if args.get("resume"):
             raise QmpError("GenericError", "Cannot resume: pyvmm has no postcopy")
         if vmm.migration is not None and vmm.migration.active:
@@ -36,8 +38,11 @@ def register_migration_commands(vmm: Vmm) -> None:
         vmm.start_migration(args["uri"])
 
     def migrate_cancel(args: dict[str, Any]) -> None:
+        # QEMU's qmp_migrate_cancel: nothing when no migration runs or it has ended; on a
+        # destination it fails the incoming migration in progress.
         if vmm.migration is not None:
             vmm.migration.cancel()
+        vmm.cancel_incoming()
 
     def migrate_incoming(args: dict[str, Any]) -> None:
         if vmm.options.incoming != "defer":
@@ -45,16 +50,14 @@ def register_migration_commands(vmm: Vmm) -> None:
         if vmm.incoming is not None:
             raise QmpError("GenericError", "The incoming migration has already been started")
         try:
-            vmm.listen_incoming(args["uri"])
+            vmm.listen_incoming(args["uri"], exit_on_error=args.get("exit-on-error", True))
         except (ValueError, OSError) as exc:
             raise _generic(exc) from None
 
     def query_migrate(args: dict[str, Any]) -> dict[str, Any]:
         if vmm.migration is not None:
             return vmm.migration.query()
-        if vmm.incoming_status != "none":
-            return {"status": vmm.incoming_status}
-        return {}
+        return vmm.incoming_status.to_qmp()
 
     def set_parameters(args: dict[str, Any]) -> None:
         try:
@@ -89,21 +92,29 @@ def register_migration_commands(vmm: Vmm) -> None:
         "migrate",
         migrate,
         args={
-            "uri": ArgSpec("str"),
+            "uri": ArgSpec("str", optional=True),
             "detach": ArgSpec("bool", optional=True),
             "resume": ArgSpec("bool", optional=True),
         },
     )
     qmp.register("migrate_cancel", migrate_cancel)
-    qmp.register("migrate-incoming", migrate_incoming, args={"uri": ArgSpec("str")})
-    qmp.register("query-migrate", query_migrate)
+    qmp.register(
+        "migrate-incoming",
+        migrate_incoming,
+        args={"uri": ArgSpec("str"), "exit-on-error": ArgSpec("bool", optional=True)},
+    )
+    qmp.register("query-migrate", query_migrate, query=True)
     qmp.register(
         "migrate-set-parameters",
         set_parameters,
         args={name: ArgSpec(p.type, optional=True) for name, p in PARAMETERS.items()},
     )
-    qmp.register("query-migrate-parameters", lambda args: vmm.settings.query_parameters())
+    qmp.register(
+        "query-migrate-parameters", lambda args: vmm.settings.query_parameters(), query=True
+    )
     qmp.register(
         "migrate-set-capabilities", set_capabilities, args={"capabilities": ArgSpec("list")}
     )
-    qmp.register("query-migrate-capabilities", lambda args: vmm.settings.query_capabilities())
+    qmp.register(
+        "query-migrate-capabilities", lambda args: vmm.settings.query_capabilities(), query=True
+    )

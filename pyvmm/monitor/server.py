@@ -348,6 +348,7 @@ class Command:
     handler: Handler
     args: Mapping[str, ArgSpec]
     allow_extra: bool
+    query: bool = False  # runs on the client's thread, not through the executor
 
 
 def make_event(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -382,8 +383,12 @@ class QmpDispatcher:
         }
         self._lock = threading.Lock()
         self._commands: dict[str, Command] = {}
-        self.register("query-version", lambda _args: self.version_info)
-        self.register("query-commands", lambda _args: [{"name": n} for n in self.command_names()])
+        # Runs every non-query handler (the VMM's control loop); None: on the client thread.
+        self.executor: Callable[[Callable[[], Any]], Any] | None = None
+        self.register("query-version", lambda _args: self.version_info, query=True)
+        self.register(
+            "query-commands", lambda _args: [{"name": n} for n in self.command_names()], query=True
+        )
 
     def register(
         self,
@@ -392,6 +397,7 @@ class QmpDispatcher:
         *,
         args: Mapping[str, ArgSpec] | None = None,
         allow_extra: bool = False,
+        query: bool = False,
     ) -> None:
         """Add a command. The handler gets the checked arguments; see QmpServer.register."""
         if not name or not isinstance(name, str):
@@ -399,7 +405,7 @@ class QmpDispatcher:
         with self._lock:
             if name in self._commands or name == "qmp_capabilities":
                 raise ValueError(f"QMP command {name!r} is already registered")
-            self._commands[name] = Command(name, handler, dict(args or {}), allow_extra)
+            self._commands[name] = Command(name, handler, dict(args or {}), allow_extra, query)
 
     def lookup(self, name: str) -> Command | None:
         with self._lock:
@@ -461,8 +467,12 @@ class QmpSession:
         if cmd is None:
             raise QmpError(ErrorClass.COMMAND_NOT_FOUND, f"The command {name} has not been found")
         args = check_arguments(cmd.args, args, allow_extra=cmd.allow_extra)
+        executor = self.dispatcher.executor
         try:
-            ret = cmd.handler(args)
+            if executor is None or cmd.query:
+                ret = cmd.handler(args)
+            else:
+                ret = executor(lambda: cmd.handler(args))
         except QmpError:
             raise
         except Exception as exc:
@@ -667,6 +677,7 @@ class QmpServer:
         *,
         args: dict[str, ArgSpec] | None = None,
         allow_extra: bool = False,
+        query: bool = False,
     ) -> None:
         """Add command `name`.
 
@@ -674,8 +685,10 @@ class QmpServer:
         and returns the reply's "return" value (None means ``{}``); it raises
         QmpError for failures. `args` declares the accepted arguments (None:
         no arguments); allow_extra lets undeclared arguments through unchecked.
+        A command that changes nothing (query=True) runs concurrently on the client's
+        thread; every other one runs through the dispatcher's executor when one is set.
         """
-        self.dispatcher.register(name, handler, args=args, allow_extra=allow_extra)
+        self.dispatcher.register(name, handler, args=args, allow_extra=allow_extra, query=query)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Send an event to every client that has negotiated capabilities.

@@ -1,10 +1,12 @@
 """One pyvmm process: a machine, its console, its QMP monitor, its migrations, and how it
 ends.
 
-This is the top of the library: `pyvmm run` only parses arguments into
-RunOptions and calls Vmm.run(). Run states use QEMU's names (prelaunch,
-running, paused, inmigrate, finish-migrate, postmigrate, shutdown,
-internal-error), reported by query-status.
+The process's main thread runs the control loop (control.py): every state change (a
+QMP command that is not a query, a migration's status change, a signal) is one piece of
+work on that loop, so they never interleave. Run states use QEMU's names (prelaunch,
+running, paused, inmigrate, finish-migrate, postmigrate, shutdown, internal-error),
+reported by query-status. The QMP commands themselves live in commands_*.py; process.py
+puts the pieces together.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from pyvmm.dirty.rate import DirtyRateMonitor
 from pyvmm.dirty.tracker import DirtyTracker, make_tracker
@@ -25,20 +28,20 @@ from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
+from pyvmm.machine.vcpu import install_kick_handler
 from pyvmm.migration.convergence import build_policies
 from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
 from pyvmm.migration.destination import MigrationDestination
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.source import MigrationSource
 from pyvmm.migration.stream import StreamError
-from pyvmm.monitor.commands_dirty import register_dirty_commands
-from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
-from pyvmm.monitor.commands_machine import register_machine_commands
-from pyvmm.monitor.commands_migration import register_migration_commands
+from pyvmm.migration.transport import MigrationUri
+from pyvmm.monitor.control import ControlLoop, LoopClosed
 from pyvmm.monitor.server import QmpServer
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 QUIT_REPLY_GRACE_S = 0.1  # let the `quit` reply reach the client before the socket closes
 
 
@@ -57,25 +60,59 @@ class RunOptions:
     start_paused: bool = False  # QEMU's -S
 
 
+@dataclass
+class IncomingStatus:
+    """The destination's side of query-migrate."""
+
+    status: str = "none"  # none | setup | active | completed | failed
+    error_desc: str | None = None
+    exit_on_error: bool = True  # QEMU's migrate-incoming exit-on-error (default true)
+    uri: MigrationUri | None = None  # where we listen, with the real port for tcp port 0
+
+    def to_qmp(self) -> dict[str, Any]:
+        if self.status == "none":
+            return {}
+        out: dict[str, Any] = {"status": self.status}
+        if self.status == "setup" and self.uri is not None:  # QEMU's socket-address
+            uri = self.uri
+            if uri.kind == "tcp":
+                address = {"type": "inet", "host": uri.host, "port": str(uri.port)}
+            else:
+                address = {"type": "unix", "path": uri.path}
+            out["socket-address"] = [address]
+        if self.error_desc is not None:
+            out["error-desc"] = self.error_desc
+        return out
+
+
 class Vmm:
-    def __init__(self, options: RunOptions, out: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        options: RunOptions,
+        out: IO[str] | None = None,
+        register_commands: Callable[[Vmm], None] | None = None,
+        loop: ControlLoop | None = None,
+    ) -> None:
         self.options = options
         self.out = out
+        self.loop = loop or ControlLoop()
+        self._register_commands = register_commands
         self.machine: Machine | None = None
         self.qmp: QmpServer | None = None
         self.run_state = "prelaunch"
         self.settings = MigrationSettings()
         self.migration: MigrationSource | None = None
         self.incoming: MigrationDestination | None = None
-        self.incoming_status = "none"
-        self._incoming_ready = threading.Event()
+        self.incoming_status = IncomingStatus()
+        self._incoming_thread: threading.Thread | None = None
         self._serial_file: IO[str] | None = None
         self._shutdown_reason = "guest-shutdown"
-        self._state_lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._stopping = False
+        self._late_lock = threading.RLock()  # serialises work once the loop has closed
         self._tracker: DirtyTracker | None = None
         self._dirty_rate: DirtyRateMonitor | None = None
         self._dirty_limit: DirtyLimitController | None = None
+        self.loop.on_signal = self.on_signal
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -86,6 +123,7 @@ class Vmm:
             if opts.serial_path:
                 self._serial_file = open(opts.serial_path, "w", buffering=1)  # noqa: SIM115
             serial = SerialConsole(self._serial_file or self.out)
+            install_kick_handler()  # here, on the main thread: vCPUs may be made elsewhere
             kvm = Kvm()
             ring = opts.dirty_ring_entries
             if ring == 0:
@@ -100,34 +138,36 @@ class Vmm:
                 self.listen_incoming(opts.incoming)
             if opts.qmp:
                 self.qmp = QmpServer(opts.qmp, allow_remote=opts.qmp_allow_remote)
-                register_machine_commands(self)
-                register_dirty_commands(self)
-                register_migration_commands(self)
-                register_dirtylimit_commands(self)
+                self.qmp.dispatcher.executor = self.serialize
+                if self._register_commands is not None:
+                    self._register_commands(self)
                 self.qmp.start()
         except BaseException:
             self.close()
             raise
 
     def run(self) -> MachineExit:
-        """Build (unless done), start and wait for the end; SIGINT/SIGTERM end it cleanly."""
-        if self.machine is None:
-            self.build()
-        self._install_signal_handlers()
-        assert self.machine is not None
+        """Build (unless done), start, serve the control loop until the VM ends."""
+        if threading.current_thread() is threading.main_thread():
+            self.loop.install_signal_handlers()
         try:
+            if self.machine is None:
+                self.build()
+            assert self.machine is not None
             if self.options.incoming is not None:
-                failure = self._receive_incoming()
-                if failure is not None:
-                    return failure
+                self._set_state("inmigrate")
+                if self.incoming is not None:
+                    self._start_incoming_thread()
             else:
                 self.machine.start(paused=self.options.start_paused)
                 self._set_state("paused" if self.options.start_paused else "running")
-            result = self.machine.wait(self.options.time_limit_s)
-            if result is None:
-                self.machine.request_exit(0, f"time limit of {self.options.time_limit_s} s reached")
+            machine = self.machine
+            limit_s = self.options.time_limit_s
+            ended = self.loop.run(lambda: machine.exit_status is not None, limit_s)
+            if not ended:
                 self._shutdown_reason = "host-signal"
-                result = self.machine.exit_status
+                machine.request_exit(0, f"time limit of {self.options.time_limit_s} s reached")
+            result = machine.exit_status
             assert result is not None
             self._set_state("internal-error" if result.error else "shutdown")
             self.emit_event(
@@ -139,15 +179,20 @@ class Vmm:
             )
             return result
         finally:
+            self.loop.close()
             self.close()
 
     def close(self) -> None:
-        self._stopping.set()
+        self._stopping = True
         if self.migration is not None:
             self.migration.cancel()
             self.migration.wait(10)
         if self.incoming is not None:
             self.incoming.stop()
+        if self._incoming_thread is not None:
+            self._incoming_thread.join(10)
+            self._incoming_thread = None
+        if self.incoming is not None:
             self.incoming.close()
         if self._dirty_limit is not None:
             self._dirty_limit.close()
@@ -168,58 +213,111 @@ class Vmm:
             self._serial_file.close()
             self._serial_file = None
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+    def serialize(self, fn: Callable[[], T]) -> T:
+        """Run fn on the control loop (or, once it has closed, under one lock)."""
+        try:
+            return self.loop.call(fn)
+        except LoopClosed:
+            with self._late_lock:
+                return fn()
+
+    # --- events the loop acts on -------------------------------------------------------------
+
+    def on_signal(self, signum: int) -> None:
+        """SIGINT/SIGTERM, on the loop: end the VM (once; later signals change nothing)."""
+        name = signal.Signals(signum).name
+        if self._stopping:
             return
+        self._stopping = True
+        self._shutdown_reason = "host-signal"
+        if self.incoming is not None:
+            self.incoming.stop()
+        if self.machine is not None:
+            self.machine.request_exit(0, f"terminated by {name}")
 
-        def on_signal(signum: int, frame: object) -> None:
-            name = signal.Signals(signum).name
-            self._shutdown_reason = "host-signal"
-            self._stopping.set()
-            if self.incoming is not None:
-                self.incoming.stop()
-            if self.machine is not None:
-                self.machine.request_exit(0, f"terminated by {name}")
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+    def request_quit(self) -> None:
+        self._shutdown_reason = "host-qmp-quit"
+        self._stopping = True
+        if self.incoming is not None:
+            self.incoming.stop()
+        machine = self.machine
+        if machine is not None:
+            timer = threading.Timer(
+                QUIT_REPLY_GRACE_S, machine.request_exit, (0, "quit requested over QMP")
+            )
+            timer.daemon = True
+            timer.start()
 
     # --- incoming migration ------------------------------------------------------------------
 
-    def listen_incoming(self, uri: str) -> str:
+    def listen_incoming(self, uri: str, exit_on_error: bool = True) -> str:
         """Start listening (at build time, or for QMP migrate-incoming); returns the URI."""
         assert self.machine is not None
         self.incoming = MigrationDestination(self.machine, uri)
-        bound = str(self.incoming.listen())
+        bound = self.incoming.listen()
+        self.incoming_status = IncomingStatus("setup", exit_on_error=exit_on_error, uri=bound)
         print(f"pyvmm: waiting for an incoming migration on {bound}", file=sys.stderr)
-        self._incoming_ready.set()
-        return bound
+        if self.loop.on_loop_thread:  # migrate-incoming: the loop is already running
+            self._start_incoming_thread()
+        return str(bound)
 
-    def _receive_incoming(self) -> MachineExit | None:
-        assert self.machine is not None
-        self._set_state("inmigrate")
-        while not self._incoming_ready.wait(0.2):  # --incoming defer: wait for the URI
-            if self._stopping.is_set():
-                return self.machine.exit_status or MachineExit(0, "stopped before any migration")
+    def _start_incoming_thread(self) -> None:
+        self._incoming_thread = threading.Thread(
+            target=self._receive_incoming, name="incoming-migration", daemon=True
+        )
+        self._incoming_thread.start()
+
+    def _receive_incoming(self) -> None:
+        """The incoming thread: receive, then report to the loop."""
         assert self.incoming is not None
-        self.incoming_status = "active"
         try:
-            result = self.incoming.receive()
-        except (StreamError, ConnectionError, OSError, MachineError) as exc:
-            self.incoming_status = "failed"
-            if self._stopping.is_set() and self.machine.exit_status is not None:
-                return self.machine.exit_status
-            return MachineExit(1, f"incoming migration failed: {exc}", error=True)
-        self.incoming_status = "completed"
-        run = result.guest_running and not self.options.start_paused
-        self.machine.start(paused=not run)
-        self._set_state("running" if run else "paused")
-        self.emit_event("RESUME" if run else "STOP")
+            result = self.incoming.receive(
+                lambda running: self.serialize(lambda: self._start_incoming_guest(running)),
+                lambda: self.serialize(self._incoming_active),
+            )
+        except (StreamError, ConnectionError, OSError, MachineError, LoopClosed) as exc:
+            message = str(exc) or type(exc).__name__
+            self.serialize(lambda: self._incoming_failed(message))
+            return
+        except Exception as exc:  # a bug: still one line for the user, the trace in the log
+            log.exception("incoming migration: unexpected error")
+            message = f"internal error: {exc!r}"
+            self.serialize(lambda: self._incoming_failed(message))
+            return
         log.info(
             "incoming migration done: %d bytes, %d pages, %d zero pages",
             result.bytes_received, result.pages_received, result.zero_pages,
         )  # fmt: skip
-        return None
+
+    def _incoming_active(self) -> None:
+        if self.incoming_status.status == "setup":
+            self.incoming_status.status = "active"
+
+    def _start_incoming_guest(self, running: bool) -> bool:
+        """On GO, on the loop: start the vCPUs (held under -S); returns whether they run."""
+        assert self.machine is not None
+        if self._stopping:
+            raise MachineError("the destination is shutting down")
+        run = running and not self.options.start_paused
+        self.machine.start(paused=not run)
+        self._set_state("running" if run else "paused")
+        self.incoming_status.status = "completed"
+        self.emit_event("RESUME" if run else "STOP")
+        return run
+
+    def _incoming_failed(self, message: str) -> None:
+        status = self.incoming_status
+        status.status, status.error_desc = "failed", message
+        log.warning("incoming migration failed: %s", message)
+        if self._stopping or self.machine is None:
+            return
+        if status.exit_on_error:
+            self.machine.request_exit(1, f"incoming migration failed: {message}", error=True)
+
+    def cancel_incoming(self) -> None:
+        """migrate_cancel on a destination: fail the incoming migration in progress."""
+        if self.incoming is not None and self.incoming_status.status in ("setup", "active"):
+            self.incoming.stop("cancelled on the destination")
 
     # --- outgoing migration ------------------------------------------------------------------
 
@@ -233,6 +331,7 @@ class Vmm:
             self._set_state,
             lambda: self.run_state == "running",
             build_policies(self.settings.caps, self.dirty_limit_controller()),
+            serialize=self.serialize,
         )
         self.migration.start(uri)
 
@@ -262,17 +361,23 @@ class Vmm:
             self._dirty_rate = DirtyRateMonitor(self.machine.memory, self.dirty_tracker)
         return self._dirty_rate
 
-    # --- control used by QMP -----------------------------------------------------------------
+    # --- run states (on the loop) ------------------------------------------------------------
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         if self.qmp is not None:
             self.qmp.emit_event(name, data)
 
     def _set_state(self, state: str) -> None:
-        with self._state_lock:
-            self.run_state = state
+        self.run_state = state
 
     def pause_guest(self) -> None:
+        """QMP stop. During a switchover that has not committed, it decides the run state
+        a failed migration goes back to."""
+        migration = self.migration
+        if self.run_state == "finish-migrate" and migration is not None:
+            if not migration.committed:
+                migration.resume_state = "paused"
+            return
         if self.run_state != "running" or self.machine is None:
             return
         self.machine.pause()
@@ -285,16 +390,3 @@ class Vmm:
         self.machine.resume()
         self._set_state("running")
         self.emit_event("RESUME")
-
-    def request_quit(self) -> None:
-        self._shutdown_reason = "host-qmp-quit"
-        self._stopping.set()
-        if self.incoming is not None:
-            self.incoming.stop()
-        machine = self.machine
-        if machine is not None:
-            timer = threading.Timer(
-                QUIT_REPLY_GRACE_S, machine.request_exit, (0, "quit requested over QMP")
-            )
-            timer.daemon = True
-            timer.start()

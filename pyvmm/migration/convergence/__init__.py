@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyvmm.migration.source import ConvergencePolicy
+    from pyvmm.migration.policy import ConvergencePolicy
 
 
 def build_policies(caps: dict[str, bool], dirty_limit: Any = None) -> list[ConvergencePolicy]:

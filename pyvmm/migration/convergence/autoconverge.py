@@ -25,7 +25,7 @@ from pyvmm.migration.convergence.throttle import CpuThrottle, LegacyThrottle
 from pyvmm.migration.convergence.trigger import DirtyTrigger, TriggerVerdict
 
 if TYPE_CHECKING:
-    from pyvmm.migration.source import MigrationSource, PeriodStats
+    from pyvmm.migration.policy import PeriodStats, PolicyHost
 
 log = logging.getLogger("pyvmm.convergence")
 
@@ -41,7 +41,7 @@ class AutoConverge:
 
     # --- hooks -------------------------------------------------------------------------------
 
-    def on_setup(self, source: MigrationSource) -> None:
+    def on_setup(self, source: PolicyHost) -> None:
         s = source.settings
         legacy = bool(s["x-auto-converge-legacy"])
         self.trigger = DirtyTrigger(
@@ -69,7 +69,7 @@ class AutoConverge:
             s["max-cpu-throttle"], bool(self._periodic), s["cpu-throttle-responsive"],
         )  # fmt: skip
 
-    def on_sync(self, source: MigrationSource, period: PeriodStats | None) -> None:
+    def on_sync(self, source: PolicyHost, period: PeriodStats | None) -> None:
         if period is None or self.trigger is None:
             return
         verdict = self.trigger.judge("auto-converge", period, source.stats.ram.dirty_pages_rate)
@@ -82,7 +82,7 @@ class AutoConverge:
             return
         self._step(source, period, verdict)
 
-    def on_end(self, source: MigrationSource) -> None:
+    def on_end(self, source: PolicyHost) -> None:
         self._periodic_stop.set()
         if self._periodic is not None:
             self._periodic.join(2)
@@ -95,7 +95,7 @@ class AutoConverge:
 
     # --- mechanics ---------------------------------------------------------------------------
 
-    def _step(self, source: MigrationSource, period: PeriodStats, verdict: TriggerVerdict) -> None:
+    def _step(self, source: PolicyHost, period: PeriodStats, verdict: TriggerVerdict) -> None:
         """QEMU's mig_throttle_guest_down."""
         assert self.throttle is not None
         s = source.settings
@@ -122,7 +122,7 @@ class AutoConverge:
             v.bytes_xfer_period, v.bytes_dirty_threshold,
         )  # fmt: skip
 
-    def _periodic_sync(self, source: MigrationSource, interval_s: float) -> None:
+    def _periodic_sync(self, source: PolicyHost, interval_s: float) -> None:
         """QEMU 9.2's cpu_throttle_dirty_sync_timer_tick."""
         prev = 0
         while not self._periodic_stop.wait(interval_s):

@@ -51,7 +51,7 @@ from pyvmm.migration.convergence.trigger import DirtyTrigger, TriggerVerdict
 from pyvmm.migration.params import MigrationSettings
 
 if TYPE_CHECKING:
-    from pyvmm.migration.source import MigrationSource, PeriodStats
+    from pyvmm.migration.policy import PeriodStats, PolicyHost
 
 log = logging.getLogger("pyvmm.convergence")
 
@@ -180,7 +180,7 @@ class DirtyLimitController:
         machine: Machine,
         tracker: DirtyTracker,
         settings: MigrationSettings,
-        migration: Callable[[], MigrationSource | None] = lambda: None,
+        migration: Callable[[], PolicyHost | None] = lambda: None,
     ) -> None:
         if not isinstance(tracker, RingTracker):
             raise ValueError("the dirty limit needs ring-mode dirty tracking (--dirty-ring)")
@@ -481,9 +481,9 @@ class DirtyLimitPolicy:
         self.controller = controller
         self.trigger: DirtyTrigger | None = None
         self.limited = False  # this migration set the limits
-        self._source: MigrationSource | None = None
+        self._source: PolicyHost | None = None
 
-    def on_setup(self, source: MigrationSource) -> None:
+    def on_setup(self, source: PolicyHost) -> None:
         s = source.settings
         self.trigger = DirtyTrigger(s["throttle-trigger-threshold"])
         self._source = source
@@ -497,14 +497,14 @@ class DirtyLimitPolicy:
             self.controller is not None,
         )  # fmt: skip
 
-    def on_sync(self, source: MigrationSource, period: PeriodStats | None) -> None:
+    def on_sync(self, source: PolicyHost, period: PeriodStats | None) -> None:
         if period is None or self.trigger is None:
             return
         verdict = self.trigger.judge("dirty-limit", period, source.stats.ram.dirty_pages_rate)
         if verdict.fire:
             self._limit_guest(source, period, verdict)
 
-    def on_end(self, source: MigrationSource) -> None:
+    def on_end(self, source: PolicyHost) -> None:
         controller = self.controller
         if controller is not None:
             if self._publish in controller.listeners:
@@ -515,7 +515,7 @@ class DirtyLimitPolicy:
         source.stats.extra.pop(QMP_RING_FULL_TIME, None)
         self._source = None
 
-    def _limit_guest(self, source: MigrationSource, period: PeriodStats, v: TriggerVerdict) -> None:
+    def _limit_guest(self, source: PolicyHost, period: PeriodStats, v: TriggerVerdict) -> None:
         """migration_dirty_limit_guest: set (or update) every vCPU's quota, no stepping."""
         quota = int(source.settings["vcpu-dirty-limit"])
         controller = self.controller

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pyvmm.migration.source import PeriodStats
+    from pyvmm.migration.policy import PeriodStats
 
 log = logging.getLogger("pyvmm.convergence")
 

@@ -1,0 +1,70 @@
+"""Which pages a migration still has to send: its dirty bitmap and the walk over it.
+
+The bitmap is the migration's own view of the dirty tracker (one uint64 word per 64
+pages, per memory slot, KVM's layout). Every page starts dirty (all of RAM must go
+once); each sync ORs in what the guest wrote since; the walk takes pages out a step at
+a time, from a cursor that carries over between calls, so that a pass over RAM resumes
+where the rate limit interrupted it. "Which pages" lives here; sending them is
+PageWriter's job (pagewriter.py), in the manner of Cloud Hypervisor's MemoryRangeTable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyvmm.dirty.scan import bitmap_to_pages, count_set
+from pyvmm.dirty.tracker import DirtyView
+from pyvmm.machine.memory import PAGE_SIZE
+
+STEP_WORDS = 8  # bitmap words per step: 512 pages, 2 MiB
+SCAN_WORDS = 4096  # words looked at per search for the next dirty word (1 GiB of pages)
+
+
+class DirtyPages:
+    def __init__(self, view: DirtyView) -> None:
+        self.view = view
+        self.bitmaps = view.bitmaps
+        self._slot = 0
+        self._word = 0
+        self.total_words = sum(len(b) for b in self.bitmaps)
+
+    def count(self) -> int:
+        """Pages still to send."""
+        return sum(count_set(b) for b in self.bitmaps)
+
+    def remaining_bytes(self) -> int:
+        return self.count() * PAGE_SIZE
+
+    def take(self, max_words: int = STEP_WORDS) -> tuple[int, np.ndarray, int] | None:
+        """The next dirty pages from the cursor on: (slot, page numbers, words walked).
+
+        Clears their bits (under the view's lock: another user's sync ORs into our bitmap,
+        and a bit landing between the read and the clear would be lost), re-arms tracking
+        for them (get, clear, copy), and advances the cursor. None when a whole lap of the
+        bitmap found nothing."""
+        walked = 0
+        slot, word = self._slot, self._word
+        while walked < self.total_words:
+            bitmap = self.bitmaps[slot]
+            if word >= len(bitmap):
+                slot, word = (slot + 1) % len(self.bitmaps), 0
+                continue
+            window = bitmap[word : word + SCAN_WORDS - word % SCAN_WORDS]
+            nz = np.flatnonzero(window)
+            if len(nz) == 0:  # skip clean words a window at a time
+                walked += len(window)
+                word += len(window)
+                continue
+            walked += int(nz[0])
+            word += int(nz[0])
+            with self.view.lock:
+                step = bitmap[word : word + max_words]
+                pages = bitmap_to_pages(step) + np.uint64(word * 64)
+                step.fill(0)
+            self.view.before_copy(slot, word * 64, len(step) * 64)
+            word += len(step)
+            walked += len(step)
+            self._slot, self._word = slot, word
+            return slot, pages, walked
+        self._slot, self._word = slot, word
+        return None

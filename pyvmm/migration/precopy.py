@@ -1,0 +1,198 @@
+"""Pre-copy: send dirty pages while the guest runs, pass after pass, until what is left
+fits in the downtime limit. QEMU's migration_thread and migration_iteration_run, restated
+(docs/migration.md explains each rule):
+
+- each loop: if the dirty bytes are at most threshold = bandwidth x downtime-limit,
+  sync to get the exact figure and, if still below, pre-copy is done; otherwise send
+  dirty pages for up to 50 ms or until this 100 ms window's byte budget
+  (max-bandwidth / 10) is spent, then sleep to the window's end;
+- every >= 100 ms: bandwidth, mbps, pages-per-second, expected downtime;
+- a sync >= 1 s after the period start computes dirty-pages-rate and hands the closed
+  period to the convergence policies (auto-converge, the dirty limit, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pyvmm.machine.memory import PAGE_SIZE
+from pyvmm.migration.clock import Clock
+from pyvmm.migration.dirtypages import STEP_WORDS, DirtyPages
+from pyvmm.migration.pagewriter import PageWriter
+from pyvmm.migration.params import MigrationSettings
+from pyvmm.migration.policy import ConvergencePolicy, PeriodStats, PolicyHost
+from pyvmm.migration.stats import MigrationStats
+from pyvmm.migration.stream import StreamWriter
+
+log = logging.getLogger(__name__)
+
+WINDOW_MS = 100.0  # QEMU's BUFFER_DELAY
+MAX_ITERATE_MS = 50.0  # QEMU's MAX_WAIT
+RATE_PERIOD_MS = 1000.0
+
+
+class MigrationCancelled(Exception):
+    pass
+
+
+class Precopy:
+    def __init__(
+        self,
+        pages: DirtyPages,
+        page_writer: PageWriter,
+        writer: StreamWriter,
+        stats: MigrationStats,
+        settings: MigrationSettings,
+        clock: Clock,
+        cancel: threading.Event,
+        policies: list[ConvergencePolicy],
+        host: PolicyHost,
+        emit_event: Callable[[str, dict[str, Any] | None], None],
+    ) -> None:
+        self.pages = pages
+        self.page_writer = page_writer
+        self.writer = writer
+        self.stats = stats
+        self.settings = settings
+        self.clock = clock
+        self.cancel = cancel
+        self.policies = policies
+        self.host = host
+        self._emit = emit_event
+        # The bitmap: the send loop vs. syncs forced from other threads (policies).
+        self.lock = threading.RLock()
+        self.header_sent = False  # ITERATION records go out only once HEADER has
+        self.bandwidth_bytes_per_ms = 0.0
+        now = clock.now_ms()
+        self._window_start_ms = now
+        self._window_start_bytes = 0
+        self._window_start_pages = 0
+        self._window_budget_used = 0.0
+        self._period_start_ms = now
+        self._period_dirty_pages = 0
+        self._period_start_bytes = 0
+        self.remaining_at_sync_bytes = 0
+
+    def start_periods(self) -> None:
+        """The first period and window start when the stream is set up."""
+        now = self.clock.now_ms()
+        self._window_start_ms = self._period_start_ms = now
+
+    # --- syncs --------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """One dirty-log sync: QEMU's migration_bitmap_sync.
+
+        As in QEMU, the period counts pages that became dirty in the migration bitmap (a
+        page still waiting to be sent counts once), so the all-dirty setup sync adds 0."""
+        with self.lock:
+            newly_dirty = self.pages.view.sync()
+            ram = self.stats.ram
+            ram.dirty_sync_count += 1
+            self._period_dirty_pages += newly_dirty
+            self.remaining_at_sync_bytes = self.pages.remaining_bytes()
+            now = self.clock.now_ms()
+            period = None
+            elapsed = now - self._period_start_ms
+            if ram.dirty_sync_count > 1 and elapsed > RATE_PERIOD_MS:
+                transferred = self.writer.bytes_sent
+                period = PeriodStats(
+                    elapsed, self._period_dirty_pages, transferred - self._period_start_bytes,
+                    ram.dirty_sync_count,
+                )  # fmt: skip
+                ram.dirty_pages_rate = int(self._period_dirty_pages * 1000 / elapsed)
+                self._period_start_ms = now
+                self._period_dirty_pages = 0
+                self._period_start_bytes = transferred
+            for policy in self.policies:
+                policy.on_sync(self.host, period)
+            if self.header_sent:
+                self.writer.iteration(ram.dirty_sync_count)  # the destination counts passes
+            if self.settings.caps.get("events"):
+                self._emit("MIGRATION_PASS", {"pass": ram.dirty_sync_count})
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def threshold_bytes(self) -> float:
+        """What may be left for the switchover: bandwidth x downtime-limit."""
+        avail = self.settings["avail-switchover-bandwidth"]
+        bw = avail / 1000 if avail else self.bandwidth_bytes_per_ms
+        return bw * self.settings["downtime-limit"]
+
+    def converged(self, pending_bytes: int) -> bool:
+        """QEMU's switchover rule (up to 10.0): nothing pending, or strictly below."""
+        return pending_bytes == 0 or pending_bytes < self.threshold_bytes()
+
+    def run(self) -> None:
+        """Iterate until the dirty bytes left fit in the downtime limit."""
+        while True:
+            self.check_cancel()
+            if self.converged(self.pages.remaining_bytes()):
+                self.sync()  # the exact figure
+                if self.converged(self.pages.remaining_bytes()):
+                    return
+            self.send(self.clock.now_ms() + MAX_ITERATE_MS, limited=True)
+            self._rate_limit()
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise MigrationCancelled
+
+    def send(self, deadline_ms: float, limited: bool) -> bool:
+        """Send dirty pages from the cursor on; True when a whole lap found nothing left."""
+        budget = self.settings["max-bandwidth"] / 10 if limited else 0
+        walked = 0
+        while walked < self.pages.total_words:
+            step_words = STEP_WORDS
+            if budget:  # never overshoot a small budget by a whole step
+                left = budget - self._window_budget_used
+                step_words = max(1, min(STEP_WORDS, int(left // (64 * PAGE_SIZE))))
+            with self.lock:
+                taken = self.pages.take(step_words)
+                if taken is None:
+                    return True
+                slot, pages, words = taken
+                sent = self.page_writer.send(slot, pages)
+            walked += words
+            self.check_cancel()
+            if budget:
+                self._window_budget_used += sent
+                if self._window_budget_used >= budget:
+                    return False
+            if self.clock.now_ms() >= deadline_ms:
+                return False
+        return True
+
+    def _rate_limit(self) -> None:
+        """Close the 100 ms window: update the counters, sleep out an exhausted budget."""
+        now = self.clock.now_ms()
+        budget = self.settings["max-bandwidth"] / 10
+        if budget and self._window_budget_used >= budget:
+            remaining_ms = self._window_start_ms + WINDOW_MS - now
+            if remaining_ms > 0 and self.clock.wait(self.cancel, remaining_ms / 1000):
+                raise MigrationCancelled
+            now = self.clock.now_ms()
+        if now - self._window_start_ms >= WINDOW_MS:
+            self._update_counters(now)
+
+    def _update_counters(self, now: float) -> None:
+        """QEMU's migration_update_counters, once per >= 100 ms window."""
+        elapsed = now - self._window_start_ms
+        transferred = self.writer.bytes_sent - self._window_start_bytes
+        ram = self.stats.ram
+        self.bandwidth_bytes_per_ms = transferred / elapsed if elapsed > 0 else 0.0
+        ram.mbps = transferred * 8 / (elapsed / 1000) / 1e6 if elapsed > 0 else 0.0
+        sent_pages = ram.normal + ram.duplicate
+        ram.pages_per_second = int((sent_pages - self._window_start_pages) * 1000 / elapsed)
+        expected_bw = self.threshold_bytes() / max(self.settings["downtime-limit"], 1)
+        if ram.dirty_pages_rate and transferred > 10000 and expected_bw > 0:
+            self.stats.expected_downtime_ms = self.remaining_at_sync_bytes / expected_bw
+        self._window_start_ms = now
+        self._window_start_bytes = self.writer.bytes_sent
+        self._window_start_pages = sent_pages
+        # A window may end a little over budget (whole 64-page words are sent): carry it.
+        budget = self.settings["max-bandwidth"] / 10
+        self._window_budget_used = max(0.0, self._window_budget_used - budget) if budget else 0
