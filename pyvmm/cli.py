@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.monitor.control import ControlLoop
 
     loop = ControlLoop()
+    loop.after_close = signal.SIG_IGN  # the process ends right after the VM
     loop.install_signal_handlers()
     from pyvmm.monitor.process import make_vmm
     from pyvmm.monitor.vmm import RunOptions

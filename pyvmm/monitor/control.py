@@ -60,13 +60,19 @@ class ControlLoop:
         self._closed = False
         self._stopping = False
         self.on_signal: Callable[[int], None] | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        # What close() leaves the signals to: None puts back the handlers found at install
+        # time; a process that is about to exit sets SIG_IGN, because Python resets its
+        # handlers to SIG_DFL while it finalises and a late SIGTERM would kill it (143).
+        self.after_close: Any = None
 
     # --- signals ------------------------------------------------------------------------------
 
     def install_signal_handlers(self, signums: tuple[int, ...] = STOP_SIGNALS) -> None:
         """Route these signals into the loop (main thread only, Python's rule)."""
         for signum in signums:
-            signal.signal(signum, self._on_signal)
+            previous = signal.signal(signum, self._on_signal)
+            self._previous_handlers.setdefault(signum, previous)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Reentrant by construction: no lock, no allocation beyond a 1-byte bytes object.
@@ -178,8 +184,9 @@ class ControlLoop:
             work.done.set()
 
     def close(self) -> None:
-        """Refuse new work, fail what is queued, release the pipe. Signals after this are
-        ignored (the handler sees the closed pipe), so a late SIGTERM cannot hurt."""
+        """Refuse new work, fail what is queued, release the pipe, hand the signals back
+        (see after_close). A signal that comes meanwhile is dropped (the handler sees the
+        closed pipe), so a late SIGTERM cannot hurt."""
         with self._lock:
             self._closed = True
             pending = list(self._queue)
@@ -193,3 +200,7 @@ class ControlLoop:
         r, self._r = self._r, -1
         if r >= 0:
             os.close(r)
+        if self._previous_handlers and threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous_handlers.items():
+                signal.signal(signum, previous if self.after_close is None else self.after_close)
+            self._previous_handlers = {}

@@ -789,17 +789,26 @@ class QmpServer:
                 )
             logger.info("removing stale QMP socket %s", path)
             os.unlink(path)
+        # Bind and listen under a temporary name, then rename into place: the path appears
+        # only once it accepts connections (a client that waits for the file and connects
+        # at once is never refused), and only with mode 0600.
+        tmp = os.path.join(os.path.dirname(path) or ".", f".qmp-{os.getpid()}-{id(self):x}")
+        if len(os.fsencode(tmp)) > UNIX_PATH_MAX_BYTES:
+            tmp = path  # no room for a temporary name: bind in place (a short window)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
-            # Nobody can connect before listen(), so restricting the mode here
-            # leaves no window in which the socket is open to other users.
-            os.chmod(path, 0o600)
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            sock.listen(16)
+            if tmp != path:
+                os.rename(tmp, path)
             st = os.stat(path)
             self._socket_id = (st.st_dev, st.st_ino)
-            sock.listen(16)
         except OSError:
             sock.close()
+            with contextlib.suppress(OSError):
+                if tmp != path:
+                    os.unlink(tmp)
             raise
         return sock
 
