@@ -113,7 +113,7 @@ def run_trace(options: TraceOptions, out: TextIO, err: TextIO) -> TraceResult:
     out.flush()
     duration_s = max((end.end_ns - t0_ns) / 1e9, 1e-9)
     if end.detached:
-        err.write(f"pyvmm trace: detached from {what} after {duration_s:.1f} s; it runs on\n")
+        err.write(f"pyvmm trace: detached from {what} after {duration_s:.1f} s\n")
     elif end.exit_code is not None:
         err.write(f"pyvmm trace: {what} exited with code {end.exit_code}\n")
     if options.summary:
