@@ -148,6 +148,28 @@ def cmd_dirtyrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyvmm.trace.errors import TraceError
+    from pyvmm.trace.run import TraceOptions, parse_target, run_trace
+
+    try:
+        pid, command = parse_target(args.target)
+        options = TraceOptions(
+            pid=pid,
+            command=command,
+            filters=args.filter,
+            summary=args.summary,
+            quiet=args.quiet,
+            output=Path(args.output) if args.output else None,
+            duration_s=args.duration,
+        )
+        return run_trace(options, sys.stdout, sys.stderr).exit_code
+    except TraceError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyvmm.demo import run_demo
 
@@ -265,6 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="measurement window in seconds, 0.05 to 60 (default 1)",
     )
     rate.set_defaults(func=cmd_dirtyrate)
+
+    trace = sub.add_parser(
+        "trace",
+        help="watch a VMM's KVM ioctls (pyvmm or QEMU; needs python-ptrace)",
+        description="Trace the KVM ioctls of a running VMM (PID), or of COMMAND from its "
+        "start (-- COMMAND...). Ctrl-C or SIGTERM detach and leave the VMM running.",
+    )
+    trace.add_argument("target", nargs="*", metavar="PID | -- COMMAND", help="what to trace")
+    trace.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="WHAT",
+        help="live lines only for these ioctl names (KVM_RUN or run) or fd kinds "
+        "(kvm, vm, vcpu, vcpu:N); repeatable or comma-separated",
+    )
+    trace.add_argument("--summary", action="store_true", help="tables at the end, no live lines")
+    trace.add_argument("-q", "--quiet", action="store_true", help="no live lines")
+    trace.add_argument(
+        "--output", metavar="FILE.json", help="write a Trace Event Format timeline (Perfetto)"
+    )
+    trace.add_argument(
+        "--duration", type=positive_float, metavar="S", help="detach after S seconds"
+    )
+    trace.set_defaults(func=cmd_trace)
 
     demo = sub.add_parser("demo", help="the main job on embedded defaults")
     demo.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")

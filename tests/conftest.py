@@ -39,3 +39,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm (fails under CI=true)")
+    config.addinivalue_line("markers", "slow: takes tens of seconds (deselect with -m 'not slow')")

@@ -72,6 +72,27 @@ def test_structs_and_requests_match_installed_header(tmp_path) -> None:
     assert len(keys) > 150  # the check really covered the ABI
 
 
+def test_each_request_number_names_one_ioctl() -> None:
+    """`pyvmm trace` names calls by number: two names for one number would be ambiguous."""
+    requests = {
+        name: value
+        for name, value in vars(abi).items()
+        if name.startswith("KVM_") and isinstance(value, int) and (value >> 8) & 0xFF == abi.KVMIO
+    }
+    assert len(set(requests.values())) == len(requests) == len(abi.IOCTL_NAMES)
+    # The ones QEMU issues that pyvmm does not are there too.
+    for name in (
+        "KVM_IRQ_LINE_STATUS",
+        "KVM_IOEVENTFD",
+        "KVM_SET_GSI_ROUTING",
+        "KVM_SET_SREGS2",
+        "KVM_REGISTER_COALESCED_MMIO",
+        "KVM_X86_SET_MSR_FILTER",
+        "KVM_TPR_ACCESS_REPORTING",
+    ):
+        assert abi.IOCTL_NAMES[getattr(abi, name)] == name
+
+
 def test_constants_match_header(tmp_path) -> None:
     names = [
         n

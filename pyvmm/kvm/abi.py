@@ -71,6 +71,46 @@ KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_XSAVE2 = 208
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
 
+# Further capabilities QEMU asks about (named so `pyvmm trace` can print them).
+KVM_CAP_COALESCED_MMIO = 15
+KVM_CAP_SYNC_MMU = 16
+KVM_CAP_DESTROY_MEMORY_REGION_WORKS = 21
+KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_IRQ_INJECT_STATUS = 26
+KVM_CAP_JOIN_MEMORY_REGIONS_WORKS = 30
+KVM_CAP_MCE = 31
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_HYPERV = 44
+KVM_CAP_X86_ROBUST_SINGLESTEP = 51
+KVM_CAP_TSC_DEADLINE_TIMER = 72
+KVM_CAP_PCI_2_3 = 75
+KVM_CAP_SIGNAL_MSI = 77
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_IRQFD_RESAMPLE = 82
+KVM_CAP_VM_ATTRIBUTES = 101
+KVM_CAP_X86_SMM = 117
+KVM_CAP_MULTI_ADDRESS_SPACE = 118
+KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+KVM_CAP_HYPERV_VP_INDEX = 149
+KVM_CAP_GET_MSR_FEATURES = 153
+KVM_CAP_NESTED_STATE = 157
+KVM_CAP_COALESCED_PIO = 162
+KVM_CAP_EXCEPTION_PAYLOAD = 164
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_SET_GUEST_DEBUG2 = 195
+KVM_CAP_SREGS2 = 200
+KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_SYS_ATTRIBUTES = 209
+KVM_CAP_X86_TRIPLE_FAULT_EVENT = 218
+KVM_CAP_X86_NOTIFY_VMEXIT = 219
+
+CAP_NAMES = {
+    value: name[len("KVM_CAP_") :]
+    for name, value in globals().items()
+    if name.startswith("KVM_CAP_") and isinstance(value, int)
+}
+
 # Memory slot flags.
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
@@ -103,9 +143,13 @@ KVM_EXIT_TPR_ACCESS = 12
 KVM_EXIT_NMI = 16
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_IOAPIC_EOI = 26
+KVM_EXIT_HYPERV = 27
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
 KVM_EXIT_DIRTY_RING_FULL = 31
+KVM_EXIT_X86_BUS_LOCK = 33
+KVM_EXIT_NOTIFY = 37
 
 EXIT_REASON_NAMES = {
     value: name[len("KVM_EXIT_") :]
@@ -498,6 +542,145 @@ class kvm_run(Structure):
     ]
 
 
+# Structs of ioctls that QEMU issues and pyvmm does not: mirrored so that `pyvmm trace`
+# can name and decode them, and checked against the header like the rest.
+
+
+class kvm_sregs2(Structure):
+    _fields_ = [
+        *[(seg, kvm_segment) for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        *[(reg, c_uint64) for reg in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")],
+        ("flags", c_uint64),
+        ("pdptrs", c_uint64 * 4),
+    ]
+
+
+class kvm_ioeventfd(Structure):
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class kvm_irqfd(Structure):
+    _fields_ = [
+        ("fd", c_uint32),
+        ("gsi", c_uint32),
+        ("flags", c_uint32),
+        ("resamplefd", c_uint32),
+        ("pad", c_uint8 * 16),
+    ]
+
+
+class kvm_msi(Structure):
+    _fields_ = [
+        ("address_lo", c_uint32),
+        ("address_hi", c_uint32),
+        ("data", c_uint32),
+        ("flags", c_uint32),
+        ("devid", c_uint32),
+        ("pad", c_uint8 * 12),
+    ]
+
+
+class kvm_irq_routing(Structure):
+    """Header only: `nr` entries of 64 bytes follow."""
+
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+
+
+class kvm_coalesced_mmio_zone(Structure):
+    # The header's last member is a union of `pad` and `pio`; pio is the one that means something.
+    _fields_ = [("addr", c_uint64), ("size", c_uint32), ("pio", c_uint32)]
+
+
+class kvm_tpr_access_ctl(Structure):
+    _fields_ = [("enabled", c_uint32), ("flags", c_uint32), ("reserved", c_uint32 * 8)]
+
+
+class kvm_vapic_addr(Structure):
+    _fields_ = [("vapic_addr", c_uint64)]
+
+
+class kvm_device_attr(Structure):
+    _fields_ = [("flags", c_uint32), ("group", c_uint32), ("attr", c_uint64), ("addr", c_uint64)]
+
+
+class kvm_create_device(Structure):
+    _fields_ = [("type", c_uint32), ("fd", c_uint32), ("flags", c_uint32)]
+
+
+KVM_MSR_FILTER_MAX_RANGES = 16
+
+
+class kvm_msr_filter_range(Structure):
+    _fields_ = [("flags", c_uint32), ("nmsrs", c_uint32), ("base", c_uint32), ("bitmap", c_uint64)]
+
+
+class kvm_msr_filter(Structure):
+    _fields_ = [("flags", c_uint32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
+
+
+class kvm_signal_mask(Structure):
+    """Header only: `len` bytes of sigset follow."""
+
+    _fields_ = [("len", c_uint32)]
+
+
+class kvm_interrupt(Structure):
+    _fields_ = [("irq", c_uint32)]
+
+
+class kvm_guest_debug(Structure):
+    # x86's kvm_guest_debug_arch is eight debug registers.
+    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", c_uint64 * 8)]
+
+
+class kvm_x86_mce(Structure):
+    _fields_ = [
+        ("status", c_uint64),
+        ("addr", c_uint64),
+        ("misc", c_uint64),
+        ("mcg_status", c_uint64),
+        ("bank", c_uint8),
+        ("pad1", c_uint8 * 7),
+        ("pad2", c_uint64 * 3),
+    ]
+
+
+class kvm_translation(Structure):
+    _fields_ = [
+        ("linear_address", c_uint64),
+        ("physical_address", c_uint64),
+        ("valid", c_uint8),
+        ("writeable", c_uint8),
+        ("usermode", c_uint8),
+        ("pad", c_uint8 * 5),
+    ]
+
+
+class kvm_nested_state(Structure):
+    """Header only (the vendor header stays opaque); `size` bytes in all."""
+
+    _fields_ = [
+        ("flags", c_uint16),
+        ("format", c_uint16),
+        ("size", c_uint32),
+        ("hdr", c_uint8 * 120),
+    ]
+
+
 def cpuid2_struct(n: int) -> type[Structure]:
     """A kvm_cpuid2 with room for n entries."""
 
@@ -532,6 +715,9 @@ KVM_GET_MSR_INDEX_LIST = _iowr(0x02, kvm_msr_list)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2)
+KVM_GET_EMULATED_CPUID = _iowr(0x09, kvm_cpuid2)
+KVM_GET_MSR_FEATURE_INDEX_LIST = _iowr(0x0A, kvm_msr_list)
+KVM_X86_GET_MCE_CAP_SUPPORTED = _ior(0x9D, c_uint64)
 
 # VM.
 KVM_CREATE_VCPU = _io(0x41)
@@ -551,6 +737,21 @@ KVM_SET_PIT2 = _iow(0xA0, kvm_pit_state2)
 KVM_ENABLE_CAP = _iow(0xA3, kvm_enable_cap)
 KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, kvm_clear_dirty_log)
 KVM_RESET_DIRTY_RINGS = _io(0xC7)
+# VM ioctls only QEMU issues (named and decoded by `pyvmm trace`).
+KVM_IRQ_LINE_STATUS = _iowr(0x67, kvm_irq_level)
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, kvm_coalesced_mmio_zone)
+KVM_SET_GSI_ROUTING = _iow(0x6A, kvm_irq_routing)
+KVM_IRQFD = _iow(0x76, kvm_irqfd)
+KVM_SET_BOOT_CPU_ID = _io(0x78)
+KVM_IOEVENTFD = _iow(0x79, kvm_ioeventfd)
+KVM_SIGNAL_MSI = _iow(0xA5, kvm_msi)
+KVM_X86_SET_MSR_FILTER = _iow(0xC6, kvm_msr_filter)
+KVM_CREATE_DEVICE = _iowr(0xE0, kvm_create_device)
+KVM_SET_DEVICE_ATTR = _iow(0xE1, kvm_device_attr)
+KVM_GET_DEVICE_ATTR = _iow(0xE2, kvm_device_attr)
+KVM_HAS_DEVICE_ATTR = _iow(0xE3, kvm_device_attr)
+KVM_GET_STATS_FD = _io(0xCE)
 
 # vCPU.
 KVM_RUN = _io(0x80)
@@ -580,6 +781,21 @@ KVM_GET_XCRS = _ior(0xA6, kvm_xcrs)
 KVM_SET_XCRS = _iow(0xA7, kvm_xcrs)
 KVM_KVMCLOCK_CTRL = _io(0xAD)
 KVM_GET_XSAVE2 = _ior(0xCF, kvm_xsave)
+# vCPU ioctls only QEMU issues.
+KVM_TRANSLATE = _iowr(0x85, kvm_translation)
+KVM_INTERRUPT = _iow(0x86, kvm_interrupt)
+KVM_SET_SIGNAL_MASK = _iow(0x8B, kvm_signal_mask)
+KVM_TPR_ACCESS_REPORTING = _iowr(0x92, kvm_tpr_access_ctl)
+KVM_SET_VAPIC_ADDR = _iow(0x93, kvm_vapic_addr)
+KVM_NMI = _io(0x9A)
+KVM_SET_GUEST_DEBUG = _iow(0x9B, kvm_guest_debug)
+KVM_X86_SETUP_MCE = _iow(0x9C, c_uint64)
+KVM_X86_SET_MCE = _iow(0x9E, kvm_x86_mce)
+KVM_SMI = _io(0xB7)
+KVM_GET_NESTED_STATE = _iowr(0xBE, kvm_nested_state)
+KVM_SET_NESTED_STATE = _iow(0xBF, kvm_nested_state)
+KVM_GET_SREGS2 = _ior(0xCC, kvm_sregs2)
+KVM_SET_SREGS2 = _iow(0xCD, kvm_sregs2)
 
 # Request numbers are recognised by their type byte (KVMIO); plain constants are all smaller.
 IOCTL_NAMES = {
@@ -619,4 +835,22 @@ STRUCTS = [
     kvm_clear_dirty_log,
     kvm_dirty_gfn,
     kvm_run,
+    kvm_sregs2,
+    kvm_ioeventfd,
+    kvm_irqfd,
+    kvm_msi,
+    kvm_irq_routing,
+    kvm_coalesced_mmio_zone,
+    kvm_tpr_access_ctl,
+    kvm_vapic_addr,
+    kvm_device_attr,
+    kvm_create_device,
+    kvm_msr_filter_range,
+    kvm_msr_filter,
+    kvm_signal_mask,
+    kvm_interrupt,
+    kvm_guest_debug,
+    kvm_x86_mce,
+    kvm_translation,
+    kvm_nested_state,
 ]
