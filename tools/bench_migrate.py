@@ -107,7 +107,10 @@ class Vmm:
     def __init__(self, kind: str, work: Path) -> None:
         self.kind, self.work = kind, work
 
-    def cmd(self, name: str, guest: str | None, mem_mib: int, append: str, incoming: str | None):
+    def cmd(
+        self, name: str, guest: str | None, mem_mib: int, append: str, incoming: str | None,
+        vcpus: int = 1,
+    ):  # fmt: skip
         qmp = self.work / f"{self.kind}-{name}.qmp"
         serial = self.work / f"{self.kind}-{name}.serial"
         if self.kind == "pyvmm":
@@ -118,6 +121,8 @@ class Vmm:
                 "run",
                 "--mem",
                 f"{mem_mib}M",
+                "--vcpus",
+                str(vcpus),
                 "--qmp",
                 f"unix:{qmp}",
                 "--serial",
@@ -157,12 +162,12 @@ class Vmm:
 
 
 def migrate_once(kind: str, work: Path, guest: str, mem_mib: int, append: str, ready: str,
-                 pause: bool, params: dict) -> dict:  # fmt: skip
+                 pause: bool, params: dict, vcpus: int = 1) -> dict:  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=work))  # fresh socket paths
     vmm = Vmm(kind, work)
     uri = f"tcp:127.0.0.1:{free_tcp_port()}"
-    dcmd, dqmp, _ = vmm.cmd("dst", guest if kind == "qemu" else None, mem_mib, append, uri)
-    scmd, sqmp, sserial = vmm.cmd("src", guest, mem_mib, append, None)
+    dcmd, dqmp, _ = vmm.cmd("dst", guest if kind == "qemu" else None, mem_mib, append, uri, vcpus)
+    scmd, sqmp, sserial = vmm.cmd("src", guest, mem_mib, append, None, vcpus)
     with ExitStack() as stack:
         stack.enter_context(spawn(dcmd, work / f"{kind}-dst.log"))
         stack.enter_context(spawn(scmd, work / f"{kind}-src.log"))
