@@ -29,6 +29,7 @@
  * kernel DS 0x18, user CS32 0x23, user DS 0x2b, user CS64 0x33), the one
  * hypervisors such as PVM expect.
  */
+#define SEL_KERNEL32_CS     0x08    /* the AP trampoline's far jump */
 #define SEL_KERNEL_CS       0x10
 #define SEL_KERNEL_DS       0x18
 #define SEL_USER_DS         0x2b
@@ -41,6 +42,18 @@
 
 /* User-mode RFLAGS: IOPL=3 (in/out/outs/cli allowed in ring 3), IF=0. */
 #define USER_RFLAGS         0x3002
+
+/*
+ * The local APIC (xAPIC mode, memory-mapped at IA32_APIC_BASE, 0xFEE00000
+ * after reset), used only to start the other vCPUs on a VMM that did not
+ * (ap_start.c): INIT, then STARTUP (SIPI), to all but ourselves.
+ */
+#define LAPIC_ICR_LO        0x300
+#define ICR_INIT            0x00000500
+#define ICR_STARTUP         0x00000600  /* | the vector: page number < 0x100 */
+#define ICR_BUSY            0x00001000  /* delivery status: send pending */
+#define ICR_ASSERT          0x00004000
+#define ICR_ALL_BUT_SELF    0x000C0000
 
 /* Control register / MSR bits written by the entry stub. */
 #define CR0_PE              (1 << 0)

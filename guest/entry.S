@@ -11,10 +11,12 @@
  *   struct hvm_start_info, ESP undefined.
  *
  * With the pyvmm note (pyvmm_note.S) linked in, pyvmm starts EVERY vCPU
- * here at the same time. So this code must be re-entrant: no vCPU may
- * write anything another vCPU reads. Each vCPU learns its index from
- * CPUID, picks its own stack, and loads the same read-only GDT and page
- * tables.
+ * here at the same time. QEMU starts only vCPU 0 here; vCPU 0 then wakes
+ * the others (ap_start.c) and they arrive through the real-mode trampoline
+ * (ap_trampoline.S) in the same state, EBX included. So this code must be
+ * re-entrant: no vCPU may write anything another vCPU reads. Each vCPU
+ * learns its index from CPUID, picks its own stack, and loads the same
+ * read-only GDT and page tables.
  *
  * Every privileged instruction (mov to CRn, wrmsr, lgdt) is a VM exit on
  * nested or shadow-paging KVM, so we do each exactly once and write
@@ -190,6 +192,7 @@ tss:
 /* ---- read-only data: GDT and the fixed error line ---------------------- */
         .section .rodata.boot, "a"
         .balign 16
+        .globl  gdt, gdt_limit          /* the AP trampoline loads it too */
 /*
  * Linux's layout (see boot.h). The Accessed bit (types 0x9b, 0x93, 0xfb,
  * 0xf3) is preset: the CPU would otherwise write it into the descriptor on
@@ -197,7 +200,7 @@ tss:
  */
 gdt:
         .quad   0                       /* 0x00: null */
-        .quad   0                       /* 0x08: unused (Linux: 32-bit kernel code) */
+        .quad   0x00cf9b000000ffff      /* 0x08: 32-bit code, DPL 0 (the AP trampoline's) */
         .quad   0x00af9b000000ffff      /* 0x10: 64-bit code, DPL 0 */
         .quad   0x00cf93000000ffff      /* 0x18: flat data, DPL 0 */
         .quad   0x00cffb000000ffff      /* 0x20: 32-bit code, DPL 3 (unused) */
@@ -210,8 +213,9 @@ gdt_end:
         .balign 8
         .word   0                       /* pad so gdt_desc's base is aligned */
 gdt_desc:
-        .word   gdt_end - gdt - 1
+        .word   gdt_limit
         .long   gdt
+        .set    gdt_limit, gdt_end - gdt - 1
 
 too_many_msg:
         .ascii  "guest: vCPU index >= 64, no stack for it; halting\n"

@@ -4,8 +4,9 @@
  * c_entry() is called by entry.S on every vCPU, in 64-bit ring 0, on the
  * vCPU's own stack. It builds this vCPU's private `struct guest` (index,
  * vCPU count, command line, usable RAM, TSC frequency, pyvmm presence),
- * calls the guest program's guest_kernel() and then, if asked to, drops
- * to ring 3 and calls guest_user().
+ * on vCPU 0 wakes the other vCPUs if the VMM did not (ap_start.c), calls
+ * the guest program's guest_kernel() and then, if asked to, drops to
+ * ring 3 and calls guest_user().
  */
 #include "lib.h"
 
@@ -112,18 +113,35 @@ static void put_num(struct line *l, u64 v, u32 base, int neg, u32 width,
         put_c(l, tmp[--n]);
 }
 
+/*
+ * On pyvmm every vCPU's line goes to its own line buffer, so lines never mix
+ * and no vCPU writes shared memory to print. A VMM that started only vCPU 0
+ * (QEMU) has one 16550 that takes the bytes one at a time, and a `rep outsb`
+ * that the host emulates becomes one exit per byte: two vCPUs printing at
+ * once would interleave their bytes. There vCPU 0 sets console_shared before
+ * it starts the others (ap_start.c), and each line is sent under a lock.
+ */
+volatile u32 console_shared;
+static volatile u32 console_lock __attribute__((aligned(64)));
+
 static void line_send(struct line *l)
 {
     const char *p = l->buf;
     u64 n;
+    int locked = console_shared;
 
     l->buf[l->len++] = '\n';
     n = l->len;
+    if (locked)
+        while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+            cpu_relax();
     /* The whole line in one instruction: one VM exit on pyvmm. */
     __asm__ volatile("rep outsb"
                      : "+S"(p), "+c"(n)
                      : "d"((u16)PORT_COM1)
                      : "memory");
+    if (locked)
+        __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
     l->len = 0;
 }
 
@@ -298,11 +316,49 @@ static void ram_exclude(struct guest *g, u64 a, u64 b)
 }
 
 /*
+ * The boot data the VMM handed us (start_info, memory map, command line,
+ * module list, modules and their command lines): fn(ctx, start, end) for
+ * each byte range. Nothing may be written there: another vCPU may still be
+ * reading it.
+ */
+void boot_data_each(const struct guest *g,
+                    void (*fn)(void *ctx, u64 start, u64 end), void *ctx)
+{
+    const struct hvm_start_info *si = g->si;
+    u32 i;
+
+    fn(ctx, (u64)si, (u64)si + sizeof(*si));
+    if (si->version >= 1 && si->memmap_paddr)
+        fn(ctx, si->memmap_paddr,
+           si->memmap_paddr +
+               si->memmap_entries * sizeof(struct hvm_memmap_table_entry));
+    if (si->cmdline_paddr)
+        fn(ctx, si->cmdline_paddr,
+           si->cmdline_paddr + strlen(g->cmdline) + 1);
+    if (si->nr_modules && si->modlist_paddr) {
+        const struct hvm_modlist_entry *m = (const void *)si->modlist_paddr;
+
+        fn(ctx, si->modlist_paddr,
+           si->modlist_paddr + si->nr_modules * sizeof(*m));
+        for (i = 0; i < si->nr_modules; i++) {
+            fn(ctx, m[i].paddr, m[i].paddr + m[i].size);
+            if (m[i].cmdline_paddr)
+                fn(ctx, m[i].cmdline_paddr,
+                   m[i].cmdline_paddr +
+                       strlen((const char *)m[i].cmdline_paddr) + 1);
+        }
+    }
+}
+
+static void ram_exclude_cb(void *g, u64 start, u64 end)
+{
+    ram_exclude(g, start, end);
+}
+
+/*
  * Usable RAM = memmap RAM entries, minus everything below the image's end
  * rounded up to 2 MiB (and below 1 MiB), minus anything above the 64 GiB
- * identity map, minus the boot data the VMM handed us (start_info, command
- * line, memory map, modules): another vCPU may still be reading those
- * while this one already writes its working set.
+ * identity map, minus the boot data.
  */
 static void ram_init(struct guest *g)
 {
@@ -329,27 +385,8 @@ static void ram_init(struct guest *g)
                 t = hi;
             ram_add(g, ALIGN_UP(s, PAGE_SIZE), ALIGN_DOWN(t, PAGE_SIZE));
         }
-        ram_exclude(g, si->memmap_paddr,
-                    si->memmap_paddr +
-                        si->memmap_entries * sizeof(*e));
     }
-    ram_exclude(g, (u64)si, (u64)si + sizeof(*si));
-    if (si->cmdline_paddr)
-        ram_exclude(g, si->cmdline_paddr,
-                    si->cmdline_paddr + strlen(g->cmdline) + 1);
-    if (si->nr_modules && si->modlist_paddr) {
-        const struct hvm_modlist_entry *m = (const void *)si->modlist_paddr;
-
-        ram_exclude(g, si->modlist_paddr,
-                    si->modlist_paddr + si->nr_modules * sizeof(*m));
-        for (i = 0; i < si->nr_modules; i++) {
-            ram_exclude(g, m[i].paddr, m[i].paddr + m[i].size);
-            if (m[i].cmdline_paddr)
-                ram_exclude(g, m[i].cmdline_paddr,
-                            m[i].cmdline_paddr +
-                                strlen((const char *)m[i].cmdline_paddr) + 1);
-        }
-    }
+    boot_data_each(g, ram_exclude_cb, g);
     g->ram_pages = 0;
     for (i = 0; i < g->nram; i++)
         g->ram_pages += (g->ram[i].end - g->ram[i].start) / PAGE_SIZE;
@@ -577,6 +614,10 @@ void c_entry(u64 start_info_pa, u64 cpu)
 
     g.tsc_khz = tsc_detect(&g);
     ram_init(&g);
+    /* pyvmm started every vCPU here (the pyvmm note); anything else started
+     * only this one (see ap_start.c). */
+    if (g.cpu == 0 && g.ncpus > 1 && !g.pyvmm)
+        ap_start(&g);
     if (guest_kernel(&g) == GUEST_USER)
         enter_user(&g, guest_user);
     halt_forever();

@@ -21,8 +21,10 @@
  *
  * Rules of the runtime (all vCPUs run the same code at the same time):
  *   - nothing here writes shared memory; per-vCPU state lives on the
- *     vCPU's own stack (struct guest, line buffers);
- *   - a line goes out with ONE `rep outsb` to COM1 (one VM exit).
+ *     vCPU's own stack (struct guest, line buffers). Only on a VMM that
+ *     started vCPU 0 alone (QEMU) are three words shared: the trampoline's
+ *     start-info address and arrival count, and the console lock;
+ *   - a line goes out with ONE `rep outsb` to COM1 (one VM exit on pyvmm).
  */
 #ifndef GUEST_LIB_H
 #define GUEST_LIB_H
@@ -192,9 +194,22 @@ struct seg {
 u32 ram_segments(const struct guest *g, u64 first, u64 npages,
                  struct seg *out, u32 max);
 
+/* fn(ctx, start, end) for each byte range of the VMM's boot data
+ * (start_info, memory map, command line, modules): never write there. */
+void boot_data_each(const struct guest *g,
+                    void (*fn)(void *ctx, u64 start, u64 end), void *ctx);
+
 /* vCPU 0 prints "<guest>: vcpus=<n> tsc_khz=<k> pyvmm=<0|1> ram=<MiB> MiB
  * at 0x<start>-0x<end> ..." (usable RAM, end exclusive). */
 void describe_machine(const struct guest *g);
+
+/* ---- other vCPUs ------------------------------------------------------------ */
+/* vCPU 0, ring 0, on a VMM that started only it: wake the others with
+ * INIT-SIPI-SIPI through the AP trampoline (ap_start.c) and wait for them. */
+void ap_start(const struct guest *g);
+/* Non-zero once vCPU 0 has started the others itself: say() then sends each
+ * line under a lock (one shared serial port, see line_send in lib.c). */
+extern volatile u32 console_shared;
 
 /* ---- time and pacing ------------------------------------------------------- */
 /* Print "<guest>: no TSC frequency, pacing off" once (vCPU 0) if unknown. */

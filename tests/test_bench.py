@@ -249,9 +249,10 @@ def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> Non
 @pytest.mark.kvm
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not on PATH (.ci/run installs it)")
 def test_the_same_scenario_runs_on_qemu(tmp_path: Path) -> None:
+    """Two vCPUs on QEMU too: it starts vCPU 0 only, the guest wakes vCPU 1 itself."""
     out = tmp_path / "q.json"
-    proc = bench(tmp_path, "--binary", "qemu-system-x86_64", "--mem", "32", "--stress-rate", "40",
-                 "--bandwidth", "32", "--auto-converge", "--periodic-sync", "off", "--sleep", "1",
+    proc = bench(tmp_path, "--binary", "qemu-system-x86_64", *SMALL, "--auto-converge",
+                 "--periodic-sync", "off",
                  # QEMU syncs about once a second here: 30 iterations (guestperf's cap)
                  # can come before the throttle has climbed far enough.
                  "--max-iters", "1000", "--output", str(out))  # fmt: skip
@@ -260,8 +261,16 @@ def test_the_same_scenario_runs_on_qemu(tmp_path: Path) -> None:
     assert rpt["hardware"]["vmm"] == "qemu" and re.match(
         r"\d+\.\d+", rpt["hardware"]["vmm_version"]
     )
+    assert rpt["hardware"]["cpus"] == 2
     assert rpt["result"]["status"] == "completed", rpt["result"]
-    assert rpt["guest_timings"]["src"]["0"] and rpt["guest_timings"]["dst"]["0"]
+    # Both vCPUs ran memstress before and after the migration, on their own threads.
+    for side in ("src", "dst"):
+        timings = rpt["guest_timings"][side]
+        assert set(timings) == {"0", "1"} and all(timings.values()), (side, timings)
+        assert set(rpt["vcpu_cpu"][side]) == {"0", "1"}, side
+    for vcpu in ("0", "1"):
+        src = rpt["guest_timings"]["src"][vcpu]
+        assert src[-1]["mib"] > src[0]["mib"], vcpu  # it kept writing
     # What this QEMU lacks is refused by name, after cleaning up.
     proc = bench(tmp_path, "--binary", "qemu-system-x86_64", "--mem", "32", "--auto-converge",
                  "--periodic-sync", "off", "--responsive", "--sleep", "1")  # fmt: skip

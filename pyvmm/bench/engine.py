@@ -142,11 +142,6 @@ class Run:
                  display: Display | None = None) -> None:  # fmt: skip
         scenario.check()
         hw.check()
-        if is_qemu(options.binary) and hw.cpus != 1:
-            raise ScenarioError(
-                "the test guests start only vCPU 0 on QEMU (no INIT/SIPI bring-up): "
-                "--binary needs --cpus 1"
-            )
         if scenario.dirty_limit and not hw.dirty_ring_size:
             raise ScenarioError("--dirty-limit needs --dirty-ring-size")
         self.scenario, self.hw, self.options = scenario, hw, options

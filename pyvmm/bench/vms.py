@@ -85,8 +85,11 @@ def vm_command(binary: str, hw: Hardware, qmp: Path, serial: Path, incoming: str
         cmd += ["--qmp", f"unix:{qmp}", "--serial", str(serial)]
         return cmd + (["--incoming", incoming] if incoming else [])
     accel = f"kvm,dirty-ring-size={hw.dirty_ring_size}" if hw.dirty_ring_size else "kvm"
+    # QEMU starts vCPU 0 only; the guest wakes the others with INIT-SIPI-SIPI and counts
+    # them with CPUID leaf 1 (logical processors per package), so all in one package.
+    smp = f"cpus={hw.cpus},sockets=1,cores={hw.cpus},threads=1"
     cmd = [binary, "-machine", "q35", "-accel", accel, "-cpu", "qemu64",
-           "-m", str(mem), "-smp", str(hw.cpus), "-display", "none", "-nodefaults",
+           "-m", str(mem), "-smp", smp, "-display", "none", "-nodefaults",
            "-no-user-config", "-serial", f"file:{serial}",
            "-qmp", f"unix:{qmp},server=on,wait=off",
            "-device", "isa-debug-exit,iobase=0x501,iosize=4",
