@@ -39,10 +39,11 @@ def main() -> None:
         if info["status"] != "completed":
             print(f"{i:>3} {info['status']}: {info.get('error-desc')}")
             continue
-        parts = info.get("x-downtime-parts", {})
+        parts = dict(info.get("x-downtime-parts", {}))
+        expected = parts.pop("expected", float("nan"))
         got.append(info["downtime"])
         print(
-            f"{i:>3} {info['downtime']:>7} ms {info.get('x-expected-downtime', '?'):>6} ms  "
+            f"{i:>3} {info['downtime']:>6} ms {expected:>6.0f} ms  "
             + " ".join(f"{k}={v:g}" for k, v in parts.items())
         )
     shutil.rmtree(work, ignore_errors=True)

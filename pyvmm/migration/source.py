@@ -246,7 +246,10 @@ class MigrationSource:
 
     def _switch_over(self) -> None:
         assert self._sock is not None and self._writer is not None and self.precopy is not None
-        expected_ms = self._expected_downtime_ms()
+        assert self.pages is not None
+        bw = self.precopy.threshold_bytes() / max(self.settings["downtime-limit"], 1)
+        pending = self.pages.remaining_bytes()
+        expected_ms = pending / bw if bw > 0 else 0.0
         self.switchover = Switchover(
             self.machine, self.precopy, self._sock, self._writer, StreamReader(self._sock),
             self.clock, lambda: self._serialize(self._stop_guest),
@@ -255,15 +258,12 @@ class MigrationSource:
         start = self.clock.now_ms()
         self.switchover.run()
         end = self.clock.now_ms()
-        self._serialize(lambda: self._end_completed(start, end, expected_ms))
+        self._serialize(lambda: self._end_completed(start, end, expected_ms, bw, pending))
 
-    def _expected_downtime_ms(self) -> float:
-        """What the switchover should take: what is left over the measured bandwidth."""
-        assert self.precopy is not None and self.pages is not None
-        bw = self.precopy.threshold_bytes() / max(self.settings["downtime-limit"], 1)
-        return self.pages.remaining_bytes() / bw if bw > 0 else 0.0
-
-    def _end_completed(self, start_ms: float, end_ms: float, expected_ms: float) -> None:
+    def _end_completed(
+        self, start_ms: float, end_ms: float, expected_ms: float, bw_bytes_per_ms: float,
+        pending_bytes: int,
+    ) -> None:  # fmt: skip
         assert self._writer is not None and self.switchover is not None
         stats, ram = self.stats, self.stats.ram
         stats.end_ms = end_ms
@@ -273,7 +273,13 @@ class MigrationSource:
         active_ms = end_ms - stats.start_ms - stats.setup_time_ms
         ram.mbps = ram.transferred * 8 / (active_ms / 1000) / 1e6 if active_ms > 0 else 0.0
         parts = self.switchover.parts
-        stats.extra["x-downtime-parts"] = parts.as_qmp()
+        stats.extra["x-downtime-parts"] = {
+            "expected": round(expected_ms, 2),
+            "bandwidth-bytes-per-ms": round(bw_bytes_per_ms, 1),
+            "pending-at-check-bytes": pending_bytes,
+            "syncs": self.stats.ram.dirty_sync_count,
+            **parts.as_qmp(),
+        }
         self._we_paused = False  # the guest lives on at the destination now
         self._set_run_state("postmigrate")
         self._set_status("completed")

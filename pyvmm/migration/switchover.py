@@ -51,12 +51,14 @@ class DowntimeParts:
     start_ms: float = 0.0  # GO to STARTED: starting the guest there + a round trip
     final_bytes: int = 0  # pages sent during the downtime
     state_bytes: int = 0
+    pending_at_stop_bytes: int = 0  # dirty after the final sync: what the estimate was for
 
-    def as_qmp(self) -> dict[str, float]:
+    def as_qmp(self) -> dict[str, float | int]:
         return {
             "stop": round(self.stop_ms, 2), "ram": round(self.ram_ms, 2),
             "state": round(self.state_ms, 2), "load": round(self.load_ms, 2),
             "commit": round(self.commit_ms, 2), "start": round(self.start_ms, 2),
+            "final-bytes": self.final_bytes, "pending-at-stop-bytes": self.pending_at_stop_bytes,
         }  # fmt: skip
 
 
@@ -93,6 +95,7 @@ class Switchover:
         before = self.writer.bytes_sent
         with precopy.lock:
             precopy.sync()
+            parts.pending_at_stop_bytes = precopy.pages.remaining_bytes()
             while not precopy.send(float("inf"), limited=False):
                 pass
         parts.final_bytes = self.writer.bytes_sent - before
