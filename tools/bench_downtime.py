@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_migrate import UNLIMITED, migrate_once, warm_host_memory  # noqa: E402
+from bench_migrate import UNLIMITED, migrate_once, warm_host_memory
 
 
 def main() -> None:
