@@ -483,6 +483,9 @@ class _kvm_run_exit(Union):
     ]
 
 
+SYNC_REGS_SIZE_BYTES = 2048
+
+
 class kvm_run(Structure):
     _fields_ = [
         ("request_interrupt_window", c_uint8),
@@ -495,7 +498,14 @@ class kvm_run(Structure):
         ("cr8", c_uint64),
         ("apic_base", c_uint64),
         ("exit", _kvm_run_exit),
+        ("kvm_valid_regs", c_uint64),
+        ("kvm_dirty_regs", c_uint64),
+        ("s", c_uint8 * SYNC_REGS_SIZE_BYTES),  # struct kvm_sync_regs, unused by pyvmm
     ]
+
+
+# Byte offset of kvm_run.immediate_exit: the vCPU loop and kicks store to it through the mmap.
+KVM_RUN_IMMEDIATE_EXIT_OFFSET = kvm_run.immediate_exit.offset
 
 
 def cpuid2_struct(n: int) -> type[Structure]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
+from collections.abc import Callable
 
 from pyvmm.kvm import _ioctl, abi
 from pyvmm.kvm.ioctl import ioctl, ioctl_read
+
+# (result, exit_reason, direction, size, port, count, data_offset): see VcpuFd.run_decoded.
+DecodedExit = tuple[int, int, int, int, int, int, int]
 
 
 class VcpuFd:
@@ -35,9 +40,14 @@ class VcpuFd:
         """KVM_RUN without the GIL: 0 after an exit, or -errno (-EINTR when kicked)."""
         return _ioctl.run(self.fd)
 
-    def run_decoded(self) -> tuple[int, int, int, int, int, int, int]:
+    def run_decoded(self) -> DecodedExit:
         """KVM_RUN, then (result, exit_reason, direction, size, port, count, data_offset)."""
         return _ioctl.run_decoded(self.fd, self.run_addr)
+
+    def decoded_runner(self) -> Callable[[], DecodedExit]:
+        """run_decoded as one C-level callable without arguments, for the vCPU loop's hot
+        path (a bound method would add a Python frame per exit). Valid until close()."""
+        return functools.partial(_ioctl.run_decoded, self.fd, self.run_addr)
 
     def map_dirty_ring(self, ring_bytes: int) -> mmap.mmap:
         self.ring_mmap = mmap.mmap(
@@ -74,6 +84,18 @@ class VcpuFd:
 
     def set_xsave(self, xsave: abi.kvm_xsave) -> None:
         ioctl(self.fd, abi.KVM_SET_XSAVE, xsave)
+
+    def get_xsave2(self, size_bytes: int) -> bytes:
+        """KVM_GET_XSAVE2 into a buffer of size_bytes, which must be at least the VM's
+        KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) (larger than kvm_xsave's 4096 with AMX)."""
+        buf = (ctypes.c_uint8 * size_bytes)()
+        ioctl(self.fd, abi.KVM_GET_XSAVE2, buf)
+        return bytes(buf)
+
+    def set_xsave_bytes(self, data: bytes) -> None:
+        """KVM_SET_XSAVE from raw bytes: with KVM_CAP_XSAVE2 larger than 4096, KVM reads
+        that many bytes, so the buffer is the whole area KVM_GET_XSAVE2 returned."""
+        ioctl(self.fd, abi.KVM_SET_XSAVE, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
 
     def get_xcrs(self) -> abi.kvm_xcrs:
         return ioctl_read(self.fd, abi.KVM_GET_XCRS, abi.kvm_xcrs)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pyvmm.kvm import VcpuFd, _ioctl, abi
+from pyvmm.kvm import VcpuFd, abi
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine
@@ -144,20 +144,20 @@ class Vcpu:
     def _loop(self) -> None:
         # The hot path: everything it touches is bound to a local first, because each
         # attribute lookup costs tens of nanoseconds and this runs once per exit.
-        run, mm = self.fd.kvm_run, self.fd.run_mmap
-        fd, addr, run_decoded = self.fd.fd, self.fd.run_addr, _ioctl.run_decoded
+        run, mm, run_decoded = self.fd.kvm_run, self.fd.run_mmap, self.fd.decoded_runner()
         bus_out, bus_in = self.machine.bus.io_out, self.machine.bus.io_in
         pending = self._pending
-        exit_io, io_out, eintr, eagain = (
+        exit_io, io_out, eintr, eagain, immediate_exit = (
             abi.KVM_EXIT_IO,
             abi.KVM_EXIT_IO_OUT,
             -errno.EINTR,
             -errno.EAGAIN,
+            abi.KVM_RUN_IMMEDIATE_EXIT_OFFSET,
         )
         with self._cond:
             self.state = VcpuRunState.RUNNING
         while True:
-            mm[1] = 0  # kvm_run.immediate_exit, cleared before the requests are read
+            mm[immediate_exit] = 0  # cleared before the requests are read
             while pending:
                 pending.popleft()(self)
             if self._stop_requested:
@@ -165,7 +165,7 @@ class Vcpu:
             if self._pause_requested:
                 self._park(VcpuRunState.PAUSED)
                 continue
-            result, reason, direction, size, port, count, offset = run_decoded(fd, addr)
+            result, reason, direction, size, port, count, offset = run_decoded()
             if result == 0 and reason == exit_io:
                 self.exits += 1
                 if direction == io_out:
