@@ -16,25 +16,41 @@ DecodedExit = tuple[int, int, int, int, int, int, int]
 
 
 class VcpuFd:
+    """Owns a vCPU fd and its kvm_run mapping from construction on; close() releases both."""
+
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self.fd = fd
         self.vcpu_id = vcpu_id
-        self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.kvm_run = abi.kvm_run.from_buffer(self.run_mmap)
-        self.run_addr = ctypes.addressof(self.kvm_run)
         self.ring_mmap: mmap.mmap | None = None
+        try:
+            self.run_mmap = mmap.mmap(
+                fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+            try:
+                self.kvm_run = abi.kvm_run.from_buffer(self.run_mmap)
+            except BaseException:
+                self.run_mmap.close()
+                raise
+        except BaseException:
+            os.close(fd)  # the caller never got an object that could close it
+            self.fd = -1
+            raise
+        self.run_addr = ctypes.addressof(self.kvm_run)
 
     def close(self) -> None:
-        if self.fd < 0:
+        """Unmap kvm_run (and the dirty ring) and close the fd. Safe to call twice."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
             return
-        # The ctypes view holds an export of the mmap; drop it before closing.
-        del self.kvm_run
-        self.run_mmap.close()
-        if self.ring_mmap is not None:
-            self.ring_mmap.close()
-            self.ring_mmap = None
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            # The ctypes view holds an export of the mmap; drop it before closing.
+            del self.kvm_run
+            self.run_mmap.close()
+            if self.ring_mmap is not None:
+                self.ring_mmap.close()
+                self.ring_mmap = None
+        finally:
+            os.close(fd)
 
     def run(self) -> int:
         """KVM_RUN without the GIL: 0 after an exit, or -errno (-EINTR when kicked)."""

@@ -4,6 +4,10 @@ Life cycle:  Machine(config) -> boot(image) -> start() -> wait() -> close().
 `wait` returns a MachineExit saying why the VM ended and with which exit code.
 pause()/resume() stop and restart every vCPU with bounded latency; the
 migration code uses them (and the state capture in machine/state.py).
+
+Ownership: the Machine owns /dev/kvm (its own, or the Kvm it was given), the VM
+fd, every vCPU fd and guest RAM; close() releases them all, and a constructor
+that fails releases what it took before it raises.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pyvmm.machine.devices import (
     PortBus,
     SerialConsole,
 )
-from pyvmm.machine.dirty_ring_setup import enable_dirty_ring
+from pyvmm.machine.dirty_ring_setup import enable_dirty_ring, max_ring_entries
 from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
@@ -45,7 +49,8 @@ class MachineConfig:
     # Start mode: every vCPU at the entry with no in-kernel irqchip (pyvmm's guests), or
     # the standard start (in-kernel irqchip and PIT, boot vCPU only). None = from the image.
     start_all_vcpus: bool | None = None
-    # Dirty ring entries per vCPU (None: bitmap mode). Enabled before vCPUs exist.
+    # Dirty ring entries per vCPU (None: bitmap mode; 0: the largest ring KVM offers, or
+    # bitmap mode if it offers none). Enabled before vCPUs exist.
     dirty_ring_entries: int | None = None
 
     def validate(self) -> None:
@@ -73,11 +78,33 @@ class Machine:
     def __init__(
         self, config: MachineConfig, serial: SerialConsole | None = None, kvm: Kvm | None = None
     ) -> None:
-        config.validate()
+        """A Kvm passed in becomes the machine's: close() closes it, and so does a failure
+        of this constructor."""
         self.config = config
-        self._own_kvm = kvm is None
-        self.kvm = kvm or Kvm()
-        self.vm = self.kvm.create_vm()
+        self.kvm = kvm if kvm is not None else Kvm()
+        try:
+            config.validate()
+            self._init_parts(serial)
+            if config.dirty_ring_entries == 0:
+                config.dirty_ring_entries = max_ring_entries(self.kvm) or None
+            self.vm = self.kvm.create_vm()
+        except BaseException:
+            self.kvm.close()
+            raise
+        try:
+            self.vm.set_tss_addr(TSS_ADDR)
+            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            self.memory = GuestMemory(config.mem_bytes)
+            for region in self.memory.regions:
+                self.vm.set_user_memory_region(
+                    region.slot, 0, region.gpa, region.size_bytes, region.host_addr
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_parts(self, serial: SerialConsole | None) -> None:
+        """Everything that holds no fd: the bus, devices, exit state."""
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         self.serial = serial or SerialConsole()
@@ -94,17 +121,6 @@ class Machine:
         self._mmio_logged: set[int] = set()
         self.ring_bytes = 0
         self.tsc_khz = 0
-        try:
-            self.vm.set_tss_addr(TSS_ADDR)
-            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-            self.memory = GuestMemory(config.mem_bytes)
-            for region in self.memory.regions:
-                self.vm.set_user_memory_region(
-                    region.slot, 0, region.gpa, region.size_bytes, region.host_addr
-                )
-        except BaseException:
-            self.close()
-            raise
 
     # --- building ----------------------------------------------------------------------------
 
@@ -249,8 +265,7 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        if self._own_kvm:
-            self.kvm.close()
+        self.kvm.close()
 
     def __enter__(self) -> Machine:
         return self
