@@ -31,7 +31,7 @@ from pyvmm.machine.dirty_ring_setup import enable_dirty_ring, max_ring_entries
 from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
-from pyvmm.machine.vcpu import Vcpu, VcpuRunState, install_kick_handler
+from pyvmm.machine.vcpu import Vcpu, VcpuHost, VcpuRunState, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Machine:
             raise
 
     def _init_parts(self, serial: SerialConsole | None) -> None:
-        """Everything that holds no fd: the bus, devices, exit state."""
+        """Everything that holds no fd: the bus, devices, exit state, the vCPUs' host."""
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         self.serial = serial or SerialConsole()
@@ -119,6 +119,14 @@ class Machine:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._mmio_logged: set[int] = set()
+        self._vcpu_host = VcpuHost(
+            io_out=self.bus.io_out,
+            io_in=self.bus.io_in,
+            fail=self.fail,
+            request_exit=self.request_exit,
+            vcpu_finished=self._vcpu_finished,
+            log_unhandled_mmio=self.log_unhandled_mmio,
+        )
         self.ring_bytes = 0
         self.tsc_khz = 0
 
@@ -153,7 +161,7 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         for index in range(self.config.vcpus):
             fd = self.vm.create_vcpu(index)
-            self.vcpus.append(Vcpu(self, index, fd))
+            self.vcpus.append(Vcpu(index, fd, self._vcpu_host))
             if index == 0:
                 self.tsc_khz = fd.get_tsc_khz()
             entries = cpuid.vcpu_cpuid(supported, index, self.config.vcpus, self.tsc_khz)
@@ -216,7 +224,7 @@ class Machine:
     def _guest_exit(self, vcpu_index: int, code: int) -> None:
         self.request_exit(code, f"guest wrote exit code {code} to port 0x{EXIT_PORT:x}")
 
-    def vcpu_finished(self, vcpu: Vcpu) -> None:
+    def _vcpu_finished(self, index: int) -> None:
         if all(v.state is VcpuRunState.FINISHED for v in self.vcpus):
             self.request_exit(0, "all vCPUs halted")
 

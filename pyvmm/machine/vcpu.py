@@ -8,6 +8,9 @@ looking at its requests, so a request made at any moment is seen.
 
 Work that must happen on the vCPU's own thread (a throttle sleep, a dirty-ring
 harvest) is queued with `run_on_thread` and runs at the next exit.
+
+A vCPU knows nothing of the Machine that owns it: what it needs from it (the
+port bus, "end the VM", "I have finished", MMIO logging) comes in a VcpuHost.
 """
 
 from __future__ import annotations
@@ -19,13 +22,11 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from pyvmm.kvm import VcpuFd, abi
-
-if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+from pyvmm.machine.devices import PortUser
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ class VcpuRunState(Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True)
+class VcpuHost:
+    """What a vCPU needs from the machine it belongs to (vcpu.py never sees the Machine)."""
+
+    io_out: Callable[[PortUser, int, bytes], None]  # port-I/O bus, write
+    io_in: Callable[[PortUser, int, int], bytes]  # port-I/O bus, read: (vcpu, port, size)
+    fail: Callable[[str], None]  # end the VM with an error line
+    request_exit: Callable[[int, str], None]  # end the VM normally: (exit code, reason)
+    vcpu_finished: Callable[[int], None]  # vCPU `index` halted for good
+    log_unhandled_mmio: Callable[[int, bool], None]  # (guest-physical address, is_write)
+
+
 def install_kick_handler() -> None:
     """A no-op handler, so KICK_SIGNAL interrupts KVM_RUN instead of killing the process.
 
@@ -50,10 +63,10 @@ def install_kick_handler() -> None:
 
 
 class Vcpu:
-    def __init__(self, machine: Machine, index: int, fd: VcpuFd) -> None:
-        self.machine = machine
+    def __init__(self, index: int, fd: VcpuFd, host: VcpuHost) -> None:
         self.index = index
         self.fd = fd
+        self.host = host
         self.state = VcpuRunState.CREATED
         self.thread: threading.Thread | None = None
         self.exits = 0
@@ -122,7 +135,7 @@ class Vcpu:
             self._loop()
         except Exception as exc:  # never let a vCPU thread die silently
             log.exception("vCPU %d crashed", self.index)
-            self.machine.fail(f"vCPU {self.index}: internal error: {exc}")
+            self.host.fail(f"vCPU {self.index}: internal error: {exc}")
         finally:
             with self._cond:
                 self.state = VcpuRunState.STOPPED
@@ -134,7 +147,7 @@ class Vcpu:
             self.state = state
             self._cond.notify_all()
             if state is VcpuRunState.FINISHED:
-                self.machine.vcpu_finished(self)
+                self.host.vcpu_finished(self.index)
                 self._cond.wait_for(lambda: self._stop_requested)
             else:
                 self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
@@ -145,7 +158,7 @@ class Vcpu:
         # The hot path: everything it touches is bound to a local first, because each
         # attribute lookup costs tens of nanoseconds and this runs once per exit.
         run, mm, run_decoded = self.fd.kvm_run, self.fd.run_mmap, self.fd.decoded_runner()
-        bus_out, bus_in = self.machine.bus.io_out, self.machine.bus.io_in
+        bus_out, bus_in = self.host.io_out, self.host.io_in
         pending = self._pending
         exit_io, io_out, eintr, eagain, immediate_exit = (
             abi.KVM_EXIT_IO,
@@ -178,7 +191,7 @@ class Vcpu:
             if result < 0:
                 if result in (eintr, eagain):
                     continue
-                self.machine.fail(f"vCPU {self.index}: KVM_RUN failed: errno {-result}")
+                self.host.fail(f"vCPU {self.index}: KVM_RUN failed: errno {-result}")
                 return
             self.exits += 1
             if not self._dispatch(run):
@@ -195,13 +208,13 @@ class Vcpu:
             return False
         if reason == abi.KVM_EXIT_DIRTY_RING_FULL:
             if self.on_dirty_ring_full is None:
-                self.machine.fail(f"vCPU {self.index}: dirty ring full but nobody harvests it")
+                self.host.fail(f"vCPU {self.index}: dirty ring full but nobody harvests it")
                 return False
             self.on_dirty_ring_full(self)
             return True
         if reason == abi.KVM_EXIT_MMIO:
             mmio = run.exit.mmio
-            self.machine.log_unhandled_mmio(mmio.phys_addr, bool(mmio.is_write))
+            self.host.log_unhandled_mmio(mmio.phys_addr, bool(mmio.is_write))
             if not mmio.is_write:
                 for i in range(mmio.len):
                     mmio.data[i] = 0xFF
@@ -213,10 +226,10 @@ class Vcpu:
             abi.KVM_SYSTEM_EVENT_RESET,
         ):
             kind = "power-off" if run.exit.system_event.type == 1 else "reset (not supported)"
-            self.machine.request_exit(0, f"guest requested {kind} on vCPU {self.index}")
+            self.host.request_exit(0, f"guest requested {kind} on vCPU {self.index}")
             self._park(VcpuRunState.PAUSED)
             return True
-        self.machine.fail(self.describe_exit(run))
+        self.host.fail(self.describe_exit(run))
         return False
 
     def describe_exit(self, run: abi.kvm_run) -> str:
