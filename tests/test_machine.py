@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
+import sys
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 
 import numpy as np
 import pytest
@@ -225,3 +229,131 @@ def test_invalid_ring_size_fails_before_any_vcpu() -> None:
         with pytest.raises(MachineError, match="power of two"):
             machine.boot(image)
         assert machine.vcpus == []
+
+
+# --- control from any thread, at any moment, also re-entrantly ---------------------------------
+
+
+def reenter_at_every_opcode(outer: Callable[[], object], inner: Callable[[], object]) -> int:
+    """Run outer() with inner() injected at every bytecode boundary of every Python frame
+    outer reaches, as a signal handler may run there; returns how many times inner ran.
+
+    Runs on a worker thread, so that a deadlock fails the test instead of hanging it."""
+    injected, busy, errors = [0], [False], []
+
+    def tracer(frame: FrameType, event: str, arg: object) -> object:
+        if busy[0]:
+            return None  # inner's own frames run untraced, as a handler's would
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            busy[0] = True
+            try:
+                inner()
+                injected[0] += 1
+            finally:
+                busy[0] = False
+        return tracer
+
+    def body() -> None:
+        sys.settrace(tracer)
+        try:
+            outer()
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+        finally:
+            sys.settrace(None)
+
+    worker = threading.Thread(target=body, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "deadlock: outer() never returned with inner() re-entering"
+    if errors:
+        raise errors[0]
+    return injected[0]
+
+
+def paused_machine(vcpus: int = 2) -> Machine:
+    machine, _ = boot("memstress", mem_mib=64, vcpus=vcpus, cmdline="mb=8 rate=16")
+    machine.start(paused=True)  # vCPU threads exist (kicks signal them) but run no guest
+    return machine
+
+
+def test_request_exit_reentered_at_every_opcode_neither_deadlocks_nor_loses_the_exit(
+    caplog,
+) -> None:
+    machine = paused_machine()
+    try:
+        with caplog.at_level(logging.INFO, logger="pyvmm.machine.machine"):
+            count = reenter_at_every_opcode(
+                lambda: machine.request_exit(0, "outer"), lambda: machine.request_exit(0, "inner")
+            )
+        assert count > 20  # the injection really reached inside
+        result = machine.wait(1.0)
+        assert result is not None and result.reason in ("outer", "inner")
+        assert machine.exit_status is result
+        ends = [r for r in caplog.records if r.getMessage().startswith("VM ends")]
+        assert len(ends) == 1, "exactly one caller wins"
+    finally:
+        machine.close()
+
+
+def test_vcpu_controls_reentered_at_every_opcode_of_close_are_harmless() -> None:
+    machine = paused_machine()
+    vcpus = list(machine.vcpus)  # what another thread would still hold during close
+
+    def poke() -> None:
+        for vcpu in vcpus:
+            vcpu.kick()
+            vcpu.wake()
+            vcpu.request_pause()
+            vcpu.resume()
+            vcpu.request_stop()
+        machine.request_exit(0, "poked")
+
+    fds = open_fds()
+    count = reenter_at_every_opcode(machine.close, poke)
+    assert count > 200
+    assert machine.vcpus == [] and all(v.fd.closed for v in vcpus)
+    assert open_fds() < fds  # the vCPU, VM and /dev/kvm fds really closed
+    poke()  # and after close, too
+
+
+def hammer_during_close(machine: Machine, threads: int = 3) -> None:
+    """Threads that kick, pause, resume and end the VM without pause while close() runs,
+    and well after it; any exception in them fails the test."""
+    vcpus = list(machine.vcpus)
+    closed, errors, after_close = threading.Event(), [], [0]
+
+    def hammer() -> None:
+        try:
+            while after_close[0] < 200:
+                for vcpu in vcpus:
+                    vcpu.kick()
+                    vcpu.wake()
+                    vcpu.request_pause()
+                    vcpu.resume()
+                machine.request_exit(0, "hammered")
+                if closed.is_set():
+                    after_close[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=hammer) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    machine.close()
+    closed.set()
+    for worker in workers:
+        worker.join(10)
+    assert not any(worker.is_alive() for worker in workers)
+    assert not errors, repr(errors[0])
+
+
+def test_threads_hammering_controls_during_close() -> None:
+    fds = open_fds()
+    for _ in range(20):
+        machine, _ = boot("memstress", mem_mib=64, vcpus=2, cmdline="mb=8 rate=16")
+        machine.start()
+        hammer_during_close(machine)
+        assert machine.exit_status is not None and machine.exit_status.reason == "hammered"
+    assert open_fds() == fds

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import mmap
 import os
+import threading
 from collections.abc import Callable
 
 from pyvmm.kvm import _ioctl, abi
@@ -22,6 +23,9 @@ class VcpuFd:
         self.fd = fd
         self.vcpu_id = vcpu_id
         self.ring_mmap: mmap.mmap | None = None
+        # Guards the kvm_run mapping against close() while another thread kicks. Reentrant:
+        # a signal handler may kick on a thread that is inside close() or a kick already.
+        self._lock = threading.RLock()
         try:
             self.run_mmap = mmap.mmap(
                 fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
@@ -38,19 +42,35 @@ class VcpuFd:
         self.run_addr = ctypes.addressof(self.kvm_run)
 
     def close(self) -> None:
-        """Unmap kvm_run (and the dirty ring) and close the fd. Safe to call twice."""
-        fd, self.fd = self.fd, -1
-        if fd < 0:
-            return
-        try:
-            # The ctypes view holds an export of the mmap; drop it before closing.
-            del self.kvm_run
-            self.run_mmap.close()
-            if self.ring_mmap is not None:
-                self.ring_mmap.close()
-                self.ring_mmap = None
-        finally:
-            os.close(fd)
+        """Unmap kvm_run (and the dirty ring) and close the fd. Safe to call twice, and
+        while other threads call set_immediate_exit (it becomes a no-op)."""
+        with self._lock:
+            fd, self.fd = self.fd, -1  # first: a kick that re-enters from here sees it closed
+            if fd < 0:
+                return
+            try:
+                # The ctypes view holds an export of the mmap; drop it before closing.
+                del self.kvm_run
+                self.run_mmap.close()
+                if self.ring_mmap is not None:
+                    self.ring_mmap.close()
+                    self.ring_mmap = None
+            finally:
+                os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def set_immediate_exit(self, value: int = 1) -> bool:
+        """Store kvm_run.immediate_exit; False (and nothing done) once close() has begun.
+
+        Safe from any thread and from a signal handler, at any moment of close()."""
+        with self._lock:
+            if self.fd < 0:
+                return False
+            self.run_mmap[abi.KVM_RUN_IMMEDIATE_EXIT_OFFSET] = value
+            return True
 
     def run(self) -> int:
         """KVM_RUN without the GIL: 0 after an exit, or -errno (-EINTR when kicked)."""

@@ -115,9 +115,12 @@ class Machine:
         self.bus.register(SLEEP_PORT, 1, control)
         self.irqchip = False
         self.started = False
-        self._exit: MachineExit | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
+        # How the VM ended: the first entry wins. list.append is atomic, so request_exit
+        # needs no lock (it runs in signal handlers, possibly inside itself).
+        self._exits: list[MachineExit] = []
+        # Held until the VM ends: a latch whose release never blocks (see request_exit).
+        self._done = threading.Lock()
+        self._done.acquire()
         self._mmio_logged: set[int] = set()
         self._vcpu_host = VcpuHost(
             io_out=self.bus.io_out,
@@ -197,26 +200,33 @@ class Machine:
     def wait(self, timeout_s: float | None = None) -> MachineExit | None:
         """Block until the VM ends (or timeout); returns why, or None on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._done.is_set():
+        while True:
             remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if remaining <= 0:
                 return None
-            self._done.wait(remaining)  # short waits keep signal handlers responsive
-        return self._exit
+            # Short waits keep signal handlers responsive. A handler that ends the VM
+            # releases the latch even while this thread is inside acquire().
+            if self._done.acquire(timeout=remaining):
+                self._done.release()  # leave the latch open for every other waiter
+                return self._exits[0]
 
     @property
     def exit_status(self) -> MachineExit | None:
-        return self._exit
+        exits = self._exits
+        return exits[0] if exits else None
 
     def request_exit(self, code: int, reason: str, error: bool = False) -> None:
-        """End the VM (first caller wins); vCPU threads are stopped by close()."""
-        with self._lock:
-            if self._exit is None:
-                self._exit = MachineExit(code, reason, error)
-                log.info("VM ends: %s (exit code %d)", reason, code)
+        """End the VM (first caller wins); vCPU threads are stopped by close().
+
+        Safe from any thread and from a signal handler, also one that interrupted this
+        very method on the same thread: it takes no lock its caller could hold."""
+        candidate = MachineExit(code, reason, error)
+        self._exits.append(candidate)
         for vcpu in self.vcpus:
             vcpu.request_stop()
-        self._done.set()
+        if self._exits[0] is candidate:  # exactly one caller gets here
+            log.info("VM ends: %s (exit code %d)", reason, code)
+            self._done.release()
 
     def fail(self, message: str) -> None:
         self.request_exit(1, message, error=True)
@@ -256,19 +266,21 @@ class Machine:
     # --- teardown ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop vCPU threads and release every fd and mapping. Safe to call twice."""
-        for vcpu in self.vcpus:
+        """Stop vCPU threads and release every fd and mapping. Safe to call twice, and
+        while other threads kick, pause or end the VM (on the vCPUs they hold, kicks
+        become no-ops once a vCPU's fd is closed)."""
+        vcpus = self.vcpus
+        for vcpu in vcpus:
             vcpu.request_stop()
-        for vcpu in self.vcpus:
+        for vcpu in vcpus:
             if vcpu.thread is not None:
                 vcpu.thread.join(2.0)
                 if vcpu.thread.is_alive():
-                    log.warning("vCPU %d thread did not stop", vcpu.index)
+                    log.warning("vCPU %d thread did not stop; its fd stays open", vcpu.index)
         self.serial.flush()
-        for vcpu in self.vcpus:
-            if vcpu.thread is None or not vcpu.thread.is_alive():
-                vcpu.fd.close()
-        self.vcpus = []
+        self.vcpus = []  # before the fds close: nobody finds a closed vCPU in the list
+        for vcpu in vcpus:
+            vcpu.close()
         self.vm.close()  # the VM goes first: it maps guest RAM
         if self.memory is not None:
             self.memory.close()

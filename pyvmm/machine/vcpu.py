@@ -11,6 +11,13 @@ harvest) is queued with `run_on_thread` and runs at the next exit.
 
 A vCPU knows nothing of the Machine that owns it: what it needs from it (the
 port bus, "end the VM", "I have finished", MMIO logging) comes in a VcpuHost.
+
+kick/wake/request_stop/request_pause are safe from any thread, from a signal
+handler that interrupted one of them on the same thread, and at every point of
+Machine.close(): once the fd is closed they do nothing. So they take no lock
+that their own thread might already hold: the wake-up flag is a Lock released
+to set it (release never blocks), the condition's lock is reentrant, and the
+kvm_run store goes through VcpuFd.set_immediate_exit.
 """
 
 from __future__ import annotations
@@ -54,6 +61,30 @@ class VcpuHost:
     log_unhandled_mmio: Callable[[int, bool], None]  # (guest-physical address, is_write)
 
 
+class WakeFlag:
+    """An Event for one waiter whose set() never blocks, so a signal handler may call it
+    on a thread that is inside set() already (threading.Event.set takes a plain Lock and
+    would deadlock there). The flag is set while the lock is free."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already set
+            self._lock.release()
+
+    def clear(self) -> None:
+        self._lock.acquire(blocking=False)
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait_and_clear(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for set(); True if it was set (and is now clear again)."""
+        return self._lock.acquire(timeout=max(timeout_s, 0.0))
+
+
 def install_kick_handler() -> None:
     """A no-op handler, so KICK_SIGNAL interrupts KVM_RUN instead of killing the process.
 
@@ -70,10 +101,10 @@ class Vcpu:
         self.state = VcpuRunState.CREATED
         self.thread: threading.Thread | None = None
         self.exits = 0
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())  # reentrant: see the docstring
         self._pause_requested = False
         self._stop_requested = False
-        self._wake = threading.Event()  # ends a sleep early
+        self._wake = WakeFlag()  # ends a sleep early
         self._pending: deque[Callable[[Vcpu], None]] = deque()
         self.on_dirty_ring_full: Callable[[Vcpu], None] | None = None
 
@@ -85,7 +116,9 @@ class Vcpu:
         self.thread.start()
 
     def kick(self) -> None:
-        self.fd.kvm_run.immediate_exit = 1
+        """Make the vCPU leave KVM_RUN (or not enter it) and look at its requests."""
+        if not self.fd.set_immediate_exit():
+            return  # closed: the thread has ended and nothing can run again
         self._wake.set()
         thread = self.thread
         if thread is not None and thread.is_alive() and thread.ident is not None:
@@ -122,13 +155,19 @@ class Vcpu:
         self._pending.append(fn)
         self.kick()
 
+    def close(self) -> None:
+        """Release the vCPU fd once the thread has ended (Machine.close calls this)."""
+        thread = self.thread
+        if thread is None or not thread.is_alive():
+            self.fd.close()
+
     # --- called on the vCPU thread -----------------------------------------------------------
 
     def sleep_us(self, microseconds: int) -> None:
         """Sleep on this thread; a kick (pause, stop, migration switchover) ends it early."""
         self._wake.clear()
         if not (self._pause_requested or self._stop_requested):
-            self._wake.wait(microseconds / 1e6)
+            self._wake.wait_and_clear(microseconds / 1e6)
 
     def _thread_main(self) -> None:
         try:
@@ -146,8 +185,12 @@ class Vcpu:
         with self._cond:
             self.state = state
             self._cond.notify_all()
+        if state is VcpuRunState.FINISHED:
+            # Outside our lock: the host may stop every vCPU, and two vCPUs finishing at
+            # once would each hold its own lock while taking the other's.
+            self.host.vcpu_finished(self.index)
+        with self._cond:
             if state is VcpuRunState.FINISHED:
-                self.host.vcpu_finished(self.index)
                 self._cond.wait_for(lambda: self._stop_requested)
             else:
                 self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
