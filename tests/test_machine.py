@@ -16,12 +16,13 @@ import pytest
 
 import guestgen
 from helpers import open_fds
+from pyvmm.kvm import abi
 from pyvmm.machine.elf import load_pvh_image, parse_pvh_image
 from pyvmm.machine.errors import ImageError, MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig
 from pyvmm.machine.memory import HIGH_RAM_START, LOW_RAM_END, GuestMemory
-from pyvmm.machine.vcpu import VcpuRunState
+from pyvmm.machine.vcpu import VcpuRunState, describe_fatal_exit
 
 pytestmark = pytest.mark.kvm
 
@@ -92,14 +93,64 @@ def test_invalid_instruction_is_a_clear_error() -> None:
     assert "RIP 0x100000" in result.reason
 
 
-def test_internal_error_reports_suberror_and_instruction_bytes() -> None:
-    result, _ = run_to_end(guestgen.INT3_NO_IDT)
-    assert result.error
-    # This host's emulator cannot deliver int3 through a zero-limit IDT; a host that can
-    # triple-faults instead. Both are one-line errors naming the cause.
-    assert re.search(
-        r"suberror 1 \(emulation failure\), instruction bytes cc|triple", result.reason
+@pytest.mark.parametrize(
+    ("code", "insn"),
+    [(guestgen.SSE_AT_CPL0, guestgen.PXOR), (guestgen.INT3_NO_IDT, b"\xcc")],
+    ids=["sse-at-cpl0", "int3-no-idt"],
+)
+def test_internal_error_reports_suberror_and_instruction_bytes(code: bytes, insn: bytes) -> None:
+    machine, _ = boot(code)
+    try:
+        machine.start()
+        result = machine.wait(20)
+        assert result is not None, "the VM did not end in time"
+        exit_reason = machine.vcpus[0].fd.kvm_run.exit_reason  # the raw exit, not the message
+        if exit_reason != abi.KVM_EXIT_INTERNAL_ERROR:
+            name = abi.EXIT_REASON_NAMES.get(exit_reason, str(exit_reason))
+            pytest.skip(
+                f"this host's KVM handled {insn.hex(' ')} at CPL0 without an emulation "
+                f"failure (last exit KVM_EXIT_{name}): it runs guest kernel code in hardware, "
+                "so this guest cannot make it report KVM_EXIT_INTERNAL_ERROR"
+            )
+        rip = guestgen.LOAD_ADDR + code.index(insn)
+        match = re.fullmatch(
+            r"KVM internal error \(KVM_EXIT_INTERNAL_ERROR, suberror 1 \(emulation failure\), "
+            r"instruction bytes ((?:[0-9a-f]{2} ?)+)\) on vCPU 0 at RIP 0x([0-9a-f]+)",
+            result.reason,
+        )
+        assert match, result.reason
+        assert (result.error, result.code) == (True, 1)
+        assert int(match.group(2), 16) == rip
+        reported = bytes.fromhex(match.group(1))
+        # The bytes KVM fetched are the guest's own, from the failing instruction on.
+        assert reported.startswith(insn)
+        assert reported == machine.memory.read(rip, len(reported))
+    finally:
+        machine.close()
+
+
+def test_fatal_exit_decoder_on_a_synthetic_kvm_run() -> None:
+    run = abi.kvm_run()
+    run.exit_reason = abi.KVM_EXIT_INTERNAL_ERROR
+    emu = run.exit.emulation_failure
+    emu.suberror, emu.ndata = abi.KVM_INTERNAL_ERROR_EMULATION, 3
+    emu.flags = abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    emu.insn_size = 4
+    emu.insn_bytes[:4] = list(guestgen.PXOR)
+    assert describe_fatal_exit(run, "vCPU 3 at RIP 0x1000") == (
+        "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror 1 (emulation failure), "
+        "instruction bytes 66 0f ef c0) on vCPU 3 at RIP 0x1000"
     )
+    emu.flags = 0  # KVM did not say it filled in the bytes: none are reported
+    assert describe_fatal_exit(run, "vCPU 3").endswith("suberror 1 (emulation failure)) on vCPU 3")
+    internal = run.exit.internal
+    internal.suberror, internal.ndata = 3, 2  # KVM_INTERNAL_ERROR_DELIVERY_EV
+    internal.data[0], internal.data[1] = 0x80000B0D, 0x10
+    assert describe_fatal_exit(run, "vCPU 0") == (
+        "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror 3, data 0x80000b0d 0x10) on vCPU 0"
+    )
+    run.exit_reason = abi.KVM_EXIT_SHUTDOWN
+    assert describe_fatal_exit(run, "vCPU 0").startswith("guest triple-faulted (KVM_EXIT_SHUTDOWN)")
 
 
 def test_hello_prints_a_timestamped_line_and_exits_zero() -> None:

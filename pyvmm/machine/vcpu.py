@@ -277,41 +277,45 @@ class Vcpu:
 
     def describe_exit(self, run: abi.kvm_run) -> str:
         """A one-line description of a fatal exit, with the guest's RIP when readable."""
-        reason = run.exit_reason
-        name = abi.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
         try:
             rip = f" at RIP 0x{self.fd.get_regs().rip:x}"
         except OSError:
             rip = ""
-        where = f"vCPU {self.index}{rip}"
-        if reason == abi.KVM_EXIT_SHUTDOWN:
-            return (
-                f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on {where}: an exception it could "
-                "not handle, such as an invalid instruction with no usable IDT"
+        return describe_fatal_exit(run, f"vCPU {self.index}{rip}")
+
+
+def describe_fatal_exit(run: abi.kvm_run, where: str) -> str:
+    """The one-line error for an exit that ends the VM; `where` names the vCPU (and RIP).
+
+    A pure function of the kvm_run page, so that its decoding is tested on any host."""
+    reason = run.exit_reason
+    name = abi.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+    if reason == abi.KVM_EXIT_SHUTDOWN:
+        return (
+            f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on {where}: an exception it could "
+            "not handle, such as an invalid instruction with no usable IDT"
+        )
+    if reason == abi.KVM_EXIT_FAIL_ENTRY:
+        code = run.exit.fail_entry.hardware_entry_failure_reason
+        return f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason 0x{code:x}) on {where}"
+    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+        internal = run.exit.internal
+        sub = internal.suberror
+        detail = f"suberror {sub}"
+        if sub == abi.KVM_INTERNAL_ERROR_EMULATION:
+            emu = run.exit.emulation_failure
+            detail += " (emulation failure)"
+            has_bytes = internal.ndata >= 2 and emu.flags & (
+                abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
             )
-        if reason == abi.KVM_EXIT_FAIL_ENTRY:
-            code = run.exit.fail_entry.hardware_entry_failure_reason
-            return (
-                f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason 0x{code:x}) on {where}"
-            )
-        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
-            internal = run.exit.internal
-            sub = internal.suberror
-            detail = f"suberror {sub}"
-            if sub == abi.KVM_INTERNAL_ERROR_EMULATION:
-                emu = run.exit.emulation_failure
-                detail += " (emulation failure)"
-                has_bytes = internal.ndata >= 2 and emu.flags & (
-                    abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-                )
-                if has_bytes:
-                    insn = bytes(emu.insn_bytes[: min(emu.insn_size, 15)])
-                    detail += f", instruction bytes {insn.hex(' ')}"
-            elif internal.ndata:
-                data = " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
-                detail += f", data {data}"
-            return f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, {detail}) on {where}"
-        if reason == abi.KVM_EXIT_SYSTEM_EVENT:
-            kind = {1: "shutdown", 2: "reset", 3: "crash"}.get(run.exit.system_event.type, "?")
-            return f"guest requested {kind} (KVM_EXIT_SYSTEM_EVENT) on {where}"
-        return f"unexpected exit KVM_EXIT_{name} on {where}"
+            if has_bytes:
+                insn = bytes(emu.insn_bytes[: min(emu.insn_size, 15)])
+                detail += f", instruction bytes {insn.hex(' ')}"
+        elif internal.ndata:
+            data = " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
+            detail += f", data {data}"
+        return f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, {detail}) on {where}"
+    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+        kind = {1: "shutdown", 2: "reset", 3: "crash"}.get(run.exit.system_event.type, "?")
+        return f"guest requested {kind} (KVM_EXIT_SYSTEM_EVENT) on {where}"
+    return f"unexpected exit KVM_EXIT_{name} on {where}"
