@@ -73,6 +73,11 @@ UD2 = b"\x0f\x0b"
 DIVIDE_ERROR = b"\x31\xc9\xf7\xf1"
 # int3 with a zero-limit IDT: PVM's emulator fails on it (KVM_EXIT_INTERNAL_ERROR).
 INT3_NO_IDT = b"\x0f\x01\x1d" + struct.pack("<I", LOAD_ADDR + 9) + b"\xcc\x90" + b"\x00" * 6
+# mov eax, cr4; or eax, 0x200 (CR4.OSFXSR); mov cr4, eax; pxor xmm0, xmm0; then exit 0.
+# The guest runs at CPL0, where a host that emulates kernel code (kvm_pvm) cannot emulate
+# SSE: KVM_EXIT_INTERNAL_ERROR, emulation failure. Hardware virtualization just runs it.
+PXOR = b"\x66\x0f\xef\xc0"
+SSE_AT_CPL0 = b"\x0f\x20\xe0" + b"\x0d\x00\x02\x00\x00" + b"\x0f\x22\xe0" + PXOR + exit_with(0)
 # in al, 0x99 (an unhandled port: reads 0xff); then exit with that value.
 READ_UNHANDLED_PORT_AND_EXIT = (
     b"\x31\xc0" + b"\xe4\x99" + b"\x66\xba\x01\x05" + b"\xef" + b"\xfa\xf4"

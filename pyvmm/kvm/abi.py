@@ -527,6 +527,9 @@ class _kvm_run_exit(Union):
     ]
 
 
+SYNC_REGS_SIZE_BYTES = 2048
+
+
 class kvm_run(Structure):
     _fields_ = [
         ("request_interrupt_window", c_uint8),
@@ -539,6 +542,9 @@ class kvm_run(Structure):
         ("cr8", c_uint64),
         ("apic_base", c_uint64),
         ("exit", _kvm_run_exit),
+        ("kvm_valid_regs", c_uint64),
+        ("kvm_dirty_regs", c_uint64),
+        ("s", c_uint8 * SYNC_REGS_SIZE_BYTES),  # struct kvm_sync_regs, unused by pyvmm
     ]
 
 
@@ -679,6 +685,9 @@ class kvm_nested_state(Structure):
         ("size", c_uint32),
         ("hdr", c_uint8 * 120),
     ]
+
+# Byte offset of kvm_run.immediate_exit: the vCPU loop and kicks store to it through the mmap.
+KVM_RUN_IMMEDIATE_EXIT_OFFSET = kvm_run.immediate_exit.offset
 
 
 def cpuid2_struct(n: int) -> type[Structure]:

@@ -31,16 +31,20 @@ class Kvm:
             ) from None
         except OSError as exc:
             raise KvmUnavailable(f"{path}: {exc.strerror}") from None
-        version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
-        if version != abi.KVM_API_VERSION:
-            os.close(self.fd)
-            raise KvmUnavailable(f"{path}: KVM API version {version}, pyvmm needs 12")
         self._cpuid_cache: list[abi.kvm_cpuid_entry2] | None = None
+        try:
+            version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
+            if version != abi.KVM_API_VERSION:
+                raise KvmUnavailable(f"{path}: KVM API version {version}, pyvmm needs 12")
+        except BaseException:
+            self.close()  # nobody else can: the constructor did not return
+            raise
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close /dev/kvm. Safe to call twice; VMs created from it stay valid."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> Kvm:
         return self
@@ -86,8 +90,9 @@ class Kvm:
                 n = max(n * 2, buf.nmsrs)
 
     def create_vm(self) -> VmFd:
-        fd = ioctl(self.fd, abi.KVM_CREATE_VM, 0)
-        return VmFd(fd, self.vcpu_mmap_size())
+        """A new VM; the caller owns the returned VmFd and closes it."""
+        mmap_size = self.vcpu_mmap_size()  # first: nothing can fail once the VM fd exists
+        return VmFd(ioctl(self.fd, abi.KVM_CREATE_VM, 0), mmap_size)
 
 
 def _copy_entry(entry: abi.kvm_cpuid_entry2) -> abi.kvm_cpuid_entry2:

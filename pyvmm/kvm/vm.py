@@ -11,14 +11,16 @@ from pyvmm.kvm.vcpu import VcpuFd
 
 
 class VmFd:
+    """Owns its fd from construction on; close() releases it (safe to call twice)."""
+
     def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
         self.fd = fd
         self.vcpu_mmap_size = vcpu_mmap_size
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
@@ -95,5 +97,6 @@ class VmFd:
         return ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS)
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
+        """A new vCPU; the caller owns the returned VcpuFd and closes it."""
         fd = ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id)
-        return VcpuFd(fd, vcpu_id, self.vcpu_mmap_size)
+        return VcpuFd(fd, vcpu_id, self.vcpu_mmap_size)  # closes fd itself if it fails

@@ -4,6 +4,10 @@ Life cycle:  Machine(config) -> boot(image) -> start() -> wait() -> close().
 `wait` returns a MachineExit saying why the VM ended and with which exit code.
 pause()/resume() stop and restart every vCPU with bounded latency; the
 migration code uses them (and the state capture in machine/state.py).
+
+Ownership: the Machine owns /dev/kvm (its own, or the Kvm it was given), the VM
+fd, every vCPU fd and guest RAM; close() releases them all, and a constructor
+that fails releases what it took before it raises.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from pyvmm.machine.devices import (
     PortBus,
     SerialConsole,
 )
-from pyvmm.machine.dirty_ring_setup import enable_dirty_ring
+from pyvmm.machine.dirty_ring_setup import enable_dirty_ring, max_ring_entries
 from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
-from pyvmm.machine.vcpu import Vcpu, VcpuRunState, install_kick_handler
+from pyvmm.machine.vcpu import Vcpu, VcpuHost, VcpuRunState, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ class MachineConfig:
     # Start mode: every vCPU at the entry with no in-kernel irqchip (pyvmm's guests), or
     # the standard start (in-kernel irqchip and PIT, boot vCPU only). None = from the image.
     start_all_vcpus: bool | None = None
-    # Dirty ring entries per vCPU (None: bitmap mode). Enabled before vCPUs exist.
+    # Dirty ring entries per vCPU (None: bitmap mode; 0: the largest ring KVM offers, or
+    # bitmap mode if it offers none). Enabled before vCPUs exist.
     dirty_ring_entries: int | None = None
 
     def validate(self) -> None:
@@ -73,27 +78,19 @@ class Machine:
     def __init__(
         self, config: MachineConfig, serial: SerialConsole | None = None, kvm: Kvm | None = None
     ) -> None:
-        config.validate()
+        """A Kvm passed in becomes the machine's: close() closes it, and so does a failure
+        of this constructor."""
         self.config = config
-        self._own_kvm = kvm is None
-        self.kvm = kvm or Kvm()
-        self.vm = self.kvm.create_vm()
-        self.vcpus: list[Vcpu] = []
-        self.memory: GuestMemory | None = None
-        self.serial = serial or SerialConsole()
-        self.bus = PortBus()
-        self.bus.register(COM1_BASE, 8, self.serial)
-        control = ControlPort(self._guest_exit)
-        self.bus.register(EXIT_PORT, 1, control)
-        self.bus.register(SLEEP_PORT, 1, control)
-        self.irqchip = False
-        self.started = False
-        self._exit: MachineExit | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._mmio_logged: set[int] = set()
-        self.ring_bytes = 0
-        self.tsc_khz = 0
+        self.kvm = kvm if kvm is not None else Kvm()
+        try:
+            config.validate()
+            self._init_parts(serial)
+            if config.dirty_ring_entries == 0:
+                config.dirty_ring_entries = max_ring_entries(self.kvm) or None
+            self.vm = self.kvm.create_vm()
+        except BaseException:
+            self.kvm.close()
+            raise
         try:
             self.vm.set_tss_addr(TSS_ADDR)
             self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
@@ -105,6 +102,36 @@ class Machine:
         except BaseException:
             self.close()
             raise
+
+    def _init_parts(self, serial: SerialConsole | None) -> None:
+        """Everything that holds no fd: the bus, devices, exit state, the vCPUs' host."""
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self.serial = serial or SerialConsole()
+        self.bus = PortBus()
+        self.bus.register(COM1_BASE, 8, self.serial)
+        control = ControlPort(self._guest_exit)
+        self.bus.register(EXIT_PORT, 1, control)
+        self.bus.register(SLEEP_PORT, 1, control)
+        self.irqchip = False
+        self.started = False
+        # How the VM ended: the first entry wins. list.append is atomic, so request_exit
+        # needs no lock (it runs in signal handlers, possibly inside itself).
+        self._exits: list[MachineExit] = []
+        # Held until the VM ends: a latch whose release never blocks (see request_exit).
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._mmio_logged: set[int] = set()
+        self._vcpu_host = VcpuHost(
+            io_out=self.bus.io_out,
+            io_in=self.bus.io_in,
+            fail=self.fail,
+            request_exit=self.request_exit,
+            vcpu_finished=self._vcpu_finished,
+            log_unhandled_mmio=self.log_unhandled_mmio,
+        )
+        self.ring_bytes = 0
+        self.tsc_khz = 0
 
     # --- building ----------------------------------------------------------------------------
 
@@ -137,7 +164,7 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         for index in range(self.config.vcpus):
             fd = self.vm.create_vcpu(index)
-            self.vcpus.append(Vcpu(self, index, fd))
+            self.vcpus.append(Vcpu(index, fd, self._vcpu_host))
             if index == 0:
                 self.tsc_khz = fd.get_tsc_khz()
             entries = cpuid.vcpu_cpuid(supported, index, self.config.vcpus, self.tsc_khz)
@@ -173,26 +200,33 @@ class Machine:
     def wait(self, timeout_s: float | None = None) -> MachineExit | None:
         """Block until the VM ends (or timeout); returns why, or None on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._done.is_set():
+        while True:
             remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if remaining <= 0:
                 return None
-            self._done.wait(remaining)  # short waits keep signal handlers responsive
-        return self._exit
+            # Short waits keep signal handlers responsive. A handler that ends the VM
+            # releases the latch even while this thread is inside acquire().
+            if self._done.acquire(timeout=remaining):
+                self._done.release()  # leave the latch open for every other waiter
+                return self._exits[0]
 
     @property
     def exit_status(self) -> MachineExit | None:
-        return self._exit
+        exits = self._exits
+        return exits[0] if exits else None
 
     def request_exit(self, code: int, reason: str, error: bool = False) -> None:
-        """End the VM (first caller wins); vCPU threads are stopped by close()."""
-        with self._lock:
-            if self._exit is None:
-                self._exit = MachineExit(code, reason, error)
-                log.info("VM ends: %s (exit code %d)", reason, code)
+        """End the VM (first caller wins); vCPU threads are stopped by close().
+
+        Safe from any thread and from a signal handler, also one that interrupted this
+        very method on the same thread: it takes no lock its caller could hold."""
+        candidate = MachineExit(code, reason, error)
+        self._exits.append(candidate)
         for vcpu in self.vcpus:
             vcpu.request_stop()
-        self._done.set()
+        if self._exits[0] is candidate:  # exactly one caller gets here
+            log.info("VM ends: %s (exit code %d)", reason, code)
+            self._done.release()
 
     def fail(self, message: str) -> None:
         self.request_exit(1, message, error=True)
@@ -200,7 +234,7 @@ class Machine:
     def _guest_exit(self, vcpu_index: int, code: int) -> None:
         self.request_exit(code, f"guest wrote exit code {code} to port 0x{EXIT_PORT:x}")
 
-    def vcpu_finished(self, vcpu: Vcpu) -> None:
+    def _vcpu_finished(self, index: int) -> None:
         if all(v.state is VcpuRunState.FINISHED for v in self.vcpus):
             self.request_exit(0, "all vCPUs halted")
 
@@ -232,25 +266,26 @@ class Machine:
     # --- teardown ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop vCPU threads and release every fd and mapping. Safe to call twice."""
-        for vcpu in self.vcpus:
+        """Stop vCPU threads and release every fd and mapping. Safe to call twice, and
+        while other threads kick, pause or end the VM (on the vCPUs they hold, kicks
+        become no-ops once a vCPU's fd is closed)."""
+        vcpus = self.vcpus
+        for vcpu in vcpus:
             vcpu.request_stop()
-        for vcpu in self.vcpus:
+        for vcpu in vcpus:
             if vcpu.thread is not None:
                 vcpu.thread.join(2.0)
                 if vcpu.thread.is_alive():
-                    log.warning("vCPU %d thread did not stop", vcpu.index)
+                    log.warning("vCPU %d thread did not stop; its fd stays open", vcpu.index)
         self.serial.flush()
-        for vcpu in self.vcpus:
-            if vcpu.thread is None or not vcpu.thread.is_alive():
-                vcpu.fd.close()
-        self.vcpus = []
+        self.vcpus = []  # before the fds close: nobody finds a closed vCPU in the list
+        for vcpu in vcpus:
+            vcpu.close()
         self.vm.close()  # the VM goes first: it maps guest RAM
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        if self._own_kvm:
-            self.kvm.close()
+        self.kvm.close()
 
     def __enter__(self) -> Machine:
         return self

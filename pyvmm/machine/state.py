@@ -51,7 +51,7 @@ MAX_XSAVE_BYTES = 64 << 10  # KVM_CAP_XSAVE2 is 4096 here, about 11 KiB with AMX
 MAX_TSC_KHZ = 0xFFFFFFFF  # KVM keeps it in a u32
 TSC_KHZ_TOLERANCE = 250e-6  # QEMU's and Firecracker's tolerance before rescaling the TSC
 PENDING_IO_MAX_EXITS = 64  # exits a pending I/O may take to complete before we give up
-KVM_RUN_IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset  # byte offset in the kvm_run page
+KVM_RUN_IMMEDIATE_EXIT = abi.KVM_RUN_IMMEDIATE_EXIT_OFFSET
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -353,11 +353,7 @@ def _get_xsave(fd: VcpuFd, size: int) -> bytes:
     if size == ctypes.sizeof(abi.kvm_xsave):
         return bytes(fd.get_xsave())
     # A larger XSAVE area (AMX) needs KVM_GET_XSAVE2 with a buffer of KVM_CAP_XSAVE2 bytes.
-    from pyvmm.kvm.ioctl import ioctl
-
-    buf = (ctypes.c_uint8 * size)()
-    ioctl(fd.fd, abi.KVM_GET_XSAVE2, buf)
-    return bytes(buf)
+    return fd.get_xsave2(size)
 
 
 def _set_xsave(fd: VcpuFd, data: bytes) -> None:
@@ -365,9 +361,7 @@ def _set_xsave(fd: VcpuFd, data: bytes) -> None:
         fd.set_xsave(abi.kvm_xsave.from_buffer_copy(data))
         return
     # KVM_SET_XSAVE reads KVM_CAP_XSAVE2 bytes from the buffer when that is larger.
-    from pyvmm.kvm.ioctl import ioctl
-
-    ioctl(fd.fd, abi.KVM_SET_XSAVE, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
+    fd.set_xsave_bytes(data)
 
 
 def _read_msrs(fd: VcpuFd, vcpu_index: int, indices: list[int]) -> dict[int, int]:

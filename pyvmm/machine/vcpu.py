@@ -8,6 +8,16 @@ looking at its requests, so a request made at any moment is seen.
 
 Work that must happen on the vCPU's own thread (a throttle sleep, a dirty-ring
 harvest) is queued with `run_on_thread` and runs at the next exit.
+
+A vCPU knows nothing of the Machine that owns it: what it needs from it (the
+port bus, "end the VM", "I have finished", MMIO logging) comes in a VcpuHost.
+
+kick/wake/request_stop/request_pause are safe from any thread, from a signal
+handler that interrupted one of them on the same thread, and at every point of
+Machine.close(): once the fd is closed they do nothing. So they take no lock
+that their own thread might already hold: the wake-up flag is a Lock released
+to set it (release never blocks), the condition's lock is reentrant, and the
+kvm_run store goes through VcpuFd.set_immediate_exit.
 """
 
 from __future__ import annotations
@@ -19,13 +29,11 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
-from pyvmm.kvm import VcpuFd, _ioctl, abi
-
-if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+from pyvmm.kvm import VcpuFd, abi
+from pyvmm.machine.devices import PortUser
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,42 @@ class VcpuRunState(Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True)
+class VcpuHost:
+    """What a vCPU needs from the machine it belongs to (vcpu.py never sees the Machine)."""
+
+    io_out: Callable[[PortUser, int, bytes], None]  # port-I/O bus, write
+    io_in: Callable[[PortUser, int, int], bytes]  # port-I/O bus, read: (vcpu, port, size)
+    fail: Callable[[str], None]  # end the VM with an error line
+    request_exit: Callable[[int, str], None]  # end the VM normally: (exit code, reason)
+    vcpu_finished: Callable[[int], None]  # vCPU `index` halted for good
+    log_unhandled_mmio: Callable[[int, bool], None]  # (guest-physical address, is_write)
+
+
+class WakeFlag:
+    """An Event for one waiter whose set() never blocks, so a signal handler may call it
+    on a thread that is inside set() already (threading.Event.set takes a plain Lock and
+    would deadlock there). The flag is set while the lock is free."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already set
+            self._lock.release()
+
+    def clear(self) -> None:
+        self._lock.acquire(blocking=False)
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait_and_clear(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for set(); True if it was set (and is now clear again)."""
+        return self._lock.acquire(timeout=max(timeout_s, 0.0))
+
+
 def install_kick_handler() -> None:
     """A no-op handler, so KICK_SIGNAL interrupts KVM_RUN instead of killing the process.
 
@@ -50,17 +94,17 @@ def install_kick_handler() -> None:
 
 
 class Vcpu:
-    def __init__(self, machine: Machine, index: int, fd: VcpuFd) -> None:
-        self.machine = machine
+    def __init__(self, index: int, fd: VcpuFd, host: VcpuHost) -> None:
         self.index = index
         self.fd = fd
+        self.host = host
         self.state = VcpuRunState.CREATED
         self.thread: threading.Thread | None = None
         self.exits = 0
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())  # reentrant: see the docstring
         self._pause_requested = False
         self._stop_requested = False
-        self._wake = threading.Event()  # ends a sleep early
+        self._wake = WakeFlag()  # ends a sleep early
         self._pending: deque[Callable[[Vcpu], None]] = deque()
         self.on_dirty_ring_full: Callable[[Vcpu], None] | None = None
 
@@ -72,7 +116,9 @@ class Vcpu:
         self.thread.start()
 
     def kick(self) -> None:
-        self.fd.kvm_run.immediate_exit = 1
+        """Make the vCPU leave KVM_RUN (or not enter it) and look at its requests."""
+        if not self.fd.set_immediate_exit():
+            return  # closed: the thread has ended and nothing can run again
         self._wake.set()
         thread = self.thread
         if thread is not None and thread.is_alive() and thread.ident is not None:
@@ -109,20 +155,26 @@ class Vcpu:
         self._pending.append(fn)
         self.kick()
 
+    def close(self) -> None:
+        """Release the vCPU fd once the thread has ended (Machine.close calls this)."""
+        thread = self.thread
+        if thread is None or not thread.is_alive():
+            self.fd.close()
+
     # --- called on the vCPU thread -----------------------------------------------------------
 
     def sleep_us(self, microseconds: int) -> None:
         """Sleep on this thread; a kick (pause, stop, migration switchover) ends it early."""
         self._wake.clear()
         if not (self._pause_requested or self._stop_requested):
-            self._wake.wait(microseconds / 1e6)
+            self._wake.wait_and_clear(microseconds / 1e6)
 
     def _thread_main(self) -> None:
         try:
             self._loop()
         except Exception as exc:  # never let a vCPU thread die silently
             log.exception("vCPU %d crashed", self.index)
-            self.machine.fail(f"vCPU {self.index}: internal error: {exc}")
+            self.host.fail(f"vCPU {self.index}: internal error: {exc}")
         finally:
             with self._cond:
                 self.state = VcpuRunState.STOPPED
@@ -133,8 +185,12 @@ class Vcpu:
         with self._cond:
             self.state = state
             self._cond.notify_all()
+        if state is VcpuRunState.FINISHED:
+            # Outside our lock: the host may stop every vCPU, and two vCPUs finishing at
+            # once would each hold its own lock while taking the other's.
+            self.host.vcpu_finished(self.index)
+        with self._cond:
             if state is VcpuRunState.FINISHED:
-                self.machine.vcpu_finished(self)
                 self._cond.wait_for(lambda: self._stop_requested)
             else:
                 self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
@@ -144,20 +200,20 @@ class Vcpu:
     def _loop(self) -> None:
         # The hot path: everything it touches is bound to a local first, because each
         # attribute lookup costs tens of nanoseconds and this runs once per exit.
-        run, mm = self.fd.kvm_run, self.fd.run_mmap
-        fd, addr, run_decoded = self.fd.fd, self.fd.run_addr, _ioctl.run_decoded
-        bus_out, bus_in = self.machine.bus.io_out, self.machine.bus.io_in
+        run, mm, run_decoded = self.fd.kvm_run, self.fd.run_mmap, self.fd.decoded_runner()
+        bus_out, bus_in = self.host.io_out, self.host.io_in
         pending = self._pending
-        exit_io, io_out, eintr, eagain = (
+        exit_io, io_out, eintr, eagain, immediate_exit = (
             abi.KVM_EXIT_IO,
             abi.KVM_EXIT_IO_OUT,
             -errno.EINTR,
             -errno.EAGAIN,
+            abi.KVM_RUN_IMMEDIATE_EXIT_OFFSET,
         )
         with self._cond:
             self.state = VcpuRunState.RUNNING
         while True:
-            mm[1] = 0  # kvm_run.immediate_exit, cleared before the requests are read
+            mm[immediate_exit] = 0  # cleared before the requests are read
             while pending:
                 pending.popleft()(self)
             if self._stop_requested:
@@ -165,7 +221,7 @@ class Vcpu:
             if self._pause_requested:
                 self._park(VcpuRunState.PAUSED)
                 continue
-            result, reason, direction, size, port, count, offset = run_decoded(fd, addr)
+            result, reason, direction, size, port, count, offset = run_decoded()
             if result == 0 and reason == exit_io:
                 self.exits += 1
                 if direction == io_out:
@@ -178,7 +234,7 @@ class Vcpu:
             if result < 0:
                 if result in (eintr, eagain):
                     continue
-                self.machine.fail(f"vCPU {self.index}: KVM_RUN failed: errno {-result}")
+                self.host.fail(f"vCPU {self.index}: KVM_RUN failed: errno {-result}")
                 return
             self.exits += 1
             if not self._dispatch(run):
@@ -195,13 +251,13 @@ class Vcpu:
             return False
         if reason == abi.KVM_EXIT_DIRTY_RING_FULL:
             if self.on_dirty_ring_full is None:
-                self.machine.fail(f"vCPU {self.index}: dirty ring full but nobody harvests it")
+                self.host.fail(f"vCPU {self.index}: dirty ring full but nobody harvests it")
                 return False
             self.on_dirty_ring_full(self)
             return True
         if reason == abi.KVM_EXIT_MMIO:
             mmio = run.exit.mmio
-            self.machine.log_unhandled_mmio(mmio.phys_addr, bool(mmio.is_write))
+            self.host.log_unhandled_mmio(mmio.phys_addr, bool(mmio.is_write))
             if not mmio.is_write:
                 for i in range(mmio.len):
                     mmio.data[i] = 0xFF
@@ -213,49 +269,53 @@ class Vcpu:
             abi.KVM_SYSTEM_EVENT_RESET,
         ):
             kind = "power-off" if run.exit.system_event.type == 1 else "reset (not supported)"
-            self.machine.request_exit(0, f"guest requested {kind} on vCPU {self.index}")
+            self.host.request_exit(0, f"guest requested {kind} on vCPU {self.index}")
             self._park(VcpuRunState.PAUSED)
             return True
-        self.machine.fail(self.describe_exit(run))
+        self.host.fail(self.describe_exit(run))
         return False
 
     def describe_exit(self, run: abi.kvm_run) -> str:
         """A one-line description of a fatal exit, with the guest's RIP when readable."""
-        reason = run.exit_reason
-        name = abi.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
         try:
             rip = f" at RIP 0x{self.fd.get_regs().rip:x}"
         except OSError:
             rip = ""
-        where = f"vCPU {self.index}{rip}"
-        if reason == abi.KVM_EXIT_SHUTDOWN:
-            return (
-                f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on {where}: an exception it could "
-                "not handle, such as an invalid instruction with no usable IDT"
+        return describe_fatal_exit(run, f"vCPU {self.index}{rip}")
+
+
+def describe_fatal_exit(run: abi.kvm_run, where: str) -> str:
+    """The one-line error for an exit that ends the VM; `where` names the vCPU (and RIP).
+
+    A pure function of the kvm_run page, so that its decoding is tested on any host."""
+    reason = run.exit_reason
+    name = abi.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+    if reason == abi.KVM_EXIT_SHUTDOWN:
+        return (
+            f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on {where}: an exception it could "
+            "not handle, such as an invalid instruction with no usable IDT"
+        )
+    if reason == abi.KVM_EXIT_FAIL_ENTRY:
+        code = run.exit.fail_entry.hardware_entry_failure_reason
+        return f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason 0x{code:x}) on {where}"
+    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+        internal = run.exit.internal
+        sub = internal.suberror
+        detail = f"suberror {sub}"
+        if sub == abi.KVM_INTERNAL_ERROR_EMULATION:
+            emu = run.exit.emulation_failure
+            detail += " (emulation failure)"
+            has_bytes = internal.ndata >= 2 and emu.flags & (
+                abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
             )
-        if reason == abi.KVM_EXIT_FAIL_ENTRY:
-            code = run.exit.fail_entry.hardware_entry_failure_reason
-            return (
-                f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason 0x{code:x}) on {where}"
-            )
-        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
-            internal = run.exit.internal
-            sub = internal.suberror
-            detail = f"suberror {sub}"
-            if sub == abi.KVM_INTERNAL_ERROR_EMULATION:
-                emu = run.exit.emulation_failure
-                detail += " (emulation failure)"
-                has_bytes = internal.ndata >= 2 and emu.flags & (
-                    abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-                )
-                if has_bytes:
-                    insn = bytes(emu.insn_bytes[: min(emu.insn_size, 15)])
-                    detail += f", instruction bytes {insn.hex(' ')}"
-            elif internal.ndata:
-                data = " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
-                detail += f", data {data}"
-            return f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, {detail}) on {where}"
-        if reason == abi.KVM_EXIT_SYSTEM_EVENT:
-            kind = {1: "shutdown", 2: "reset", 3: "crash"}.get(run.exit.system_event.type, "?")
-            return f"guest requested {kind} (KVM_EXIT_SYSTEM_EVENT) on {where}"
-        return f"unexpected exit KVM_EXIT_{name} on {where}"
+            if has_bytes:
+                insn = bytes(emu.insn_bytes[: min(emu.insn_size, 15)])
+                detail += f", instruction bytes {insn.hex(' ')}"
+        elif internal.ndata:
+            data = " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
+            detail += f", data {data}"
+        return f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, {detail}) on {where}"
+    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+        kind = {1: "shutdown", 2: "reset", 3: "crash"}.get(run.exit.system_event.type, "?")
+        return f"guest requested {kind} (KVM_EXIT_SYSTEM_EVENT) on {where}"
+    return f"unexpected exit KVM_EXIT_{name} on {where}"

@@ -21,9 +21,7 @@ from typing import IO, Any, TypeVar
 
 from pyvmm.dirty.rate import DirtyRateMonitor
 from pyvmm.dirty.tracker import DirtyTracker, make_tracker
-from pyvmm.kvm import Kvm
 from pyvmm.machine.devices import SerialConsole
-from pyvmm.machine.dirty_ring_setup import max_ring_entries
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
@@ -124,12 +122,9 @@ class Vmm:
                 self._serial_file = open(opts.serial_path, "w", buffering=1)  # noqa: SIM115
             serial = SerialConsole(self._serial_file or self.out)
             install_kick_handler()  # here, on the main thread: vCPUs may be made elsewhere
-            kvm = Kvm()
-            ring = opts.dirty_ring_entries
-            if ring == 0:
-                ring = max_ring_entries(kvm)
+            ring = opts.dirty_ring_entries  # 0: the machine picks KVM's largest ring
             config = MachineConfig(opts.mem_bytes, opts.vcpus, opts.cmdline, None, ring)
-            self.machine = Machine(config, serial, kvm)
+            self.machine = Machine(config, serial)  # it opens and owns /dev/kvm
             if opts.incoming is None:
                 if opts.image is None:
                     raise MachineError("no guest image given (and no --incoming)")
