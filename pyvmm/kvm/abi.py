@@ -686,6 +686,7 @@ class kvm_nested_state(Structure):
         ("hdr", c_uint8 * 120),
     ]
 
+
 # Byte offset of kvm_run.immediate_exit: the vCPU loop and kicks store to it through the mmap.
 KVM_RUN_IMMEDIATE_EXIT_OFFSET = kvm_run.immediate_exit.offset
 
