@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import re
 import time
@@ -13,9 +14,9 @@ import pytest
 import guestgen
 from helpers import pyvmm_process, run_pyvmm, wait_for_path
 from pyvmm.dirty import ring as ring_mod
+from pyvmm.dirty.factory import make_tracker
 from pyvmm.dirty.rate import DirtyRateError, DirtyRateMonitor, DirtyRateRequest
 from pyvmm.dirty.scan import bitmap_to_pages
-from pyvmm.dirty.tracker import make_tracker
 from pyvmm.kvm import Kvm, abi
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.dirty_ring_setup import max_ring_entries
@@ -234,3 +235,31 @@ def test_dirty_rate_of_memstress(tmp_path: Path, mode: str) -> None:
         with SyncQmp(f"unix:{sock}") as qmp:
             info = qmp.cmd("query-dirty-rate", **{"calc-time-unit": "millisecond"})
             assert info["status"] == "measured" and info["calc-time"] == 2000
+
+
+def test_dirty_modules_import_each_other_without_a_cycle() -> None:
+    """tracker.py is the base of bitmap.py and ring.py, so it may not import them, not even
+    inside a function: make_tracker lives in factory.py."""
+    package = Path(__file__).resolve().parent.parent / "pyvmm" / "dirty"
+    graph: dict[str, set[str]] = {}
+    for source in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            imported |= {n.split(".")[2] for n in names if n.startswith("pyvmm.dirty.")}
+        graph[source.stem] = imported - {source.stem}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, set()) - seen:
+            if nxt == target or reaches(nxt, target, seen | {nxt}):
+                return True
+        return False
+
+    assert not graph["tracker"] & {"bitmap", "ring", "factory"}, graph["tracker"]
+    cycles = [m for m in graph if reaches(m, m, set())]
+    assert not cycles, {m: graph[m] for m in cycles}

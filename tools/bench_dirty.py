@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_scan
 
-from pyvmm.dirty.tracker import make_tracker
+from pyvmm.dirty.factory import make_tracker
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.images import resolve_image

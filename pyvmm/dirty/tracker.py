@@ -11,7 +11,8 @@ least one user is attached.
 
 The two implementations: BitmapTracker (KVM_GET_DIRTY_LOG, optionally with
 manual protection) in bitmap.py, RingTracker (per-vCPU dirty rings with a
-reaper thread) in ring.py. See docs/dirty-tracking.md.
+reaper thread) in ring.py; factory.make_tracker picks one for a machine. See
+docs/dirty-tracking.md.
 """
 
 from __future__ import annotations
@@ -112,13 +113,3 @@ class DirtyTracker:
     def _harvest(self, into: list[np.ndarray]) -> None:
         raise NotImplementedError
 
-
-def make_tracker(machine: Machine) -> DirtyTracker:
-    """The tracker matching how the machine was built (ring mode iff it has dirty rings)."""
-    if machine.ring_bytes:
-        from pyvmm.dirty.ring import RingTracker
-
-        return RingTracker(machine)
-    from pyvmm.dirty.bitmap import BitmapTracker
-
-    return BitmapTracker(machine)

@@ -16,8 +16,9 @@ import threading
 from dataclasses import dataclass
 from typing import IO, Any
 
+from pyvmm.dirty.factory import make_tracker
 from pyvmm.dirty.rate import DirtyRateMonitor
-from pyvmm.dirty.tracker import DirtyTracker, make_tracker
+from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.kvm import Kvm
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.dirty_ring_setup import max_ring_entries
