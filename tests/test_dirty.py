@@ -49,15 +49,14 @@ def test_reports_exactly_the_pages_the_guest_wrote(mode: str) -> None:
     with make_machine(mode, 32, 2) as machine:
         machine.boot(image)
         tracker = make_tracker(machine)
-        bitmaps = tracker.new_bitmaps()
-        tracker.attach(bitmaps)
-        tracker.sync()  # image loading and INITIALLY_SET: everything before the guest runs
-        for b in bitmaps:
+        view = tracker.open_view("test")
+        view.sync()  # image loading and INITIALLY_SET: everything before the guest runs
+        for b in view.bitmaps:
             b.fill(0)
         machine.start()
         assert machine.wait(20).reason == "all vCPUs halted"
-        tracker.sync()
-        got = reported_pages(bitmaps)
+        assert view.sync() == len(reported_pages(view.bitmaps))
+        got = reported_pages(view.bitmaps)
         missing = set(pages) - got
         assert not missing, f"{len(missing)} written pages not reported"
         if mode == "bitmap":
@@ -71,13 +70,13 @@ def test_every_changed_page_is_reported_over_many_rounds(mode: str) -> None:
     with make_machine(mode, 128, 2, "mb=24 pattern=word") as machine:
         machine.boot(load_pvh_image(resolve_image("memstress")))
         tracker = make_tracker(machine)
-        bitmaps = tracker.new_bitmaps()
-        tracker.attach(bitmaps)
+        view = tracker.open_view("test")
+        bitmaps = view.bitmaps
         ram = machine.memory.regions[0].array
         machine.start()
         time.sleep(0.5)
         machine.pause()
-        tracker.sync()
+        view.sync()
         previous = ram.copy()
         for b in bitmaps:
             b.fill(0)
@@ -87,7 +86,7 @@ def test_every_changed_page_is_reported_over_many_rounds(mode: str) -> None:
             vmm_page = 600 + round_  # pyvmm's own writes count too
             machine.memory.write(vmm_page * PAGE, bytes([round_ + 1]) * 16)
             machine.pause()
-            tracker.sync()
+            view.sync()
             changed = np.flatnonzero(
                 (ram.reshape(-1, PAGE) != previous.reshape(-1, PAGE)).any(axis=1)
             )
@@ -108,11 +107,10 @@ def test_bitmap_mode_uses_manual_protect_when_offered() -> None:
         tracker = make_tracker(machine)
         caps = machine.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
         assert tracker.manual_protect == (caps & 3 == 3)
-        bitmaps = tracker.new_bitmaps()
-        tracker.attach(bitmaps)
-        tracker.sync()
+        view = tracker.open_view("test")
+        view.sync()
         if tracker.manual_protect:  # INITIALLY_SET: a fresh slot reads as all dirty
-            assert len(reported_pages(bitmaps)) == machine.memory.regions[0].pages
+            assert len(reported_pages(view.bitmaps)) == machine.memory.regions[0].pages
         tracker.close()
 
 
@@ -121,16 +119,17 @@ def test_two_users_each_see_every_page() -> None:
     with make_machine("bitmap", 32, 1) as machine:
         machine.boot(image)
         tracker = make_tracker(machine)
-        a, b = tracker.new_bitmaps(), tracker.new_bitmaps()
-        tracker.attach(a)
-        tracker.attach(b)
-        tracker.sync()
-        for bm in (*a, *b):
+        a, b = tracker.open_view("a"), tracker.open_view("b")
+        first = a.sync()  # with INITIALLY_SET every page, else what pyvmm loaded
+        assert first > 0
+        assert b.sync() == first  # a's sync handed them to b; b's own found nothing new
+        for bm in (*a.bitmaps, *b.bitmaps):
             bm.fill(0)
         machine.start()
         machine.wait(10)
-        tracker.sync()
-        assert reported_pages(a) == reported_pages(b) == {0x300, 0x301}
+        assert b.sync() == 2  # a's sync handed b nothing new; this one found both pages
+        assert a.sync() == 2  # b's sync handed a both pages
+        assert reported_pages(a.bitmaps) == reported_pages(b.bitmaps) == {0x300, 0x301}
         tracker.close()
 
 
@@ -140,13 +139,12 @@ def test_ring_overflow_marks_everything_dirty(monkeypatch: pytest.MonkeyPatch) -
         machine.boot(load_pvh_image(resolve_image("memstress")))
         tracker = make_tracker(machine)
         monkeypatch.setattr(tracker, "soft_limit", 1)
-        bitmaps = tracker.new_bitmaps()
-        tracker.attach(bitmaps)
+        view = tracker.open_view("test")
         machine.start()
         time.sleep(0.5)
-        tracker.sync()
+        view.sync()
         assert tracker.overflows > 0
-        assert len(reported_pages(bitmaps)) == machine.memory.regions[0].pages
+        assert len(reported_pages(view.bitmaps)) == machine.memory.regions[0].pages
         tracker.close()
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pyvmm.dirty.scan import harvest_ring
+from pyvmm.dirty.scan import harvest_ring, take_and_clear
 from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
@@ -171,8 +171,8 @@ class RingTracker(DirtyTracker):
         self._reap_all()
         with self._acc_lock:
             for acc, target in zip(self._acc, into, strict=True):
-                np.bitwise_or(target, acc, out=target)
-                acc.fill(0)
+                target.fill(0)
+                take_and_clear(acc, target)
 
     def _ring_full_exit(self, vcpu: Vcpu) -> None:
         """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread."""

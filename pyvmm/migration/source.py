@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pyvmm.dirty.scan import bitmap_to_pages, count_set, pages_to_runs, zero_pages
-from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE
 from pyvmm.machine.state import capture
@@ -93,6 +93,7 @@ class MigrationSource:
         self._cancel = threading.Event()
         self._sock: socket.socket | None = None
         self._writer: StreamWriter | None = None
+        self._view: DirtyView | None = None
         self._bitmaps: list[np.ndarray] = []
         self._lock = threading.RLock()  # the bitmaps: the send loop vs. forced syncs
         self._cursor = (0, 0)  # (slot, word) where the bitmap walk resumes
@@ -178,16 +179,10 @@ class MigrationSource:
         self.stats.ram.total = memory.size_bytes
         self._sock = transport.connect(uri)
         self._writer = StreamWriter(self._sock)
-        # Every page must be sent once: start from an all-dirty bitmap.
-        self._bitmaps = self.tracker.new_bitmaps()
-        for region, bitmap in zip(memory.regions, self._bitmaps, strict=True):
-            bitmap.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
-            if region.pages % 64:
-                bitmap[-1] = np.uint64((1 << (region.pages % 64)) - 1)
-        self._defer_saved = getattr(self.tracker, "defer_clear", None)
-        if self._defer_saved is not None:
-            self.tracker.defer_clear = getattr(self.tracker, "manual_protect", False)
-        self.tracker.attach(self._bitmaps)
+        # Every page must be sent once: start from an all-dirty view; re-arm pages in KVM
+        # only as they are about to be sent (get, clear, copy).
+        self._view = self.tracker.open_view("migration", defer_clear=True, initially_dirty=True)
+        self._bitmaps = self._view.bitmaps
         self._sync()
         config = StreamConfig(
             memory.size_bytes,
@@ -215,12 +210,12 @@ class MigrationSource:
 
         Like QEMU, the period counts only pages that became dirty in the migration bitmap
         (a page still waiting to be sent counts once), so the all-dirty setup sync adds 0."""
-        before = self._dirty_pages()
-        self.tracker.sync()
+        assert self._view is not None
+        new_pages = self._view.sync()  # also counts pages other views' syncs handed us
         pending = self._dirty_pages()
         ram = self.stats.ram
         ram.dirty_sync_count += 1
-        self._period_dirty_pages += pending - before
+        self._period_dirty_pages += new_pages
         self._remaining_at_sync = pending * PAGE_SIZE
         now = now_ms()
         period = None
@@ -304,11 +299,12 @@ class MigrationSource:
                 # Read and clear the step under the tracker's lock: any tracker sync (a
                 # dirty-rate measurement, the dirty limit) ORs new bits into our bitmap,
                 # and a bit landing between the read and the clear would be lost.
-                with self.tracker.bitmap_lock:
+                assert self._view is not None
+                with self._view.lock:
                     step = bitmap[word : word + step_words]
                     pages = bitmap_to_pages(step) + np.uint64(word * 64)
                     step.fill(0)
-                self.tracker.before_copy(slot, word * 64, len(step) * 64)  # get, clear, copy
+                self._view.before_copy(slot, word * 64, len(step) * 64)  # get, clear, copy
                 sent = self._send_pages(slot, pages)
             walked += len(step)
             word += len(step)
@@ -460,10 +456,9 @@ class MigrationSource:
                 policy.on_end(self)
             except Exception:
                 log.exception("convergence policy cleanup failed")
-        if self._bitmaps:
-            self.tracker.detach(self._bitmaps)
-        if getattr(self, "_defer_saved", None) is not None:
-            self.tracker.defer_clear = self._defer_saved
+        if self._view is not None:
+            self._view.close()
+            self._view = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
