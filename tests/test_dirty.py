@@ -16,6 +16,7 @@ from helpers import pyvmm_process, run_pyvmm, wait_for_path
 from pyvmm.dirty import ring as ring_mod
 from pyvmm.dirty.factory import make_tracker
 from pyvmm.dirty.rate import DirtyRateError, DirtyRateMonitor, DirtyRateRequest
+from pyvmm.dirty.ring_quirk import RingQuirk
 from pyvmm.dirty.scan import bitmap_to_pages
 from pyvmm.kvm import Kvm, abi
 from pyvmm.machine.devices import SerialConsole
@@ -133,18 +134,26 @@ def test_two_users_each_see_every_page() -> None:
         tracker.close()
 
 
-def test_ring_overflow_marks_everything_dirty(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("lossy", [True, False])
+def test_a_full_ring_resends_everything_only_on_a_lossy_host(
+    monkeypatch: pytest.MonkeyPatch, lossy: bool
+) -> None:
     """Failure injection: pretend every harvest found the ring at its soft limit."""
     with make_machine("ring", 64, 1, "mb=8") as machine:
         machine.boot(load_pvh_image(resolve_image("memstress")))
-        tracker = make_tracker(machine)
+        quirk = RingQuirk(65536, lossy, "forced", "test")
+        tracker = make_tracker(machine, quirk)
         monkeypatch.setattr(tracker, "soft_limit", 1)
         view = tracker.open_view("test")
         machine.start()
         time.sleep(0.5)
         view.sync()
-        assert tracker.overflows > 0
-        assert len(reported_pages(view.bitmaps)) == machine.memory.regions[0].pages
+        assert tracker.full_harvests > 0
+        everything = len(reported_pages(view.bitmaps)) == machine.memory.regions[0].pages
+        if lossy:
+            assert tracker.resends == tracker.full_harvests and everything
+        else:
+            assert tracker.resends == 0 and not everything
         tracker.close()
 
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from pyvmm.dirty.factory import make_tracker
 from pyvmm.dirty.rate import DirtyRateMonitor
+from pyvmm.dirty.ring_quirk import RingQuirk, decide_ring_quirk
 from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.kvm import Kvm
 from pyvmm.machine.devices import SerialConsole
@@ -54,6 +55,8 @@ class RunOptions:
     qmp_allow_remote: bool = False
     time_limit_s: float | None = None
     dirty_ring_entries: int | None = None  # None: bitmap mode; 0: the largest ring KVM offers
+    dirty_ring_quirk: str = "auto"  # auto (probe) | lossy | reliable: dirty/ring_quirk.py
+    dirty_ring_reaper: bool = True  # False: harvest only at syncs and ring-full exits
     incoming: str | None = None  # tcp:HOST:PORT, unix:PATH or "defer"
     start_paused: bool = False  # QEMU's -S
 
@@ -75,6 +78,7 @@ class Vmm:
         self._state_lock = threading.Lock()
         self._stopping = threading.Event()
         self._tracker: DirtyTracker | None = None
+        self.ring_quirk: RingQuirk | None = None  # ring mode: does a full ring lose entries?
         self._dirty_rate: DirtyRateMonitor | None = None
         self._dirty_limit: DirtyLimitController | None = None
 
@@ -91,6 +95,8 @@ class Vmm:
             ring = opts.dirty_ring_entries
             if ring == 0:
                 ring = max_ring_entries(kvm)
+            if ring:
+                self.ring_quirk = decide_ring_quirk(ring, opts.dirty_ring_quirk)
             config = MachineConfig(opts.mem_bytes, opts.vcpus, opts.cmdline, None, ring)
             self.machine = Machine(config, serial, kvm)
             if opts.incoming is None:
@@ -253,7 +259,9 @@ class Vmm:
     def dirty_tracker(self) -> DirtyTracker:
         if self._tracker is None:
             assert self.machine is not None
-            self._tracker = make_tracker(self.machine)
+            self._tracker = make_tracker(
+                self.machine, self.ring_quirk, ring_reaper=self.options.dirty_ring_reaper
+            )
         return self._tracker
 
     @property

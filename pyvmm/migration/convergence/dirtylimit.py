@@ -15,14 +15,15 @@ QEMU's design, restated (docs/dirty-limit.md has the long version):
 
 pyvmm's one deviation: the penalty unit is a *virtual* ring of
 x-vcpu-dirty-limit-ring-size entries (default 4096, QEMU's usual dirty-ring-size),
-not the KVM ring. Small KVM rings lose entries and livelock on this host (DESIGN.md),
-so pyvmm runs the largest ring KVM offers and harvests it from a reaper long before
-it fills. The reaper reports each harvest (RingTracker.on_harvest); every time a
-vCPU's count of distinct newly dirty pages crosses another virtual ring's worth, the
-vCPU owes one sleep, and is kicked to serve it in its exit path (Vcpu.run_on_thread
-+ Vcpu.sleep_us). A real KVM_EXIT_DIRTY_RING_FULL serves the debt (or one sleep) on
-the spot (RingTracker.on_ring_full). The controller reasons about the virtual ring
-exactly as QEMU's does about the real one: ring MiB = virtual entries x 4 KiB.
+not the KVM ring. A ring that fills can lose entries on this host, and small ones
+livelock (docs/dirty-tracking.md), so pyvmm runs the largest ring KVM offers and
+harvests it from a reaper long before it fills. The reaper reports each harvest
+(RingTracker.on_harvest); every time a vCPU's count of distinct newly dirty pages
+crosses another virtual ring's worth, the vCPU owes one sleep, and is kicked to
+serve it in its exit path (Vcpu.run_on_thread + Vcpu.sleep_us). A real
+KVM_EXIT_DIRTY_RING_FULL serves the debt (or one sleep) on the spot
+(RingTracker.on_ring_full). The controller reasons about the virtual ring exactly
+as QEMU's does about the real one: ring MiB = virtual entries x 4 KiB.
 
 QEMU quirks kept on purpose, so experiments compare: the ring-full time divides by a
 running maximum of every rate ever seen (a function-static in QEMU, never reset; here
