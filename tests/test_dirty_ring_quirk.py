@@ -26,6 +26,7 @@ from pyvmm.dirty.ring_quirk import RingQuirk, RingSweep, decide_ring_quirk, run_
 from pyvmm.dirty.scan import count_set
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
+from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig
 
@@ -105,6 +106,24 @@ def test_the_verdict_is_cached_per_boot_kernel_and_ring_size(tmp_path: Path) -> 
     assert decide_ring_quirk(1024, "lossy", path).lossy
     with pytest.raises(ValueError, match="expected one of auto, lossy, reliable"):
         decide_ring_quirk(1024, "sometimes", path)
+
+
+def test_a_probe_that_cannot_finish_counts_as_lossy_and_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failure injection: the probe VM times out."""
+
+    def timeout(*args: object, **kwargs: object) -> RingSweep:
+        raise ring_quirk.RingProbeError("the ring probe did not finish within 120 s")
+
+    monkeypatch.setattr(ring_quirk, "run_sweep", timeout)
+    path = tmp_path / "quirk.json"
+    quirk = decide_ring_quirk(4096, "auto", path)
+    assert (quirk.lossy, quirk.source) == (True, "probe-failed")
+    assert "did not finish" in quirk.detail
+    assert not path.exists() or ring_quirk.host_key(4096) not in json.loads(path.read_text())
+    with pytest.raises(MachineError, match="must be a power of two"):
+        decide_ring_quirk(1000, "auto", path)  # a size KVM refuses is not a verdict
 
 
 def ring_machine(entries: int, cmdline: str, mem_mib: int) -> Machine:

@@ -50,8 +50,11 @@ import numpy as np
 
 from pyvmm.dirty.ring import RingTracker
 from pyvmm.dirty.scan import bitmap_to_pages
+from pyvmm.kvm import Kvm
 from pyvmm.machine.devices import SerialConsole
+from pyvmm.machine.dirty_ring_setup import validate_ring_entries
 from pyvmm.machine.elf import load_pvh_image
+from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig
 from pyvmm.machine.memory import PAGE_SIZE
@@ -258,11 +261,14 @@ def _cached_or_probed(ring_entries: int, path: Path) -> RingQuirk:
 
 def _probe(ring_entries: int) -> RingQuirk:
     """Up to PROBE_RUNS sweeps, each on a fresh VM; the first that loses decides. A probe
-    that cannot finish counts as lossy: resending is slow, a lost page corrupts."""
+    that cannot finish counts as lossy: resending is slow, a lost page corrupts. A ring
+    size KVM refuses is the caller's error, raised as the VM itself would raise it."""
+    with Kvm() as kvm:
+        validate_ring_entries(kvm, ring_entries)
     for run in range(1, PROBE_RUNS + 1):
         try:
             sweep = run_sweep(ring_entries, probe_pages(ring_entries), cpl=0)
-        except RingProbeError as exc:
+        except (RingProbeError, MachineError) as exc:  # MachineError: ImageError included
             return RingQuirk(ring_entries, True, "probe-failed", str(exc))
         log.debug("dirty ring probe run %d: %s", run, sweep)
         if sweep.lost:
