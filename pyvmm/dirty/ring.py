@@ -42,7 +42,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pyvmm.dirty.scan import harvest_ring, take_and_clear
-from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.dirty.tracker import DirtyTracker, set_every_page
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpu import Vcpu
@@ -164,8 +164,7 @@ class RingTracker(DirtyTracker):
                     # This host may have wrapped over entries we never saw (the quirk).
                     # Correctness first: treat every page as dirty for this round.
                     self.resends += 1
-                    for acc in self._acc:
-                        acc.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
+                    set_every_page(self._acc, self.memory.regions)
                     log.warning(
                         "vCPU %d: dirty ring held %d of %d entries at harvest; this host may "
                         "lose entries at ring-full (quirk), marking all pages dirty",

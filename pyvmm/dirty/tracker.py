@@ -30,10 +30,19 @@ import numpy as np
 
 from pyvmm.dirty.scan import count_set, or_new_into, take_and_clear
 from pyvmm.machine.machine import Machine
+from pyvmm.machine.memory import MemoryRegion
 
 log = logging.getLogger(__name__)
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def set_every_page(bitmaps: list[np.ndarray], regions: list[MemoryRegion]) -> None:
+    """Mark every page of every slot dirty, and no bit past a slot's last page."""
+    for region, bitmap in zip(regions, bitmaps, strict=True):
+        bitmap.fill(ALL_ONES)
+        if region.pages % 64:
+            bitmap[-1] = np.uint64((1 << (region.pages % 64)) - 1)
 
 
 class DirtyView:
@@ -56,10 +65,7 @@ class DirtyView:
         self.closed = False
         self._new_pages = 0  # bits newly set in `bitmaps` since this view's last sync()
         if initially_dirty:
-            for region, bitmap in zip(tracker.memory.regions, self.bitmaps, strict=True):
-                bitmap.fill(ALL_ONES)
-                if region.pages % 64:
-                    bitmap[-1] = np.uint64((1 << (region.pages % 64)) - 1)
+            set_every_page(self.bitmaps, tracker.memory.regions)
 
     def sync(self) -> int:
         """Harvest KVM into every open view; returns the pages newly set in this view's
