@@ -296,7 +296,7 @@ class MigrationSource:
                 left = budget - self._window_budget_used
                 step_words = max(1, min(STEP_WORDS, int(left // (64 * PAGE_SIZE))))
             with self._lock:
-                # Read and clear the step under the tracker's lock: any tracker sync (a
+                # Read and clear the step under our view's lock: any view's sync (a
                 # dirty-rate measurement, the dirty limit) ORs new bits into our bitmap,
                 # and a bit landing between the read and the clear would be lost.
                 assert self._view is not None
