@@ -75,11 +75,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         qmp_allow_remote=args.qmp_allow_remote,
         time_limit_s=args.time_limit,
         dirty_ring_entries=args.dirty_ring,
+        dirty_ring_quirk=args.dirty_ring_quirk or "auto",
+        dirty_ring_reaper=args.x_dirty_ring_reaper != "off",
         incoming=args.incoming,
         start_paused=args.S,
     )
     if args.guest is None and args.incoming is None:
         raise CliError("GUEST is required unless --incoming is given")
+    if args.dirty_ring is None and (args.dirty_ring_quirk or args.x_dirty_ring_reaper):
+        option = "--dirty-ring-quirk" if args.dirty_ring_quirk else "--x-dirty-ring-reaper"
+        raise CliError(f"{option} needs --dirty-ring")
     result = make_vmm(options, loop=loop).run()
     if result.error:
         raise CliError(result.reason)
@@ -222,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         const=0,
         metavar="ENTRIES",
         help="track dirty pages with a per-vCPU dirty ring (no value: the largest)",
+    )
+    run.add_argument(
+        "--dirty-ring-quirk",
+        choices=["auto", "lossy", "reliable"],
+        help="does a full dirty ring lose entries on this host? auto (default): a cached "
+        "start-up probe decides; lossy: a full ring resends the whole guest; reliable: never",
+    )
+    run.add_argument(
+        "--x-dirty-ring-reaper",
+        choices=["on", "off"],
+        help="experimental: off holds the reaper thread back, so rings fill and are "
+        "harvested at ring-full exits (default on)",
     )
     run.add_argument(
         "--incoming",

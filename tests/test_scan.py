@@ -240,7 +240,7 @@ def test_set_pages(bitmap: U64Array, data: st.DataObject) -> None:
 
 @FAST
 @given(st.integers(0, 30), st.data())
-def test_or_into_and_take_and_clear(nwords: int, data: st.DataObject) -> None:
+def test_or_into_take_and_clear_or_new_into_and_not(nwords: int, data: st.DataObject) -> None:
     words = st.lists(st.integers(0, MAX64), min_size=nwords, max_size=nwords)
     a = np.array(data.draw(words), dtype=U64)
     b = np.array(data.draw(words), dtype=U64)
@@ -254,6 +254,18 @@ def test_or_into_and_take_and_clear(nwords: int, data: st.DataObject) -> None:
     assert moved == ref_count_set(b)
     np.testing.assert_array_equal(dst, a | b)
     assert not src.any()
+
+    dst = a.copy()
+    assert scan.or_new_into(dst, b) == ref_count_set(b & ~a)
+    np.testing.assert_array_equal(dst, a | b)
+
+    c = np.array(data.draw(words), dtype=U64)
+    dst = np.zeros(nwords, U64)
+    scan.and_not(dst, b, c)
+    np.testing.assert_array_equal(dst, b & ~c)
+    in_place = b.copy()
+    scan.and_not(in_place, in_place, c)  # dst may be src
+    np.testing.assert_array_equal(in_place, b & ~c)
 
 
 # ------------------------------------------------------------------------------------------
@@ -532,6 +544,9 @@ MEM = np.zeros(4 * PAGE, dtype=np.uint8)
         (lambda: scan.set_pages(np.zeros(1, U64), _u64(1, 64)), r"pages\[1\] = 64"),
         (lambda: scan.or_into(np.zeros(2, U64), np.zeros(3, U64)), "2 and 3"),
         (lambda: scan.take_and_clear(np.zeros(2, U64), np.zeros(1, U64)), "2 and 1"),
+        (lambda: scan.or_new_into(np.zeros(2, U64), np.zeros(3, U64)), "2 and 3"),
+        (lambda: scan.and_not(*[np.zeros(2, U64)] * 2, np.zeros(1, U64)), "mask.*2 and 1"),
+        (lambda: scan.and_not(np.zeros(2, U64), *[np.zeros(4, U64)] * 2), "src.*2 and 4"),
         (lambda: scan.zero_pages(MEM, _u64(0, 4), np.zeros(2, np.uint8)), r"pages\[1\] = 4"),
         (lambda: scan.zero_pages(MEM, _u64(0, 1), np.zeros(1, np.uint8)), "2 pages"),
         (lambda: scan.is_zero_page(MEM, 4), "page = 4"),

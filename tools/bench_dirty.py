@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_scan
 
-from pyvmm.dirty.tracker import make_tracker
+from pyvmm.dirty.factory import make_tracker
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.images import resolve_image
@@ -33,17 +33,20 @@ def sync_cost_ms(mode: str, rounds: int, interval_s: float = 0.1) -> tuple[float
     with Machine(config, SerialConsole(io.StringIO())) as machine:
         machine.boot(load_pvh_image(resolve_image("memstress")))
         tracker = make_tracker(machine)
-        bitmaps = tracker.new_bitmaps()
-        tracker.attach(bitmaps)
+        view = tracker.open_view("bench")
         machine.start()
         time.sleep(0.5)
-        tracker.sync()
+        view.sync()
         costs, pages = [], []
         for _ in range(rounds):
             time.sleep(interval_s)
             t0 = time.perf_counter()
-            pages.append(tracker.sync())
+            view.sync()
             costs.append((time.perf_counter() - t0) * 1000)
+            pages.append(view.dirty_pages())  # then start the next round from nothing
+            with view.lock:
+                for bitmap in view.bitmaps:
+                    bitmap.fill(0)
         tracker.close()
     return statistics.median(costs), max(costs), int(statistics.median(pages))
 

@@ -270,6 +270,37 @@ def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None):
     return moved
 
 
+def or_new_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None):
+    """dst |= src; returns how many bits were clear in dst and set in src (newly set pages).
+
+    The fan-out of a sync into one user's view: the count is what that user has not seen yet.
+    """
+    cdef Py_ssize_t i
+    cdef uint64_t w, fresh = 0
+    _check_same_length(dst.shape[0], src.shape[0], "dst and src")
+    with nogil:
+        for i in range(dst.shape[0]):
+            w = src[i] & ~dst[i]
+            fresh += scan_popcount64(w)
+            dst[i] |= w
+    return fresh
+
+
+def and_not(uint64_t[::1] dst not None, const uint64_t[::1] src not None,
+            const uint64_t[::1] mask not None):
+    """dst = src & ~mask, word by word; dst may be src or mask (each word is read first).
+
+    Takes bits out of a set: what KVM reported minus what every user has already been told,
+    or the pages still waiting to be re-armed minus the ones just re-armed.
+    """
+    cdef Py_ssize_t i
+    _check_same_length(dst.shape[0], src.shape[0], "dst and src")
+    _check_same_length(dst.shape[0], mask.shape[0], "dst and mask")
+    with nogil:
+        for i in range(dst.shape[0]):
+            dst[i] = src[i] & ~mask[i]
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Zero pages
 # --------------------------------------------------------------------------------------------

@@ -2,18 +2,29 @@
 
 Without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_GET_DIRTY_LOG returns the bitmap
 and atomically clears it and write-protects those pages again: simple, but a
-sync of a large guest write-protects everything at once.
+sync of a large guest write-protects everything at once, and nothing can be
+deferred.
 
 With it (enabled with INITIALLY_SET, as QEMU does), GET only reads; the VMM
-re-protects pages itself with KVM_CLEAR_DIRTY_LOG, in chunks, and only once it
-is about to copy them. The order matters: get, clear, copy. Clearing after the
-copy would lose a write that lands between copy and clear. INITIALLY_SET makes
-a freshly logged slot read as all dirty without write-protecting anything, so
-the first sync of a migration is free.
+re-arms pages itself with KVM_CLEAR_DIRTY_LOG, in chunks, when it chooses.
+The order matters: get, clear, copy. Clearing after the copy would lose a
+write that lands between copy and clear. INITIALLY_SET makes a freshly logged
+slot read as all dirty without write-protecting anything, so the first sync of
+a migration is free.
 
-`defer_clear=False` (default) clears everything a sync reports right away, in
-chunks; a migration sets it True and calls before_copy(slot, first, n) so only
-the chunks it is about to send are re-armed (QEMU's clear_bmap idea).
+`_stale` holds the pages a GET reported that no CLEAR has re-armed yet. KVM
+keeps reporting them, and the guest writes them without faulting, until a
+CLEAR. Two rules follow (QEMU's kvm_log_clear_one_slot keeps the same set,
+mem->dirty_bmap, for the same reasons):
+- a CLEAR only ever clears stale bits. Clearing a page no GET has reported
+  would erase a write that no view has been told about;
+- a view is handed only the reported bits that are not stale: the others it
+  was told about already (every open view gets every report, and a view that
+  opens gets the stale set at once).
+When are stale pages re-armed? Right after the sync if any open view is eager
+(defer_clear=False: a dirty-rate measurement wants to see the next write);
+else when a deferring view (the migration) calls before_copy() for pages in
+their 1 GiB chunk (QEMU's clear_bmap).
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ import logging
 
 import numpy as np
 
-from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.dirty.scan import and_not, count_set, or_into
+from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
 
@@ -34,24 +46,33 @@ CLEAR_CHUNK_PAGES = 1 << 18  # 1 GiB of 4 KiB pages per KVM_CLEAR_DIRTY_LOG (QEM
 class BitmapTracker(DirtyTracker):
     mode = "bitmap"
 
-    def __init__(self, machine: Machine, defer_clear: bool = False) -> None:
+    def __init__(self, machine: Machine) -> None:
         super().__init__(machine)
         caps = machine.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
         wanted = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | abi.KVM_DIRTY_LOG_INITIALLY_SET
         self.manual_protect = caps & wanted == wanted
-        self.defer_clear = defer_clear and self.manual_protect
-        self._kvm_bitmaps = self.new_bitmaps()
-        # Reported by GET but not yet re-protected (manual protect only).
-        self._to_clear = self.new_bitmaps()
+        # Reported by a GET, not re-armed by a CLEAR yet (manual protect only).
+        self._stale = self.new_bitmaps()
+        self._fresh = self.new_bitmaps()  # per sync: the reported bits that are not stale
         self._clear_scratch = np.zeros(CLEAR_CHUNK_PAGES // 64, np.uint64)
         self._manual_enabled = False
+        self.clears = 0  # KVM_CLEAR_DIRTY_LOG calls
+
+    @property
+    def can_defer_clear(self) -> bool:
+        return self.manual_protect
+
+    def stale_pages(self) -> int:
+        """Pages KVM reported that are not re-armed yet (a deferring view holds them)."""
+        with self._lock:
+            return sum(count_set(b) for b in self._stale)
 
     def _start_logging(self) -> None:
         if self.manual_protect and not self._manual_enabled:
             wanted = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | abi.KVM_DIRTY_LOG_INITIALLY_SET
             self.machine.vm.enable_cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, wanted)
             self._manual_enabled = True
-        for bitmap in self._to_clear:
+        for bitmap in self._stale:
             bitmap.fill(0)
         self.machine.set_dirty_logging(True)
         log.info(
@@ -63,36 +84,47 @@ class BitmapTracker(DirtyTracker):
 
     def _harvest(self, into: list[np.ndarray]) -> None:
         vm = self.machine.vm
-        for region, kvm_bits, target in zip(
-            self.memory.regions, self._kvm_bitmaps, into, strict=True
-        ):
-            vm.get_dirty_log(region.slot, kvm_bits.ctypes.data)
-            np.bitwise_or(target, kvm_bits, out=target)
-            if self.manual_protect:
-                np.bitwise_or(
-                    self._to_clear[region.slot], kvm_bits, out=self._to_clear[region.slot]
-                )
-                if not self.defer_clear:
-                    self._clear(region.slot, 0, region.pages)
+        for region, target in zip(self.memory.regions, into, strict=True):
+            vm.get_dirty_log(region.slot, target.ctypes.data)  # KVM writes every word
 
-    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
-        if self.defer_clear:
+    def _new_to_views(self, slot: int, reported: np.ndarray) -> np.ndarray:
+        if not self.manual_protect:
+            return reported  # the GET re-armed everything it reported
+        stale, fresh = self._stale[slot], self._fresh[slot]
+        and_not(fresh, reported, stale)
+        or_into(stale, reported)
+        return fresh
+
+    def _join(self, view: DirtyView) -> None:
+        # The guest writes stale pages without faulting: the new view must count them as
+        # dirty now, or a write after its opening could be re-armed away unseen.
+        for slot, stale in enumerate(self._stale):
+            view._merge(slot, stale)
+
+    def _after_fan_out(self) -> None:
+        if self.manual_protect and any(not v.defer_clear for v in self._views):
+            for region in self.memory.regions:
+                self._clear(region.slot, 0, region.pages)
+
+    def _before_copy(self, slot: int, first_page: int, npages: int) -> None:
+        if self.manual_protect:
             with self._lock:
                 start = first_page - first_page % CLEAR_CHUNK_PAGES
                 self._clear(slot, start, first_page + npages - start)
 
     def _clear(self, slot: int, first_page: int, npages: int) -> None:
-        """KVM_CLEAR_DIRTY_LOG the pending bits of [first_page, first_page+npages), by chunk."""
-        pending = self._to_clear[slot]
+        """KVM_CLEAR_DIRTY_LOG the stale bits of the chunks in [first_page, +npages)."""
+        stale = self._stale[slot]
         total = self.memory.regions[slot].pages
         page = first_page
         end = min(first_page + npages, total)
         while page < end:
             n = min(CLEAR_CHUNK_PAGES, total - page)  # a chunk may end only at the slot's end
-            words = pending[page // 64 : (page + n + 63) // 64]
+            words = stale[page // 64 : (page + n + 63) // 64]
             if words.any():
                 chunk = self._clear_scratch[: len(words)]
                 chunk[:] = words
                 self.machine.vm.clear_dirty_log(slot, page, n, chunk.ctypes.data)
+                self.clears += 1
                 words.fill(0)
             page += n

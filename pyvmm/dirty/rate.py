@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pyvmm.dirty.scan import count_set, page_hashes
+from pyvmm.dirty.scan import page_hashes
 from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.machine.memory import PAGE_SIZE, GuestMemory
 
@@ -166,30 +166,29 @@ class DirtyRateMonitor:
         return int(dirty * sampled_mib * 1000 / (sampled * elapsed_ms)), None
 
     def _dirty_bitmap(self, req: DirtyRateRequest) -> tuple[int, None]:
-        bitmaps = self.tracker.new_bitmaps()
-        self.tracker.attach(bitmaps)
-        try:
-            self.tracker.sync()  # with INITIALLY_SET the first sync reports everything: discard
-            for bitmap in bitmaps:
-                bitmap.fill(0)
+        # An eager view (the default): every page it is told about is re-armed at once, so
+        # the next write to it is seen, even while a migration defers its own clears.
+        with self.tracker.open_view("calc-dirty-rate") as view:
+            # With INITIALLY_SET the first sync after logging starts reports every page;
+            # otherwise it reports what was dirtied before the window: discard either way.
+            view.sync()
+            with view.lock:
+                for bitmap in view.bitmaps:
+                    bitmap.fill(0)
             elapsed_ms = self._sleep(req)
-            self.tracker.sync()
-            pages = sum(count_set(b) for b in bitmaps)
-        finally:
-            self.tracker.detach(bitmaps)
+            view.sync()
+            pages = view.dirty_pages()
         return pages_to_mib_s(pages, elapsed_ms), None
 
     def _dirty_ring(self, req: DirtyRateRequest) -> tuple[int, list[int]]:
-        bitmaps = self.tracker.new_bitmaps()
-        self.tracker.attach(bitmaps)  # keeps logging (and the reaper) on for the window
-        try:
-            self.tracker.sync()
+        # The view keeps logging (and the reaper) on for the window; the rates come from
+        # the tracker's per-vCPU counters, not from the view's bitmaps.
+        with self.tracker.open_view("calc-dirty-rate") as view:
+            view.sync()
             before = self.tracker.vcpu_dirty_pages() or []
             elapsed_ms = self._sleep(req)
-            self.tracker.sync()
+            view.sync()
             after = self.tracker.vcpu_dirty_pages() or []
-        finally:
-            self.tracker.detach(bitmaps)
         rates = [pages_to_mib_s(a - b, elapsed_ms) for a, b in zip(after, before, strict=True)]
         return sum(rates), rates
 

@@ -7,17 +7,26 @@ read slot and offset, release-store RESET), then KVM_RESET_DIRTY_RINGS lets KVM
 re-protect those pages and reuse the entries. Only then may the pages' contents
 be read: a write after the reset faults again and is pushed again.
 
-This host's ring loses entries when a guest dirties more pages between
-harvests than the ring holds, and can livelock (DIRTY_RING_FULL forever with
-nothing to harvest) with small rings (DESIGN.md). Hence:
+KVM keeps KVM_DIRTY_RING_RSVD_ENTRIES (64, plus the PML batch where there is
+PML) in reserve: at the soft limit it asks the vCPU to exit with
+KVM_EXIT_DIRTY_RING_FULL, and pushes made before that exit use the reserve. On
+a healthy host a full ring loses nothing. Some hosts do lose entries at
+ring-full: kvm_pvm emulates up to pvm_emul_batch guest instructions without
+looking at the ring again, so ring-0 code that stores to many fresh pages
+overruns the reserve and KVM wraps over unharvested entries; small rings can
+then livelock (DIRTY_RING_FULL forever with nothing to harvest). Whether this
+host does is a quirk decided per ring size at start-up (ring_quirk.py). Hence:
 - a reaper thread looks at every ring every 5 ms and harvests it when it is an
-  eighth full, or 100 ms after its last harvest: rings stay far from full;
+  eighth full, or 100 ms after its last harvest: rings stay far from full
+  (`reaper=False` holds it back, for experiments and the probe);
 - per-vCPU counts are of *distinct* pages newly dirty since the last sync (a page
   rewritten many times between two syncs counts once, for the vCPU harvested
   first), because this host pushes duplicate entries (see _harvested below);
   QEMU counts entries, and its reaper runs about once a second;
-- a harvest that finds a ring at or past its soft limit may have lost entries:
-  the whole guest is marked dirty for that round, and it is logged;
+- a harvest that finds a ring at or past its soft limit is normal (a ring-full
+  harvest takes at least the soft limit). Only where the quirk says this host
+  loses entries at ring-full (`lossy=True`) is the whole guest then marked
+  dirty for that round, logged once per event;
 - KVM_EXIT_DIRTY_RING_FULL is handled on the vCPU's thread (harvest its ring,
   then the dirty-limit hook); LIVELOCK_EXITS of them in a row that harvest
   nothing end the VM with an error naming the ring size.
@@ -32,8 +41,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pyvmm.dirty.scan import harvest_ring
-from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.dirty.scan import harvest_ring, take_and_clear
+from pyvmm.dirty.tracker import DirtyTracker, set_every_page
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpu import Vcpu
@@ -49,8 +58,10 @@ LIVELOCK_EXITS = 10000
 class RingTracker(DirtyTracker):
     mode = "ring"
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, *, lossy: bool = False, reaper: bool = True) -> None:
         super().__init__(machine)
+        self.lossy = lossy  # the host quirk: ring-full may have lost entries (ring_quirk.py)
+        self.reaper = reaper
         self.entries = machine.ring_bytes // 16
         self.soft_limit = self.entries - abi.KVM_DIRTY_RING_RSVD_ENTRIES
         self._fetch = [0] * len(machine.vcpus)
@@ -66,7 +77,10 @@ class RingTracker(DirtyTracker):
         self._acc_lock = threading.Lock()
         self._fresh = np.zeros(1, np.uint64)  # harvest_ring's count of newly set bits
         self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
-        self.overflows = 0  # harvests that found a ring at its soft limit
+        self._ring_full_exits = [0] * len(machine.vcpus)  # each written by its vCPU only
+        self.full_harvests = 0  # harvests that found a ring at or past its soft limit
+        self.resends = 0  # ... that marked the whole guest dirty (lossy hosts only)
+        self.largest_harvest = 0  # entries taken by the largest single harvest
         self.on_ring_full: Callable[[Vcpu], None] | None = None  # the dirty limit's hook
         # Called after every harvest that found entries, outside the ring locks, on the
         # harvesting thread (reaper, sync or ring-full exit), with (vCPU index, that vCPU's
@@ -85,10 +99,15 @@ class RingTracker(DirtyTracker):
         self._reap_all(discard=True)
         self.machine.set_dirty_logging(True)
         self._stop.clear()
-        self._reaper = threading.Thread(target=self._reap_loop, name="dirty-ring-reaper")
-        self._reaper.daemon = True
-        self._reaper.start()
-        log.info("dirty ring logging on: %d entries per vCPU", self.entries)
+        if self.reaper:
+            self._reaper = threading.Thread(target=self._reap_loop, name="dirty-ring-reaper")
+            self._reaper.daemon = True
+            self._reaper.start()
+        log.info(
+            "dirty ring logging on: %d entries per vCPU, reaper %s, ring-full %s",
+            self.entries, "on" if self.reaper else "held back",
+            "may lose entries (host quirk)" if self.lossy else "loses nothing",
+        )  # fmt: skip
 
     def _stop_logging(self) -> None:
         self._stop.set()
@@ -138,17 +157,19 @@ class RingTracker(DirtyTracker):
             self._fetch[index] = fetch
             self._harvested[index] += int(fresh[0])
             self.entries_harvested[index] += harvested
+            self.largest_harvest = max(self.largest_harvest, harvested)
             if harvested >= self.soft_limit:
-                # The ring reached its soft limit: on this host KVM may have wrapped over
-                # entries we never saw. Correctness first: treat every page as dirty.
-                self.overflows += 1
-                for acc in self._acc:
-                    acc.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
-                log.warning(
-                    "vCPU %d: dirty ring held %d of %d entries at harvest; entries may be lost, "
-                    "marking all pages dirty for this round",
-                    index, harvested, self.entries,
-                )  # fmt: skip
+                self.full_harvests += 1
+                if self.lossy:
+                    # This host may have wrapped over entries we never saw (the quirk).
+                    # Correctness first: treat every page as dirty for this round.
+                    self.resends += 1
+                    set_every_page(self._acc, self.memory.regions)
+                    log.warning(
+                        "vCPU %d: dirty ring held %d of %d entries at harvest; this host may "
+                        "lose entries at ring-full (quirk), marking all pages dirty",
+                        index, harvested, self.entries,
+                    )  # fmt: skip
             if invalid:
                 log.warning("vCPU %d: %d dirty ring entries named no known page", index, invalid)
             pages = self._harvested[index]
@@ -171,11 +192,12 @@ class RingTracker(DirtyTracker):
         self._reap_all()
         with self._acc_lock:
             for acc, target in zip(self._acc, into, strict=True):
-                np.bitwise_or(target, acc, out=target)
-                acc.fill(0)
+                target.fill(0)
+                take_and_clear(acc, target)
 
     def _ring_full_exit(self, vcpu: Vcpu) -> None:
         """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread."""
+        self._ring_full_exits[vcpu.index] += 1
         got = self._reap_one(vcpu.index)
         if got:
             self.machine.vm.reset_dirty_rings()
@@ -191,6 +213,11 @@ class RingTracker(DirtyTracker):
                 return
         if self.on_ring_full is not None:
             self.on_ring_full(vcpu)
+
+    @property
+    def ring_full_exits(self) -> int:
+        """KVM_EXIT_DIRTY_RING_FULL exits so far, all vCPUs."""
+        return sum(self._ring_full_exits)
 
     def vcpu_dirty_pages(self) -> list[int]:
         return list(self._harvested)

@@ -15,12 +15,14 @@ __all__ = [
     "KVM_DIRTY_GFN_SIZE",
     "PAGE_SHIFT",
     "PAGE_SIZE",
+    "and_not",
     "bitmap_to_pages",
     "count_set",
     "gather_pages",
     "harvest_ring",
     "is_zero_page",
     "or_into",
+    "or_new_into",
     "page_hashes",
     "pages_to_runs",
     "set_pages",
@@ -61,6 +63,12 @@ if TYPE_CHECKING:
     def or_into(dst: U64Array, src: U64Array) -> None:
         """dst |= src."""
 
+    def or_new_into(dst: U64Array, src: U64Array) -> int:
+        """dst |= src; returns the number of bits that were clear in dst and set in src."""
+
+    def and_not(dst: U64Array, src: U64Array, mask: U64Array) -> None:
+        """dst = src & ~mask (dst may be src or mask)."""
+
     def take_and_clear(src: U64Array, dst: U64Array) -> int:
         """dst |= src; src = 0; returns popcount(src)."""
 
@@ -97,12 +105,14 @@ else:
         KVM_DIRTY_GFN_SIZE,
         PAGE_SHIFT,
         PAGE_SIZE,
+        and_not,
         bitmap_to_pages,
         count_set,
         gather_pages,
         harvest_ring,
         is_zero_page,
         or_into,
+        or_new_into,
         page_hashes,
         pages_to_runs,
         set_pages,

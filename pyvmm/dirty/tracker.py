@@ -1,31 +1,115 @@
-"""One interface for both of KVM's dirty-tracking APIs.
+"""One interface for both of KVM's dirty-tracking APIs, with one view per user.
 
-A DirtyTracker belongs to one machine. Users (a migration, a dirty-rate
-measurement, the dirty limit) `attach` their own per-slot bitmaps (numpy
-uint64, KVM's layout: bit i of word w is page 64*w+i of the slot); every
-`sync` harvests what KVM recorded since the previous sync, plus the pages
-pyvmm itself wrote (GuestMemory.vmm_dirty), and ORs it into every attached
-bitmap. Harvesting consumes KVM's record, so fanning out in one place is what
-lets several users watch the same guest at once. Dirty logging is on while at
-least one user is attached.
+A DirtyTracker belongs to one machine. Each user (a migration, a dirty-rate
+measurement, the dirty limit) opens its own DirtyView: per-slot bitmaps in
+KVM's layout (numpy uint64, bit i of word w is page 64*w+i of the slot) that
+only it reads and clears. Any view's `sync()` harvests what KVM recorded since
+the previous harvest, plus the pages pyvmm itself wrote (GuestMemory.vmm_dirty),
+and ORs it into every open view. Harvesting consumes KVM's record, so fanning
+out in one place is what lets several users watch the same guest at once.
+Dirty logging is on while at least one view is open.
 
-The two implementations: BitmapTracker (KVM_GET_DIRTY_LOG, optionally with
-manual protection) in bitmap.py, RingTracker (per-vCPU dirty rings with a
-reaper thread) in ring.py. See docs/dirty-tracking.md.
+With manual protection (bitmap mode), a page stays marked dirty in KVM from the
+GET that reported it until a CLEAR re-arms it; a later GET reports it again.
+The tracker remembers which reported pages are not re-armed yet (`stale`) and
+hands a view only what it has not been told: a migration that defers its
+clears never makes another view count the same page twice. Who re-arms when is
+in bitmap.py; docs/dirty-tracking.md has the rules and what each view can see.
+
+The implementations: BitmapTracker in bitmap.py, RingTracker in ring.py;
+factory.make_tracker picks one for a machine.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from contextlib import AbstractContextManager
+from types import TracebackType
 
 import numpy as np
 
-from pyvmm.dirty.scan import count_set, or_into, take_and_clear
+from pyvmm.dirty.scan import count_set, or_new_into, take_and_clear
 from pyvmm.machine.machine import Machine
+from pyvmm.machine.memory import MemoryRegion
 
 log = logging.getLogger(__name__)
+
+ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def set_every_page(bitmaps: list[np.ndarray], regions: list[MemoryRegion]) -> None:
+    """Mark every page of every slot dirty, and no bit past a slot's last page."""
+    for region, bitmap in zip(regions, bitmaps, strict=True):
+        bitmap.fill(ALL_ONES)
+        if region.pages % 64:
+            bitmap[-1] = np.uint64((1 << (region.pages % 64)) - 1)
+
+
+class DirtyView:
+    """One user's dirty bitmaps. Create with DirtyTracker.open_view(); close when done.
+
+    Threads: any view's sync may OR into `bitmaps` at any time, always holding `lock`.
+    The owner holds `lock` while it reads and clears bits, and must not call sync(),
+    before_copy() or close() while holding it (a sync waits for the lock).
+    """
+
+    def __init__(
+        self, tracker: DirtyTracker, name: str, defer_clear: bool, initially_dirty: bool
+    ) -> None:
+        self.tracker = tracker
+        self.name = name
+        # Effective value: deferring needs manual protection (bitmap mode) to mean anything.
+        self.defer_clear = defer_clear
+        self.bitmaps = tracker.new_bitmaps()
+        self.lock = threading.RLock()
+        self.closed = False
+        self._new_pages = 0  # bits newly set in `bitmaps` since this view's last sync()
+        if initially_dirty:
+            set_every_page(self.bitmaps, tracker.memory.regions)
+
+    def sync(self) -> int:
+        """Harvest KVM into every open view; returns the pages newly set in this view's
+        bitmaps since this view's previous sync(), counting bits other views' syncs added."""
+        if self.closed:
+            raise RuntimeError(f"dirty view {self.name!r} is closed")
+        self.tracker._sync()
+        with self.lock:
+            new, self._new_pages = self._new_pages, 0
+        return new
+
+    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
+        """Call after reading and clearing these pages' bits and before reading their
+        contents: get, clear, copy. Re-arms tracking for them if that was deferred."""
+        self.tracker._before_copy(slot, first_page, npages)
+
+    def dirty_pages(self) -> int:
+        """Pages currently set in this view's bitmaps."""
+        with self.lock:
+            return sum(count_set(b) for b in self.bitmaps)
+
+    def close(self) -> None:
+        """Detach; dirty logging stops when the last view closes. Idempotent."""
+        self.tracker._close_view(self)
+
+    def _merge(self, slot: int, new: np.ndarray) -> None:
+        """OR a sync's pages into this view (the tracker holds its own lock)."""
+        with self.lock:
+            self._new_pages += or_new_into(self.bitmaps[slot], new)
+
+    def __enter__(self) -> DirtyView:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<DirtyView {self.name!r} {state} defer_clear={self.defer_clear}>"
 
 
 class DirtyTracker:
@@ -35,77 +119,85 @@ class DirtyTracker:
         assert machine.memory is not None
         self.machine = machine
         self.memory = machine.memory
-        self._clients: list[list[np.ndarray]] = []
-        self._lock = threading.RLock()  # one sync at a time; attach/detach vs sync
-        # Scratch bitmaps, one per slot, that each sync fills before fanning out.
-        self._scratch = [np.zeros(r.bitmap_words(), np.uint64) for r in self.memory.regions]
+        self._views: list[DirtyView] = []
+        self._lock = threading.RLock()  # one sync at a time; open/close vs sync
+        # What KVM reported in the current sync, one bitmap per slot.
+        self._report = self.new_bitmaps()
+        self.syncs = 0  # harvests done, by any view
+
+    # --- views -------------------------------------------------------------------------------
 
     def new_bitmaps(self) -> list[np.ndarray]:
-        """Zeroed per-slot bitmaps in KVM's layout, for a caller to attach."""
+        """Zeroed per-slot bitmaps in KVM's layout."""
         return [np.zeros(r.bitmap_words(), np.uint64) for r in self.memory.regions]
 
-    def attach(self, bitmaps: list[np.ndarray]) -> None:
-        with self._lock:
-            if len(bitmaps) != len(self._scratch) or any(
-                b.dtype != np.uint64 or b.shape != s.shape
-                for b, s in zip(bitmaps, self._scratch, strict=True)
-            ):
-                raise ValueError("attach() needs one uint64 bitmap per slot, from new_bitmaps()")
-            first = not self._clients
-            self._clients.append(bitmaps)
-            if first:
-                self._start_logging()
-
-    def detach(self, bitmaps: list[np.ndarray]) -> None:
-        with self._lock:
-            self._clients = [c for c in self._clients if c is not bitmaps]
-            if not self._clients:
-                self._stop_logging()
-
     @property
-    def bitmap_lock(self) -> AbstractContextManager[bool]:
-        """Held by every sync while it ORs into the attached bitmaps. A user that reads and
-        clears bits in its own bitmap while others may sync takes it around that step."""
-        return self._lock
+    def can_defer_clear(self) -> bool:
+        """Whether a view's defer_clear changes anything (manual protection is on)."""
+        return False
 
     def open_view(
         self, name: str, *, defer_clear: bool = False, initially_dirty: bool = False
     ) -> DirtyView:
-        """A user's own bitmaps, attached until view.close()."""
-        return DirtyView(self, name, defer_clear=defer_clear, initially_dirty=initially_dirty)
+        """A new user's view. initially_dirty: every page set (a migration's first pass).
+        defer_clear: pages this view is told about are re-armed in KVM only when it calls
+        before_copy() for them, unless an eager view is open (docs/dirty-tracking.md)."""
+        with self._lock:
+            view = DirtyView(self, name, defer_clear and self.can_defer_clear, initially_dirty)
+            if not self._views:
+                self._start_logging()
+            else:
+                self._join(view)
+            self._views.append(view)
+        log.debug("dirty view %r opened (defer_clear=%s)", name, view.defer_clear)
+        return view
+
+    @property
+    def views(self) -> list[DirtyView]:
+        with self._lock:
+            return list(self._views)
 
     @property
     def active(self) -> bool:
-        return bool(self._clients)
+        return bool(self._views)
 
-    def sync(self) -> int:
-        """Harvest KVM's dirty record and pyvmm's own writes into every attached bitmap.
-
-        Returns the number of newly dirty pages seen (summed over slots)."""
+    def close(self) -> None:
         with self._lock:
-            for scratch in self._scratch:
-                scratch.fill(0)
-            self._harvest(self._scratch)
-            new = 0
-            for slot, scratch in enumerate(self._scratch):
-                take_and_clear(self.memory.vmm_dirty[slot], scratch)
-                new += count_set(scratch)
-                for client in self._clients:
-                    or_into(client[slot], scratch)
-            return new
-
-    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
-        """Call before copying pages a sync reported: re-arms tracking for them if deferred."""
+            views, self._views = self._views, []
+            for view in views:
+                view.closed = True
+            if views:
+                self._stop_logging()
 
     def vcpu_dirty_pages(self) -> list[int] | None:
         """Cumulative pages harvested per vCPU (ring mode), else None."""
         return None
 
-    def close(self) -> None:
+    # --- what DirtyView calls ----------------------------------------------------------------
+
+    def _sync(self) -> None:
         with self._lock:
-            if self._clients:
-                self._clients = []
+            if not self._views:
+                return
+            report = self._report
+            self._harvest(report)
+            self.syncs += 1
+            for slot, reported in enumerate(report):
+                new = self._new_to_views(slot, reported)
+                take_and_clear(self.memory.vmm_dirty[slot], new)  # pyvmm's own writes
+                for view in self._views:
+                    view._merge(slot, new)
+            self._after_fan_out()
+
+    def _close_view(self, view: DirtyView) -> None:
+        with self._lock:
+            if view.closed:
+                return
+            view.closed = True
+            self._views = [v for v in self._views if v is not view]
+            if not self._views:
                 self._stop_logging()
+        log.debug("dirty view %r closed", view.name)
 
     # --- implemented by each mode ------------------------------------------------------------
 
@@ -116,58 +208,18 @@ class DirtyTracker:
         raise NotImplementedError
 
     def _harvest(self, into: list[np.ndarray]) -> None:
+        """Overwrite `into` with what KVM reports now (a set bit per dirty page)."""
         raise NotImplementedError
 
+    def _new_to_views(self, slot: int, reported: np.ndarray) -> np.ndarray:
+        """Of a slot's report, the bits to hand to every view (may be `reported` itself)."""
+        return reported
 
-class DirtyView:
-    """One user's window on the tracker: its own bitmaps, filled by every sync."""
+    def _join(self, view: DirtyView) -> None:
+        """A view opens while others are open: give it what it must not miss."""
 
-    def __init__(
-        self, tracker: DirtyTracker, name: str, *, defer_clear: bool, initially_dirty: bool
-    ) -> None:
-        self.tracker = tracker
-        self.name = name
-        self.bitmaps = tracker.new_bitmaps()
-        if initially_dirty:
-            for region, bitmap in zip(tracker.memory.regions, self.bitmaps, strict=True):
-                bitmap.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
-                if region.pages % 64:
-                    bitmap[-1] = np.uint64((1 << (region.pages % 64)) - 1)
-        self._defer_saved = getattr(tracker, "defer_clear", None)
-        if defer_clear and self._defer_saved is not None:
-            tracker.defer_clear = getattr(tracker, "manual_protect", False)  # type: ignore[attr-defined]
-        self.defer_clear = defer_clear
-        tracker.attach(self.bitmaps)
-        self._closed = False
+    def _after_fan_out(self) -> None:
+        """After every view got this sync's pages (bitmap mode: eager re-arming)."""
 
-    @property
-    def lock(self) -> AbstractContextManager[bool]:
-        return self.tracker.bitmap_lock
-
-    def sync(self) -> int:
-        with self.tracker.bitmap_lock:
-            before = sum(count_set(b) for b in self.bitmaps)
-            self.tracker.sync()
-            return sum(count_set(b) for b in self.bitmaps) - before
-
-    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
-        self.tracker.before_copy(slot, first_page, npages)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.tracker.detach(self.bitmaps)
-        if self.defer_clear and self._defer_saved is not None:
-            self.tracker.defer_clear = self._defer_saved  # type: ignore[attr-defined]
-
-
-def make_tracker(machine: Machine) -> DirtyTracker:
-    """The tracker matching how the machine was built (ring mode iff it has dirty rings)."""
-    if machine.ring_bytes:
-        from pyvmm.dirty.ring import RingTracker
-
-        return RingTracker(machine)
-    from pyvmm.dirty.bitmap import BitmapTracker
-
-    return BitmapTracker(machine)
+    def _before_copy(self, slot: int, first_page: int, npages: int) -> None:
+        """Re-arm tracking for pages about to be copied, if that was deferred."""

@@ -1,10 +1,13 @@
-"""QMP: calc-dirty-rate and query-dirty-rate (qapi/migration.json, QEMU 8.2 shapes)."""
+"""QMP: calc-dirty-rate and query-dirty-rate (qapi/migration.json, QEMU 8.2 shapes), and
+pyvmm's x-pyvmm-query-dirty-ring (the ring, its host quirk and its ring-full counters)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.dirty.rate import DirtyRateError, DirtyRateRequest
+from pyvmm.dirty.ring import RingTracker
+from pyvmm.kvm import abi
 from pyvmm.monitor.schema import ArgSpec, QmpError
 
 if TYPE_CHECKING:
@@ -35,6 +38,30 @@ def register_dirty_commands(vmm: Vmm) -> None:
             )
         return vmm.dirty_rate.query(unit)
 
+    def query_dirty_ring(args: dict[str, Any]) -> dict[str, Any]:
+        machine = vmm.machine
+        if machine is None or not machine.config.dirty_ring_entries or vmm.ring_quirk is None:
+            return {"enabled": False}
+        entries = vmm.ring_quirk.ring_entries
+        info: dict[str, Any] = {
+            "enabled": True,
+            "entries": entries,
+            "soft-limit": entries - abi.KVM_DIRTY_RING_RSVD_ENTRIES,
+            "reaper": vmm.options.dirty_ring_reaper,
+            "quirk": vmm.ring_quirk.to_qmp(),
+            "ring-full-exits": 0,
+            "full-harvests": 0,
+            "resends": 0,
+        }
+        # The tracker exists once the vCPUs (and their rings) do; before that, nothing ran.
+        tracker = vmm.dirty_tracker if machine.vcpus else None
+        if isinstance(tracker, RingTracker):
+            info["ring-full-exits"] = tracker.ring_full_exits
+            info["full-harvests"] = tracker.full_harvests
+            info["resends"] = tracker.resends
+        return info
+
+    qmp.register("x-pyvmm-query-dirty-ring", query_dirty_ring)
     qmp.register(
         "calc-dirty-rate",
         calc_dirty_rate,

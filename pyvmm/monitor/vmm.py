@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
+from pyvmm.dirty.factory import make_tracker
 from pyvmm.dirty.rate import DirtyRateMonitor
-from pyvmm.dirty.tracker import DirtyTracker, make_tracker
+from pyvmm.dirty.ring_quirk import RingQuirk, decide_ring_quirk
+from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
@@ -54,6 +56,8 @@ class RunOptions:
     qmp_allow_remote: bool = False
     time_limit_s: float | None = None
     dirty_ring_entries: int | None = None  # None: bitmap mode; 0: the largest ring KVM offers
+    dirty_ring_quirk: str = "auto"  # auto (probe) | lossy | reliable: dirty/ring_quirk.py
+    dirty_ring_reaper: bool = True  # False: harvest only at syncs and ring-full exits
     incoming: str | None = None  # tcp:HOST:PORT, unix:PATH or "defer"
     start_paused: bool = False  # QEMU's -S
 
@@ -108,6 +112,7 @@ class Vmm:
         self._stopping = False
         self._late_lock = threading.RLock()  # serialises work once the loop has closed
         self._tracker: DirtyTracker | None = None
+        self.ring_quirk: RingQuirk | None = None  # ring mode: does a full ring lose entries?
         self._dirty_rate: DirtyRateMonitor | None = None
         self._dirty_limit: DirtyLimitController | None = None
         self.loop.on_signal = self.on_signal
@@ -125,6 +130,9 @@ class Vmm:
             ring = opts.dirty_ring_entries  # 0: the machine picks KVM's largest ring
             config = MachineConfig(opts.mem_bytes, opts.vcpus, opts.cmdline, None, ring)
             self.machine = Machine(config, serial)  # it opens and owns /dev/kvm
+            ring = self.machine.config.dirty_ring_entries  # 0 resolved to KVM's largest
+            if ring:
+                self.ring_quirk = decide_ring_quirk(ring, opts.dirty_ring_quirk)
             if opts.incoming is None:
                 if opts.image is None:
                     raise MachineError("no guest image given (and no --incoming)")
@@ -346,7 +354,9 @@ class Vmm:
     def dirty_tracker(self) -> DirtyTracker:
         if self._tracker is None:
             assert self.machine is not None
-            self._tracker = make_tracker(self.machine)
+            self._tracker = make_tracker(
+                self.machine, self.ring_quirk, ring_reaper=self.options.dirty_ring_reaper
+            )
         return self._tracker
 
     @property

@@ -15,14 +15,15 @@ QEMU's design, restated (docs/dirty-limit.md has the long version):
 
 pyvmm's one deviation: the penalty unit is a *virtual* ring of
 x-vcpu-dirty-limit-ring-size entries (default 4096, QEMU's usual dirty-ring-size),
-not the KVM ring. Small KVM rings lose entries and livelock on this host (DESIGN.md),
-so pyvmm runs the largest ring KVM offers and harvests it from a reaper long before
-it fills. The reaper reports each harvest (RingTracker.on_harvest); every time a
-vCPU's count of distinct newly dirty pages crosses another virtual ring's worth, the
-vCPU owes one sleep, and is kicked to serve it in its exit path (Vcpu.run_on_thread
-+ Vcpu.sleep_us). A real KVM_EXIT_DIRTY_RING_FULL serves the debt (or one sleep) on
-the spot (RingTracker.on_ring_full). The controller reasons about the virtual ring
-exactly as QEMU's does about the real one: ring MiB = virtual entries x 4 KiB.
+not the KVM ring. A ring that fills can lose entries on this host, and small ones
+livelock (docs/dirty-tracking.md), so pyvmm runs the largest ring KVM offers and
+harvests it from a reaper long before it fills. The reaper reports each harvest
+(RingTracker.on_harvest); every time a vCPU's count of distinct newly dirty pages
+crosses another virtual ring's worth, the vCPU owes one sleep, and is kicked to
+serve it in its exit path (Vcpu.run_on_thread + Vcpu.sleep_us). A real
+KVM_EXIT_DIRTY_RING_FULL serves the debt (or one sleep) on the spot
+(RingTracker.on_ring_full). The controller reasons about the virtual ring exactly
+as QEMU's does about the real one: ring MiB = virtual entries x 4 KiB.
 
 QEMU quirks kept on purpose, so experiments compare: the ring-full time divides by a
 running maximum of every rate ever seen (a function-static in QEMU, never reset; here
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.dirty.rate import pages_to_mib_s
 from pyvmm.dirty.ring import RingTracker
-from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpu import Vcpu, VcpuRunState
 from pyvmm.migration.convergence.trigger import DirtyTrigger, TriggerVerdict
@@ -166,13 +167,11 @@ class VcpuLimit:
 class DirtyLimitController:
     """One per VM: the limits set by QMP or by a migration, the stat thread, the penalties.
 
-    `migration()` returns the VM's current outgoing migration (or None). While one is
-    active, the controller's syncs go through MigrationSource.force_sync(): a sync
-    fans pages out into the migration's bitmap, which only the source may touch while it
-    sends, and the source then also counts those pages in its dirty-pages-rate and its
-    throttle trigger. So during a migration each measurement period adds one to
-    dirty-sync-count (QEMU's stat thread syncs the KVM log but not the migration bitmap;
-    pyvmm's tracker has a single level).
+    `migration()` returns the VM's current outgoing migration (or None). The stat thread
+    has its own dirty view: its syncs harvest the rings for every view, the migration's
+    included (under that view's lock), and the migration counts those pages at its next
+    sync; they do not add to its dirty-sync-count. QEMU's stat thread does the same: it
+    syncs the KVM log, which feeds the migration's bitmap, not the migration bitmap sync.
     """
 
     def __init__(
@@ -323,40 +322,29 @@ class DirtyLimitController:
                 log.warning("dirty-limit stat thread did not stop within %.0f s", STOP_TIMEOUT_S)
 
     def _run(self, stop: threading.Event) -> None:
-        bitmaps = self.tracker.new_bitmaps()
-        self.tracker.attach(bitmaps)  # dirty logging (and the reaper) on while we run
+        # The view keeps dirty logging (and the reaper) on while we run; the rates come
+        # from the tracker's per-vCPU counters, so its bitmaps are never read.
+        view = self.tracker.open_view("dirty-limit")
         try:
-            self._sync()
+            view.sync()
             while not stop.is_set():
-                rates, elapsed_ms = self._measure(stop)
+                rates, elapsed_ms = self._measure(stop, view)
                 if stop.is_set():
                     break
                 self._process(rates, elapsed_ms)
         except Exception:  # the VM may be ending under us; never die silently
             log.exception("dirty-limit stat thread failed")
         finally:
-            self.tracker.detach(bitmaps)
+            view.close()
 
-    def _sync(self) -> None:
-        """Make the per-vCPU counters current (through the migration while one runs)."""
-        source = self._migration()
-        if source is None or not source.active:
-            self.tracker.sync()
-            return
-        # force_sync() decides under the source's lock whether a sync may still happen: not
-        # during setup, switchover or cancelling (an ITERATION record must not interleave
-        # with the final pages and state). Then the reaper's counts, at most
-        # REAP_MAX_AGE_S old, are good enough for one period.
-        source.force_sync()
-
-    def _measure(self, stop: threading.Event) -> tuple[list[int], float]:
+    def _measure(self, stop: threading.Event, view: DirtyView) -> tuple[list[int], float]:
         """vcpu_calculate_dirtyrate: snapshot, wait a period, sync, snapshot."""
         period_ms = self.period_ms()
         t0 = time.monotonic()
         before = self.tracker.vcpu_dirty_pages() or []
         if stop.wait(period_ms / 1000):
             return [], 0.0
-        self._sync()
+        view.sync()
         after = self.tracker.vcpu_dirty_pages() or []
         elapsed_ms = (time.monotonic() - t0) * 1000
         return [
