@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
+import logging
 import os
 import socket
 import stat
+import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -572,6 +576,70 @@ def test_client_that_stops_reading_is_dropped(
     wait_until(lambda: server.client_count == 1, "the stuck client to be dropped")
     stuck.close()
     good.close()
+
+
+def _pending_bytes(client: Raw) -> int:
+    """Bytes the server has sent that this client has not read (FIONREAD)."""
+    buf = fcntl.ioctl(client.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def test_clients_that_never_read_do_not_delay_commands(
+    server: QmpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 item 14: 8 negotiated clients that never read made one `stop` take 8 s."""
+    caplog.set_level(logging.INFO, logger=server_mod.__name__)
+    server.register("stop", lambda args: server.emit_event("STOP"))
+    stuck = [Raw(server) for _ in range(8)]
+    for client in stuck:
+        client.negotiate()
+    good = Raw(server)
+    good.negotiate()
+    wait_until(lambda: server.client_count == 9, "nine clients")
+    try:
+        # Fill the stuck clients' socket buffers: 2 MiB each, far more than a socket holds.
+        blob = "x" * 65536
+        for i in range(32):
+            start = time.monotonic()
+            server.emit_event("BIG", {"i": i, "blob": blob})
+            assert time.monotonic() - start < 0.5, "emit_event waited for a client"
+        wait_until(lambda: min(map(_pending_bytes, stuck)) > 65536, "full socket buffers")
+        assert [good.read()["data"]["i"] for _ in range(32)] == list(range(32))
+        # Commands while the stuck clients' writers wait in sendall() and then drop them.
+        worst_s = 0.0
+        for n in range(15):
+            start = time.monotonic()
+            good.send(json.dumps({"execute": "stop", "id": n}).encode())
+            event, reply = good.read(), good.read()
+            worst_s = max(worst_s, time.monotonic() - start)
+            assert event["event"] == "STOP" and reply == {"return": {}, "id": n}
+            time.sleep(0.1)
+        assert worst_s < 2.0, f"a command waited {worst_s:.1f} s for clients that do not read"
+        deadline = time.monotonic() + 3 * server_mod.SEND_TIMEOUT_S
+        while server.client_count > 1:
+            assert time.monotonic() < deadline, "the stuck clients were not dropped"
+            time.sleep(0.01)
+        dropped = [r for r in caplog.records if "disconnected: it is not reading" in r.message]
+        assert len(dropped) == 8, [r.message for r in caplog.records]
+        assert good.cmd({"execute": "echo", "arguments": {"still": 1}}) == {"return": {"still": 1}}
+    finally:
+        for client in [*stuck, good]:
+            client.close()
+
+
+def test_output_queue_limit_drops_a_client(
+    server: QmpServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=server_mod.__name__)
+    monkeypatch.setattr(server_mod, "MAX_QUEUED_BYTES", 1 << 20)
+    stuck = Raw(server)
+    stuck.negotiate()
+    wait_until(lambda: server.client_count == 1, "the client")
+    for i in range(64):  # 4 MiB while the writer is stuck in its first sendall()
+        server.emit_event("BIG", {"i": i, "blob": "x" * 65536})
+    wait_until(lambda: server.client_count == 0, "the client to be dropped")
+    assert any("bytes are waiting for it" in r.message for r in caplog.records)
+    stuck.close()
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,9 @@ The module has three layers, each usable without the ones below it:
   qobject/json-streamer.c (count brackets, then parse what they enclose).
 - `QmpDispatcher` (the command table) and `QmpSession` (one client's
   state) turn bytes into reply dicts. No sockets: tests feed them bytes.
-- `QmpServer` puts sessions on unix or TCP sockets, one thread per client.
+- `QmpServer` puts sessions on unix or TCP sockets: per client, a reader
+  thread that runs its commands and a writer thread that drains its
+  outgoing queue.
 
 The machine layer registers its commands with `QmpServer.register`; this
 module imports nothing else from pyvmm.
@@ -38,6 +40,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +68,7 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 16 * 1024 * 1024  # one request may not be larger (QEMU allows 64 MiB)
 MAX_NESTING = 1024  # QEMU's json-streamer limit
 SEND_TIMEOUT_S = 1.0  # a client that cannot take a message this fast is dropped
+MAX_QUEUED_BYTES = 16 * 1024 * 1024  # output waiting for one client; more drops it
 RECV_CHUNK_BYTES = 65536
 UNIX_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1
 
@@ -533,7 +537,16 @@ def _check_request(request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 class _Client:
-    """One connection: a reader thread running a session, and a lock for writers."""
+    """One connection: a reader thread that runs the session, and a writer thread.
+
+    Everything for the client (greeting, replies, events) goes through one
+    outgoing queue, so replies and events keep their order, and whoever puts
+    a message there (a command, an event from a vCPU or the migration) never
+    waits for the client to read it. The writer sends one message at a time;
+    a message that cannot be sent within SEND_TIMEOUT_S (the socket's
+    timeout, which bounds a whole sendall) drops the client. The socket is
+    closed by whichever of the two threads ends last.
+    """
 
     def __init__(self, server: QmpServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -541,33 +554,51 @@ class _Client:
         self.peer = peer
         self.session = server.dispatcher.session()
         self.closed = False
-        self._send_lock = threading.Lock()
+        self.events_on = False  # set once the reply to qmp_capabilities is queued
+        self._cond = threading.Condition()
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._input_done = False  # the reader has ended: send what is queued, then close
+        self._end_reason = "end of input"  # why the reader ended, for the log
+        self._threads_left = 2
         self.thread = threading.Thread(target=self._serve, name=f"qmp-client {peer}", daemon=True)
+        self.writer = threading.Thread(
+            target=self._write_loop, name=f"qmp-writer {peer}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.writer.start()
+        self.thread.start()
 
     def send(self, payload: bytes) -> bool:
-        """Send one whole message, or drop the client if that takes over SEND_TIMEOUT_S."""
-        if self.closed:
+        """Queue one whole message; never blocks. False if the client is gone."""
+        with self._cond:
+            if self.closed:
+                return False
+            if self._queued_bytes + len(payload) > MAX_QUEUED_BYTES:
+                overflow = True
+            else:
+                overflow = False
+                self._queue.append(payload)
+                self._queued_bytes += len(payload)
+                self._cond.notify()
+        if overflow:
+            self.drop(f"it is not reading: over {MAX_QUEUED_BYTES} bytes are waiting for it")
             return False
-        if not self._send_lock.acquire(timeout=SEND_TIMEOUT_S):
-            self.drop("it is not reading its messages")
-            return False
-        try:
-            self.sock.sendall(payload)  # the socket's timeout bounds the whole sendall
-            return True
-        except OSError as exc:
-            self.drop(f"sending failed: {exc}")
-            return False
-        finally:
-            self._send_lock.release()
+        return True
 
     def drop(self, reason: str) -> None:
-        """Disconnect; the reader thread notices and cleans up."""
-        if self.closed:
-            return
-        self.closed = True
+        """Disconnect now, discarding what is queued; both threads notice and end."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._cond.notify_all()
         logger.info("QMP client %s disconnected: %s", self.peer, reason)
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # also wakes a writer inside sendall()
 
     def stop_reading(self) -> None:
         """Make the reader see end of input; replies already being made still go out."""
@@ -576,8 +607,7 @@ class _Client:
 
     def _serve(self) -> None:
         try:
-            if not self.send(encode(self.session.dispatcher.greeting())):
-                return
+            self.send(encode(self.session.dispatcher.greeting()))
             while not self.closed:
                 try:
                     data = self.sock.recv(RECV_CHUNK_BYTES)
@@ -587,25 +617,65 @@ class _Client:
                     self.drop(f"receiving failed: {exc}")
                     break
                 if not data:
-                    self.drop("end of input" if not self.server.closing else "server closing")
+                    if self.server.closing:
+                        self._end_reason = "server closing"
                     break
                 try:
                     for reply in self.session.feed(data):
                         if not self.send(_encode_reply(reply)):
                             break
+                        # Events only after the negotiation's reply, as QEMU sends them.
+                        self.events_on = self.session.negotiated
                 except QmpInputTooLarge as exc:
                     self.send(encode(error_reply(ErrorClass.GENERIC_ERROR, f"{exc}; closing")))
-                    self.drop(str(exc))
+                    self._end_reason = str(exc)
+                    break
         except Exception:  # a bug here must not take the server down
             logger.exception("QMP client %s: unexpected error", self.peer)
             self.drop("internal error")
         finally:
-            self.closed = True
-            # Close only when no other thread is inside sendall() on this socket.
-            locked = self._send_lock.acquire(timeout=2 * SEND_TIMEOUT_S)
+            with self._cond:
+                self._input_done = True
+                self._cond.notify_all()
+            self._thread_ended()
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._queue or self._input_done or self.closed):
+                        self._cond.wait()
+                    if self.closed or not self._queue:
+                        break  # dropped, or the reader ended and everything is sent
+                    payload = self._queue.popleft()
+                    self._queued_bytes -= len(payload)
+                try:
+                    self.sock.sendall(payload)  # the socket's timeout bounds the whole sendall
+                except TimeoutError:
+                    limit_s = self.sock.gettimeout()
+                    self.drop(f"it is not reading: a message could not be sent within {limit_s} s")
+                    break
+                except OSError as exc:
+                    self.drop(f"sending failed: {exc}")
+                    break
+            with self._cond:
+                ended_here = not self.closed
+                self.closed = True
+            if ended_here:
+                logger.info("QMP client %s disconnected: %s", self.peer, self._end_reason)
+        except Exception:
+            logger.exception("QMP client %s: unexpected error in its writer", self.peer)
+            self.drop("internal error")
+        finally:
+            self._thread_ended()
+
+    def _thread_ended(self) -> None:
+        """The last of the two threads closes the socket: no fd is closed under a user."""
+        with self._cond:
+            self._threads_left -= 1
+            last = self._threads_left == 0
+        if last:
             self.sock.close()
-            if locked:
-                self._send_lock.release()
             self.server._forget(self)
 
 
@@ -678,15 +748,16 @@ class QmpServer:
         self.dispatcher.register(name, handler, args=args, allow_extra=allow_extra)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        """Send an event to every client that has negotiated capabilities.
+        """Queue an event for every client that has negotiated capabilities.
 
-        Callable from any thread. Returns once every such client has the event
-        or has been dropped for not taking it within SEND_TIMEOUT_S. data must
-        be JSON-serialisable (else TypeError/ValueError here, in the caller).
+        Callable from any thread; never waits for a client. Each client's
+        writer sends it after what is already queued for that client, and
+        drops a client that does not take a message within SEND_TIMEOUT_S.
+        data must be JSON-serialisable (else TypeError/ValueError here).
         """
         payload = encode(make_event(name, data))
         with self._lock:
-            clients = [c for c in self._clients if c.session.negotiated and not c.closed]
+            clients = [c for c in self._clients if c.events_on and not c.closed]
         for client in clients:
             client.send(payload)
 
@@ -739,14 +810,19 @@ class QmpServer:
         # Stop reading but keep writing, so that a reply being produced right
         # now (say, to "quit", whose handler may be what called close()) still
         # goes out, as in QEMU; then each reader sees end of input and exits.
+        # A client whose command is running on this very thread (its handler
+        # called close()) finishes after we return: its reply is queued then.
         for client in clients:
             client.stop_reading()
+        me = threading.current_thread()
         deadline = time.monotonic() + 2.0
         for client in clients:
-            if client.thread is not threading.current_thread():
-                client.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            if client.thread.is_alive() and client.thread is not threading.current_thread():
-                client.drop("server closing")  # stuck in a handler: cut it off
+            if client.thread is me:
+                continue
+            for thread in (client.thread, client.writer):
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if client.thread.is_alive() or client.writer.is_alive():
+                client.drop("server closing")  # stuck in a handler or a send: cut it off
         self._remove_socket_file()
         logger.info("QMP server on %s closed", self.address_str)
 
@@ -845,7 +921,7 @@ class QmpServer:
                     return
                 self._clients.add(client)
             logger.info("QMP client %s connected to %s", name, self.address_str)
-            client.thread.start()
+            client.start()
 
     def _forget(self, client: _Client) -> None:
         with self._lock:
