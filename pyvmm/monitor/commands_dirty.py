@@ -49,4 +49,5 @@ def register_dirty_commands(vmm: Vmm) -> None:
         "query-dirty-rate",
         query_dirty_rate,
         args={"calc-time-unit": ArgSpec("str", optional=True)},
+        query=True,
     )

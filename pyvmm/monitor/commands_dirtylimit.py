@@ -96,4 +96,4 @@ def register_dirtylimit_commands(vmm: Vmm) -> None:
     qmp.register(
         "cancel-vcpu-dirty-limit", cancel_limit, args={"cpu-index": ArgSpec("int", optional=True)}
     )
-    qmp.register("query-vcpu-dirty-limit", query_limit)
+    qmp.register("query-vcpu-dirty-limit", query_limit, query=True)

@@ -60,9 +60,9 @@ def register_machine_commands(vmm: Vmm) -> None:
             digest.update(memoryview(region.array))
         return {"sha256": digest.hexdigest(), "status": vmm.run_state}
 
-    qmp.register("x-pyvmm-query-memory-hash", memory_hash)
-    qmp.register("query-status", query_status)
+    qmp.register("x-pyvmm-query-memory-hash", memory_hash, query=True)
+    qmp.register("query-status", query_status, query=True)
     qmp.register("stop", stop)
     qmp.register("cont", cont)
-    qmp.register("query-cpus-fast", query_cpus_fast)
+    qmp.register("query-cpus-fast", query_cpus_fast, query=True)
     qmp.register("quit", quit_)

@@ -96,14 +96,18 @@ def register_migration_commands(vmm: Vmm) -> None:
     )
     qmp.register("migrate_cancel", migrate_cancel)
     qmp.register("migrate-incoming", migrate_incoming, args={"uri": ArgSpec("str")})
-    qmp.register("query-migrate", query_migrate)
+    qmp.register("query-migrate", query_migrate, query=True)
     qmp.register(
         "migrate-set-parameters",
         set_parameters,
         args={name: ArgSpec(p.type, optional=True) for name, p in PARAMETERS.items()},
     )
-    qmp.register("query-migrate-parameters", lambda args: vmm.settings.query_parameters())
+    qmp.register(
+        "query-migrate-parameters", lambda args: vmm.settings.query_parameters(), query=True
+    )
     qmp.register(
         "migrate-set-capabilities", set_capabilities, args={"capabilities": ArgSpec("list")}
     )
-    qmp.register("query-migrate-capabilities", lambda args: vmm.settings.query_capabilities())
+    qmp.register(
+        "query-migrate-capabilities", lambda args: vmm.settings.query_capabilities(), query=True
+    )

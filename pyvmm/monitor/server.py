@@ -20,7 +20,8 @@ The module has three layers, each usable without the ones below it:
   state) turn bytes into reply dicts. No sockets: tests feed them bytes.
 - `QmpServer` puts sessions on unix or TCP sockets: per client, a reader
   thread that runs its commands and a writer thread that drains its
-  outgoing queue.
+  outgoing queue. State-changing commands can be handed to an executor
+  (the VMM's control thread); queries run on the client's thread.
 
 The machine layer registers its commands with `QmpServer.register`; this
 module imports nothing else from pyvmm.
@@ -338,6 +339,9 @@ class JsonStreamer:
 # ---------------------------------------------------------------------------
 
 Handler = Callable[[dict[str, Any]], Any]
+# Runs a state-changing command's handler on the VMM's control thread and returns its
+# value (or raises its exception) in the calling thread: executor(lambda: handler(args)).
+Executor = Callable[[Callable[[], Any]], Any]
 
 # qmp_capabilities' one argument. QEMU's QMPCapability enum has one member.
 _KNOWN_CAPABILITIES = ("oob",)
@@ -352,6 +356,7 @@ class Command:
     handler: Handler
     args: Mapping[str, ArgSpec]
     allow_extra: bool
+    query: bool = False  # only reads state: runs on the client's thread, never the executor
 
 
 def make_event(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -377,17 +382,23 @@ class QmpDispatcher:
     """The command table shared by all sessions, and the server's identity."""
 
     def __init__(
-        self, version: tuple[int, int, int] = (9, 2, 0), package: str = DEFAULT_PACKAGE
+        self,
+        version: tuple[int, int, int] = (9, 2, 0),
+        package: str = DEFAULT_PACKAGE,
+        executor: Executor | None = None,
     ) -> None:
         major, minor, micro = version
+        self.executor = executor
         self.version_info = {
             "qemu": {"major": major, "minor": minor, "micro": micro},
             "package": package,
         }
         self._lock = threading.Lock()
         self._commands: dict[str, Command] = {}
-        self.register("query-version", lambda _args: self.version_info)
-        self.register("query-commands", lambda _args: [{"name": n} for n in self.command_names()])
+        self.register("query-version", lambda _args: self.version_info, query=True)
+        self.register(
+            "query-commands", lambda _args: [{"name": n} for n in self.command_names()], query=True
+        )
 
     def register(
         self,
@@ -396,6 +407,7 @@ class QmpDispatcher:
         *,
         args: Mapping[str, ArgSpec] | None = None,
         allow_extra: bool = False,
+        query: bool = False,
     ) -> None:
         """Add a command. The handler gets the checked arguments; see QmpServer.register."""
         if not name or not isinstance(name, str):
@@ -403,7 +415,7 @@ class QmpDispatcher:
         with self._lock:
             if name in self._commands or name == "qmp_capabilities":
                 raise ValueError(f"QMP command {name!r} is already registered")
-            self._commands[name] = Command(name, handler, dict(args or {}), allow_extra)
+            self._commands[name] = Command(name, handler, dict(args or {}), allow_extra, query)
 
     def lookup(self, name: str) -> Command | None:
         with self._lock:
@@ -430,6 +442,7 @@ class QmpSession:
     def __init__(self, dispatcher: QmpDispatcher) -> None:
         self.dispatcher = dispatcher
         self.negotiated = False
+        self.running_on: threading.Thread | None = None  # where this client's handler runs now
         self._streamer = JsonStreamer()
 
     def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
@@ -465,8 +478,12 @@ class QmpSession:
         if cmd is None:
             raise QmpError(ErrorClass.COMMAND_NOT_FOUND, f"The command {name} has not been found")
         args = check_arguments(cmd.args, args, allow_extra=cmd.allow_extra)
+        executor = self.dispatcher.executor
         try:
-            ret = cmd.handler(args)
+            if cmd.query or executor is None:
+                ret = self._call(cmd.handler, args)
+            else:
+                ret = executor(lambda: self._call(cmd.handler, args))
         except QmpError:
             raise
         except Exception as exc:
@@ -482,6 +499,14 @@ class QmpSession:
                 ErrorClass.GENERIC_ERROR, f"command {name} returned a value that is not JSON: {exc}"
             ) from exc
         return ret
+
+    def _call(self, handler: Handler, args: dict[str, Any]) -> Any:
+        # Noted so that QmpServer.close(), called by a handler, does not wait for this client.
+        self.running_on = threading.current_thread()
+        try:
+            return handler(args)
+        finally:
+            self.running_on = None
 
     def _qmp_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.negotiated:
@@ -710,6 +735,7 @@ class QmpServer:
         allow_remote: bool = False,
         version: tuple[int, int, int] = (9, 2, 0),
         package: str = DEFAULT_PACKAGE,
+        executor: Executor | None = None,
     ) -> None:
         self.address = parse_address(address)
         if not allow_remote and not self.address.is_loopback:
@@ -718,7 +744,7 @@ class QmpServer:
                 "authentication; use 127.0.0.1, ::1 or localhost, or allow remote access "
                 "explicitly (--qmp-allow-remote)"
             )
-        self.dispatcher = QmpDispatcher(version, package)
+        self.dispatcher = QmpDispatcher(version, package, executor)
         self._lock = threading.Lock()
         self._clients: set[_Client] = set()
         self._listener: socket.socket | None = None
@@ -737,15 +763,22 @@ class QmpServer:
         *,
         args: dict[str, ArgSpec] | None = None,
         allow_extra: bool = False,
+        query: bool = False,
     ) -> None:
         """Add command `name`.
 
-        `handler(args)` runs on the client's thread with the checked arguments
-        and returns the reply's "return" value (None means ``{}``); it raises
-        QmpError for failures. `args` declares the accepted arguments (None:
-        no arguments); allow_extra lets undeclared arguments through unchecked.
+        `handler(args)` gets the checked arguments and returns the reply's
+        "return" value (None means ``{}``); it raises QmpError for failures.
+        `args` declares the accepted arguments (None: no arguments);
+        allow_extra lets undeclared arguments through unchecked.
+
+        Where it runs: a command registered with query=True (it only reads
+        state) runs on the calling client's thread, concurrently with other
+        clients. Any other command runs as ``executor(lambda: handler(args))``
+        when the server has an executor (the VMM's control thread, which
+        serialises every state change), else on the client's thread too.
         """
-        self.dispatcher.register(name, handler, args=args, allow_extra=allow_extra)
+        self.dispatcher.register(name, handler, args=args, allow_extra=allow_extra, query=query)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Queue an event for every client that has negotiated capabilities.
@@ -817,7 +850,7 @@ class QmpServer:
         me = threading.current_thread()
         deadline = time.monotonic() + 2.0
         for client in clients:
-            if client.thread is me:
+            if me in (client.thread, client.session.running_on):
                 continue
             for thread in (client.thread, client.writer):
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
