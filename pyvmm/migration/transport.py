@@ -62,7 +62,9 @@ def tune(sock: socket.socket) -> None:
 
 
 def listen(uri: MigrationUri) -> socket.socket:
-    """A listening socket for one incoming migration (a stale unix socket is replaced)."""
+    """A listening socket for one incoming migration (a stale unix socket is replaced).
+
+    A unix socket gets mode 0600 before listen(), as the QMP socket does."""
     if uri.kind == "tcp":
         family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -74,6 +76,10 @@ def listen(uri: MigrationUri) -> socket.socket:
         address = uri.path
     try:
         sock.bind(address)
+        if uri.kind == "unix":
+            # Whoever connects writes guest RAM and vCPU state: owner only, whatever the
+            # umask. Nothing can connect before listen(), so there is no window.
+            os.chmod(uri.path, 0o600)
         sock.listen(1)
     except OSError as exc:
         sock.close()
