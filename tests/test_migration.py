@@ -258,12 +258,9 @@ def test_parameters_and_capabilities_follow_qemu(tmp_path: Path) -> None:
         assert q.execute("query-migrate") == {}
 
 
-def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path) -> None:
+def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path, require_netns: None) -> None:
     from pyvmm.bench import netns
 
-    reason = netns.unavailable()
-    if reason:
-        pytest.skip(reason)
     with netns.veth_pair(rate_mbit=100) as link:
         uri = f"tcp:{link.addr_b}:{free_tcp_port()}"
         guest = ["memverify", "--mem", "128M", "--append", "mb=24"]
