@@ -83,7 +83,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("kvm") is not None:
             item.fixturenames.insert(0, "require_kvm")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm (fails under CI=true)")

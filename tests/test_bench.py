@@ -31,6 +31,7 @@ def bench(tmp_path: Path, *args: str, timeout_s: float = 120) -> subprocess.Comp
 
 
 @pytest.mark.kvm
+@pytest.mark.slow
 def test_a_short_run_reports_plots_and_tables(tmp_path: Path) -> None:
     out = tmp_path / "ac.json"
     proc = bench(tmp_path, *SMALL, "--auto-converge", "--name", "ac", "--output", str(out))
@@ -77,6 +78,7 @@ def test_a_short_run_reports_plots_and_tables(tmp_path: Path) -> None:
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("limit", [["--max-time", "2"], ["--max-iters", "3"]])
+@pytest.mark.slow
 def test_a_run_that_hits_its_limit_is_cancelled_and_succeeds(
     tmp_path: Path, limit: list[str]
 ) -> None:
@@ -222,6 +224,7 @@ def test_the_schema_is_documented() -> None:
 
 
 @pytest.mark.kvm
+@pytest.mark.slow
 def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> None:
     out = tmp_path / "results"
     summary = tmp_path / "results.md"
@@ -247,6 +250,7 @@ def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> Non
 
 
 @pytest.mark.kvm
+@pytest.mark.slow
 def test_the_same_scenario_runs_on_qemu(tmp_path: Path, qemu_binary: str) -> None:
     out = tmp_path / "q.json"
     proc = bench(tmp_path, "--binary", "qemu-system-x86_64", "--mem", "32", "--stress-rate", "40",

@@ -30,6 +30,7 @@ def migrate(src, uri: str, **params: int) -> dict:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.slow
 def test_memverify_survives_live_migration(tmp_path: Path, transport: str) -> None:
     uri = f"tcp:127.0.0.1:{free_tcp_port()}" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
     with (
@@ -61,6 +62,7 @@ def test_memverify_survives_live_migration(tmp_path: Path, transport: str) -> No
         assert not dst.lines("CORRUPT") and dst.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_ten_migrations_back_and_forth(tmp_path: Path) -> None:
     args = ["--mem", "128M", "--vcpus", "2"]
     sources = []
@@ -102,6 +104,7 @@ def test_foreign_image_migrates_through_the_standard_start(tmp_path: Path) -> No
         assert dst.lines("hello from pyvmm guest")
 
 
+@pytest.mark.slow
 def test_destination_killed_mid_migration_leaves_source_running(tmp_path: Path) -> None:
     uri = f"unix:{tmp_path}/mig.sock"
     with vm_process(tmp_path, "src", VERIFY) as src:
@@ -258,6 +261,7 @@ def test_parameters_and_capabilities_follow_qemu(tmp_path: Path) -> None:
         assert q.execute("query-migrate") == {}
 
 
+@pytest.mark.slow
 def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path, require_netns: None) -> None:
     from pyvmm.bench import netns
 
@@ -312,6 +316,7 @@ def test_incoming_defer_then_migrate_incoming(tmp_path: Path) -> None:
         assert dst.cmd("query-migrate")["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_dirty_rate_measurements_during_a_migration_lose_no_page(tmp_path: Path) -> None:
     """calc-dirty-rate syncs the same tracker the migration uses; the migration must still
     see every dirty page (regression: a bit landing between reading and clearing a step)."""
