@@ -17,9 +17,10 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ log = logging.getLogger("pyvmm.bench")
 POLL_S = 0.05
 CPU_EVERY = 10  # polls between CPU-time samples (0.5 s)
 CANCEL_GRACE_S = 30.0  # after migrate_cancel, how long the source may take to stop
+EXIT_GRACE_S = 3.0  # how long a VM whose QMP socket or peer went away may take to be reaped
 FINAL = ("completed", "failed", "cancelled")
 
 
@@ -235,6 +237,7 @@ class Run:
         if isinstance(exc, QmpClientError):
             for side, vm in self.vms.items():
                 if side == "src" or not self.migrating:
+                    _wait_a_moment(vm)
                     vm.check_alive()
         return False
 
@@ -249,7 +252,14 @@ class Run:
             # the incoming stream breaks, e.g. at migrate_cancel): the source's status says
             # what happened. The source must live throughout.
             if side == "src" or not self.migrating:
-                vm.check_alive()
+                try:
+                    vm.check_alive()
+                except BenchError:
+                    if side != "src" and "src" in self.vms:
+                        # A destination usually ends because its source died: name the cause.
+                        _wait_a_moment(self.vms["src"])
+                        self.vms["src"].check_alive()
+                    raise
             vm.console.poll()
             if n % CPU_EVERY == 0:
                 vm.sample_cpu()
@@ -347,3 +357,9 @@ def run(scenario: Scenario, hw: Hardware, options: RunOptions,
         return Run(scenario, hw, options, display).execute()
     except QmpClientError as exc:
         raise BenchError(f"QMP: {exc}") from None
+
+
+def _wait_a_moment(vm: VmProcess) -> None:
+    """A killed VMM's sockets close before it can be reaped: give it EXIT_GRACE_S to exit."""
+    with suppress(subprocess.TimeoutExpired):
+        vm.proc.wait(EXIT_GRACE_S)
