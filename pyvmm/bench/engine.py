@@ -235,10 +235,10 @@ class Run:
     def _explain_qmp_error(self, _type: object, exc: BaseException | None, _tb: object) -> bool:
         """A lost QMP connection usually means a VM died: say that instead."""
         if isinstance(exc, QmpClientError):
-            for side, vm in self.vms.items():
+            for side in sorted(self.vms, key=lambda side: side != "src"):  # the source first
                 if side == "src" or not self.migrating:
-                    _wait_a_moment(vm)
-                    vm.check_alive()
+                    _wait_a_moment(self.vms[side])
+                    self.vms[side].check_alive()
         return False
 
     @staticmethod
