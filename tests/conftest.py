@@ -1,13 +1,35 @@
-"""Shared fixtures. KVM tests skip without /dev/kvm, except under CI where that fails."""
+"""Shared fixtures, and the one rule for tests that need something from the machine.
+
+A test that needs /dev/kvm, QEMU or network namespaces skips where that is missing,
+naming what is missing, except under CI (`CI=true`), where it fails: .ci/run installs
+QEMU and iproute2, and a CI machine without KVM cannot test pyvmm.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+def require(reason: str | None, *, optional: bool = False) -> bool:
+    """Go on if `reason` is None (what the test needs is there) and return True.
+
+    Otherwise fail under CI; elsewhere skip naming the reason, or with optional=True
+    return False, for a test that can still run a smaller version of itself.
+    """
+    if reason is None:
+        return True
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}: under CI this is a failure, not a skip")
+    if optional:
+        return False
+    pytest.skip(reason)
 
 
 def kvm_usable() -> str | None:
@@ -20,14 +42,40 @@ def kvm_usable() -> str | None:
     return None
 
 
+def qemu_missing() -> str | None:
+    """None if QEMU is installed, else the reason."""
+    if shutil.which(QEMU_BINARY):
+        return None
+    return f"{QEMU_BINARY} is not on PATH (Debian package qemu-system-x86; .ci/run installs it)"
+
+
+def netns_missing() -> str | None:
+    """None if network namespaces with shaped veth links can be made here, else why not."""
+    from pyvmm.bench import netns
+
+    reason = netns.unavailable()
+    if reason is None:
+        return None
+    return f"{reason} (the shaped-link tests need them; .ci/run installs iproute2)"
+
+
 @pytest.fixture(scope="session")
 def require_kvm() -> None:
-    reason = kvm_usable()
-    if reason is None:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true but {reason}: KVM tests cannot run")
-    pytest.skip(reason)
+    require(kvm_usable())
+
+
+@pytest.fixture
+def qemu_binary() -> str:
+    """The path of qemu-system-x86_64 (skip without it; under CI, fail)."""
+    require(qemu_missing())
+    path = shutil.which(QEMU_BINARY)
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def require_netns() -> None:
+    require(netns_missing())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,8 +83,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("kvm") is not None:
             item.fixturenames.insert(0, "require_kvm")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm (fails under CI=true)")
-    config.addinivalue_line("markers", "slow: takes tens of seconds (deselect with -m 'not slow')")

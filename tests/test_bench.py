@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from matplotlib import image
 
+from conftest import netns_missing, require
 from helpers import PYVMM, run_pyvmm
-from pyvmm.bench import netns, report
+from pyvmm.bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
-QEMU = shutil.which("qemu-system-x86_64")
 # Small and quick: 2 vCPUs x 32 MiB, each dirtied at 20 MiB/s, against 32 MiB/s; with
 # auto-converge it completes in a few seconds, without it never does.
 SMALL = ["--cpus", "2", "--mem", "64", "--stress-rate", "20", "--bandwidth", "32", "--sleep", "1"]
@@ -31,6 +31,7 @@ def bench(tmp_path: Path, *args: str, timeout_s: float = 120) -> subprocess.Comp
 
 
 @pytest.mark.kvm
+@pytest.mark.slow
 def test_a_short_run_reports_plots_and_tables(tmp_path: Path) -> None:
     out = tmp_path / "ac.json"
     proc = bench(tmp_path, *SMALL, "--auto-converge", "--name", "ac", "--output", str(out))
@@ -77,6 +78,7 @@ def test_a_short_run_reports_plots_and_tables(tmp_path: Path) -> None:
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("limit", [["--max-time", "2"], ["--max-iters", "3"]])
+@pytest.mark.slow
 def test_a_run_that_hits_its_limit_is_cancelled_and_succeeds(
     tmp_path: Path, limit: list[str]
 ) -> None:
@@ -108,7 +110,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.kvm
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals) -> None:
-    shaped = netns.unavailable() is None
+    shaped = require(netns_missing(), optional=True)  # under CI the link is required
     link = ["--transport", "tcp", "--link-mbit", "200"] if shaped else []
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([*PYVMM, "bench", *SMALL, *link, "--output", str(tmp_path / "r")],
@@ -222,6 +224,7 @@ def test_the_schema_is_documented() -> None:
 
 
 @pytest.mark.kvm
+@pytest.mark.slow
 def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> None:
     out = tmp_path / "results"
     summary = tmp_path / "results.md"
@@ -247,8 +250,8 @@ def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> Non
 
 
 @pytest.mark.kvm
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not on PATH (.ci/run installs it)")
-def test_the_same_scenario_runs_on_qemu(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_the_same_scenario_runs_on_qemu(tmp_path: Path, qemu_binary: str) -> None:
     """Two vCPUs on QEMU too: it starts vCPU 0 only, the guest wakes vCPU 1 itself."""
     out = tmp_path / "q.json"
     proc = bench(tmp_path, "--binary", "qemu-system-x86_64", *SMALL, "--auto-converge",

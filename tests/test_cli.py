@@ -143,6 +143,7 @@ def test_qmp_socket_is_private_and_cli_qmp_works(tmp_path: Path) -> None:
 
 
 @kvm
+@pytest.mark.slow
 def test_demo_migrates_and_passes() -> None:
     proc = run_pyvmm(["demo", "--seconds", "2"], timeout_s=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -66,6 +66,7 @@ def test_reports_exactly_the_pages_the_guest_wrote(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_every_changed_page_is_reported_over_many_rounds(mode: str) -> None:
     """The migration invariant, checked on content: nothing that changed goes unreported."""
     with make_machine(mode, 128, 2, "mb=24 pattern=word") as machine:
@@ -227,6 +228,7 @@ def _measure(sock: Path, mode: str) -> tuple[int, list[int]]:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_dirty_rate_of_memstress(tmp_path: Path, mode: str) -> None:
     """2 vCPUs x 100 MiB/s over 256 MiB each: no page is rewritten in a 2 s window."""
     sock = tmp_path / "qmp.sock"

@@ -85,6 +85,7 @@ def wait_writer_warm(vm: VmProc, timeout_s: float = 30) -> None:
     raise TimeoutError("memstress's writer did not finish its first pass")
 
 
+@pytest.mark.slow
 def test_limit_slows_the_writer_and_not_the_reader(tmp_path: Path) -> None:
     args = ["memstress", "--vcpus", "2", "--mem", "1G", "--dirty-ring"]
     args += ["--append", "mb=256 readers=1"]
@@ -164,6 +165,7 @@ def dirty_limited_migration(src: VmProc, uri: str, cancel_when_limited: bool) ->
     return info
 
 
+@pytest.mark.slow
 def test_dirty_limited_migration_converges_and_memory_stays_intact(tmp_path: Path) -> None:
     """memverify rewrites 2 x 32 MiB flat out (far above 32 MiB/s), so every pass leaves the
     whole 64 MiB dirty, far above the 9.6 MB that 32 MiB/s x 300 ms allows: it cannot

@@ -30,6 +30,7 @@ def migrate(src, uri: str, **params: int) -> dict:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.slow
 def test_memverify_survives_live_migration(tmp_path: Path, transport: str) -> None:
     uri = f"tcp:127.0.0.1:{free_tcp_port()}" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
     with (
@@ -61,6 +62,7 @@ def test_memverify_survives_live_migration(tmp_path: Path, transport: str) -> No
         assert not dst.lines("CORRUPT") and dst.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_ten_migrations_back_and_forth(tmp_path: Path) -> None:
     args = ["--mem", "128M", "--vcpus", "2"]
     sources = []
@@ -102,6 +104,7 @@ def test_foreign_image_migrates_through_the_standard_start(tmp_path: Path) -> No
         assert dst.lines("hello from pyvmm guest")
 
 
+@pytest.mark.slow
 def test_destination_killed_mid_migration_leaves_source_running(tmp_path: Path) -> None:
     uri = f"unix:{tmp_path}/mig.sock"
     with vm_process(tmp_path, "src", VERIFY) as src:
@@ -258,12 +261,10 @@ def test_parameters_and_capabilities_follow_qemu(tmp_path: Path) -> None:
         assert q.execute("query-migrate") == {}
 
 
-def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_migration_over_a_100_mbit_link_respects_it(tmp_path: Path, require_netns: None) -> None:
     from pyvmm.bench import netns
 
-    reason = netns.unavailable()
-    if reason:
-        pytest.skip(reason)
     with netns.veth_pair(rate_mbit=100) as link:
         uri = f"tcp:{link.addr_b}:{free_tcp_port()}"
         guest = ["memverify", "--mem", "128M", "--append", "mb=24"]
@@ -355,6 +356,7 @@ def measure_rate(q: SyncQmp, mode: str, calc_time_ms: int) -> int:
     return info["dirty-rate"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracking", ["bitmap", "ring"])
 def test_dirty_rate_during_a_migration_is_the_guests_and_loses_no_page(
     tmp_path: Path, tracking: str

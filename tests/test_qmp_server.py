@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
+import logging
 import os
+import queue
 import socket
 import stat
+import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -574,6 +580,70 @@ def test_client_that_stops_reading_is_dropped(
     good.close()
 
 
+def _pending_bytes(client: Raw) -> int:
+    """Bytes the server has sent that this client has not read (FIONREAD)."""
+    buf = fcntl.ioctl(client.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def test_clients_that_never_read_do_not_delay_commands(
+    server: QmpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 item 14: 8 negotiated clients that never read made one `stop` take 8 s."""
+    caplog.set_level(logging.INFO, logger=server_mod.__name__)
+    server.register("stop", lambda args: server.emit_event("STOP"))
+    stuck = [Raw(server) for _ in range(8)]
+    for client in stuck:
+        client.negotiate()
+    good = Raw(server)
+    good.negotiate()
+    wait_until(lambda: server.client_count == 9, "nine clients")
+    try:
+        # Fill the stuck clients' socket buffers: 2 MiB each, far more than a socket holds.
+        blob = "x" * 65536
+        for i in range(32):
+            start = time.monotonic()
+            server.emit_event("BIG", {"i": i, "blob": blob})
+            assert time.monotonic() - start < 0.5, "emit_event waited for a client"
+        wait_until(lambda: min(map(_pending_bytes, stuck)) > 65536, "full socket buffers")
+        assert [good.read()["data"]["i"] for _ in range(32)] == list(range(32))
+        # Commands while the stuck clients' writers wait in sendall() and then drop them.
+        worst_s = 0.0
+        for n in range(15):
+            start = time.monotonic()
+            good.send(json.dumps({"execute": "stop", "id": n}).encode())
+            event, reply = good.read(), good.read()
+            worst_s = max(worst_s, time.monotonic() - start)
+            assert event["event"] == "STOP" and reply == {"return": {}, "id": n}
+            time.sleep(0.1)
+        assert worst_s < 2.0, f"a command waited {worst_s:.1f} s for clients that do not read"
+        deadline = time.monotonic() + 3 * server_mod.SEND_TIMEOUT_S
+        while server.client_count > 1:
+            assert time.monotonic() < deadline, "the stuck clients were not dropped"
+            time.sleep(0.01)
+        dropped = [r for r in caplog.records if "disconnected: it is not reading" in r.message]
+        assert len(dropped) == 8, [r.message for r in caplog.records]
+        assert good.cmd({"execute": "echo", "arguments": {"still": 1}}) == {"return": {"still": 1}}
+    finally:
+        for client in [*stuck, good]:
+            client.close()
+
+
+def test_output_queue_limit_drops_a_client(
+    server: QmpServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=server_mod.__name__)
+    monkeypatch.setattr(server_mod, "MAX_QUEUED_BYTES", 1 << 20)
+    stuck = Raw(server)
+    stuck.negotiate()
+    wait_until(lambda: server.client_count == 1, "the client")
+    for i in range(64):  # 4 MiB while the writer is stuck in its first sendall()
+        server.emit_event("BIG", {"i": i, "blob": "x" * 65536})
+    wait_until(lambda: server.client_count == 0, "the client to be dropped")
+    assert any("bytes are waiting for it" in r.message for r in caplog.records)
+    stuck.close()
+
+
 # ---------------------------------------------------------------------------
 # Concurrency and lifecycle
 # ---------------------------------------------------------------------------
@@ -655,6 +725,150 @@ def test_register_rejects_duplicates(server: QmpServer) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The executor hook: state changes on one control thread, queries concurrent
+# ---------------------------------------------------------------------------
+
+
+class ControlThread:
+    """A real executor: one thread draining a queue, as a VMM's control loop does."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="control", daemon=True)
+        self.thread.start()
+
+    def __call__(self, fn: Any) -> Any:
+        done, box = threading.Event(), {}
+        self._queue.put((fn, done, box))
+        assert done.wait(5 * WAIT_S), "the control thread did not run the command"
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, done, box = item
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed back to the caller, as the hook requires
+                box["error"] = exc
+            done.set()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self.thread.join(WAIT_S)
+
+
+@pytest.fixture
+def control() -> Iterator[ControlThread]:
+    executor = ControlThread()
+    yield executor
+    executor.close()
+
+
+def test_state_changes_run_on_the_executor_one_at_a_time(
+    sock_path: Path, control: ControlThread
+) -> None:
+    ran: list[tuple[str, str]] = []  # (command, thread name)
+    active, overlaps = [0], [0]
+    lock = threading.Lock()
+
+    def change(args: dict[str, Any]) -> dict[str, Any]:
+        with lock:
+            active[0] += 1
+            overlaps[0] += active[0] > 1
+        time.sleep(0.005)  # wide enough for a second command to land inside
+        with lock:
+            active[0] -= 1
+            ran.append(("change", threading.current_thread().name))
+        return {"n": args["n"]}
+
+    def peek(args: dict[str, Any]) -> dict[str, Any]:
+        ran.append(("peek", threading.current_thread().name))
+        return {}
+
+    srv = QmpServer(f"unix:{sock_path}", executor=control)
+    srv.register("change", change, args={"n": ArgSpec("int")})
+    srv.register("peek", peek, query=True)
+    srv.register("fail", _fail, args={"class": ArgSpec("str"), "desc": ArgSpec("str")})
+    srv.register("boom", _boom)
+    with srv:
+        clients = [Raw(srv) for _ in range(4)]
+        for client in clients:
+            client.negotiate()
+
+        def hammer(client: Raw, results: list[dict[str, Any]]) -> None:
+            for n in range(10):
+                results.append(client.cmd({"execute": "change", "arguments": {"n": n}}))
+                results.append(client.cmd({"execute": "peek"}))
+
+        results: list[list[dict[str, Any]]] = [[] for _ in clients]
+        threads = [
+            threading.Thread(target=hammer, args=(c, r))
+            for c, r in zip(clients, results, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10 * WAIT_S)
+        for replies in results:
+            assert replies == [r for n in range(10) for r in ({"return": {"n": n}}, {"return": {}})]
+        assert overlaps == [0], "two state-changing commands ran at the same time"
+        assert {name for what, name in ran if what == "change"} == {"control"}
+        peek_threads = {name for what, name in ran if what == "peek"}
+        assert len(peek_threads) == 4 and all(n.startswith("qmp-client") for n in peek_threads)
+        # Errors raised on the control thread reach the client as they would directly.
+        raw = clients[0]
+        failed = raw.cmd({"execute": "fail", "arguments": {"class": "DeviceNotFound", "desc": "x"}})
+        assert error_of(failed) == ("DeviceNotFound", "x")
+        assert error_of(raw.cmd({"execute": "boom"})) == ("GenericError", "the handler blew up")
+        for client in clients:
+            client.close()
+
+
+def test_queries_and_negotiation_do_not_wait_for_a_busy_executor(
+    sock_path: Path, control: ControlThread
+) -> None:
+    release = threading.Event()
+    srv = QmpServer(f"unix:{sock_path}", executor=control)
+    srv.register("hold", lambda args: {"released": release.wait(5 * WAIT_S)})
+    srv.register("peek", lambda args: {"peeked": True}, query=True)
+    with srv:
+        busy = Raw(srv)
+        busy.negotiate()
+        busy.send(b'{"execute": "hold", "id": "held"}')
+        # The control thread is now inside "hold"; a new client is still served.
+        other = Raw(srv)
+        other.negotiate()  # qmp_capabilities
+        assert other.cmd({"execute": "query-version"})["return"]["qemu"]["major"] == 9
+        assert {"name": "hold"} in other.cmd({"execute": "query-commands"})["return"]
+        assert other.cmd({"execute": "peek"}) == {"return": {"peeked": True}}
+        with pytest.raises(TimeoutError):
+            busy.read()  # "hold" has not answered: it really was holding the executor
+        release.set()
+        assert busy.read() == {"return": {"released": True}, "id": "held"}
+        busy.close()
+        other.close()
+
+
+def test_quit_on_the_executor_that_closes_the_server_still_replies(
+    sock_path: Path, control: ControlThread
+) -> None:
+    srv = QmpServer(f"unix:{sock_path}", executor=control)
+    srv.register("quit", lambda args: srv.close())
+    srv.start()
+    raw = Raw(srv)
+    raw.negotiate()
+    start = time.monotonic()
+    assert raw.cmd({"execute": "quit", "id": "bye"}) == {"return": {}, "id": "bye"}
+    assert time.monotonic() - start < WAIT_S  # close() did not wait for this very client
+    with pytest.raises((EOFError, ConnectionResetError)):
+        raw.read()
+    raw.close()
+    assert not sock_path.exists()
+
+
+# ---------------------------------------------------------------------------
 # The dispatch core without sockets
 # ---------------------------------------------------------------------------
 
@@ -673,6 +887,25 @@ def test_session_without_sockets() -> None:
     assert session.execute({"execute": "add", "arguments": {"x": 1}}) == {
         "error": {"class": "GenericError", "desc": "Parameter 'y' is missing"}
     }
+
+
+def test_dispatcher_hands_non_queries_to_its_executor() -> None:
+    calls: list[str] = []
+
+    def executor(fn: Any) -> Any:
+        calls.append("executor")
+        return fn()
+
+    dispatcher = QmpDispatcher(executor=executor)
+    dispatcher.register("set", lambda a: "set")
+    dispatcher.register("query-x", lambda a: "read", query=True)
+    session = dispatcher.session()
+    assert session.execute({"execute": "qmp_capabilities"}) == {"return": {}}
+    assert session.execute({"execute": "query-version"})["return"]["qemu"]["major"] == 9
+    assert session.execute({"execute": "query-x"}) == {"return": "read"}
+    assert calls == []  # negotiation and queries never go through the executor
+    assert session.execute({"execute": "set"}) == {"return": "set"}
+    assert calls == ["executor"]
 
 
 def test_session_nesting_limit() -> None:
@@ -718,3 +951,30 @@ def test_sync_qmp_commands_and_events(server: QmpServer) -> None:
         assert qmp.events() == []
         with pytest.raises(QmpTimeoutError):
             qmp.wait_event("NEVER", timeout_s=0.05)
+
+
+def test_every_query_command_is_registered_as_a_query(sock_path: Path) -> None:
+    """Queries run concurrently on the client's thread; everything else goes to the
+    executor. Registration only stores the handlers, so a namespace holding the server
+    stands in for the VMM here."""
+    from pyvmm.monitor.commands_dirty import register_dirty_commands
+    from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
+    from pyvmm.monitor.commands_machine import register_machine_commands
+    from pyvmm.monitor.commands_migration import register_migration_commands
+
+    srv = QmpServer(f"unix:{sock_path}")
+    vmm: Any = SimpleNamespace(qmp=srv)
+    for register in (
+        register_machine_commands,
+        register_migration_commands,
+        register_dirty_commands,
+        register_dirtylimit_commands,
+    ):
+        register(vmm)
+    names = srv.dispatcher.command_names()
+    names.remove("qmp_capabilities")
+    queries = {n for n in names if n.startswith(("query-", "x-pyvmm-query-"))}
+    assert {"query-status", "query-migrate", "x-pyvmm-query-memory-hash"} <= queries
+    for name in names:
+        command = srv.dispatcher.lookup(name)
+        assert command is not None and command.query == (name in queries), name

@@ -17,9 +17,10 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ log = logging.getLogger("pyvmm.bench")
 POLL_S = 0.05
 CPU_EVERY = 10  # polls between CPU-time samples (0.5 s)
 CANCEL_GRACE_S = 30.0  # after migrate_cancel, how long the source may take to stop
+EXIT_GRACE_S = 3.0  # how long a VM whose QMP socket or peer went away may take to be reaped
 FINAL = ("completed", "failed", "cancelled")
 
 
@@ -228,9 +230,10 @@ class Run:
     def _explain_qmp_error(self, _type: object, exc: BaseException | None, _tb: object) -> bool:
         """A lost QMP connection usually means a VM died: say that instead."""
         if isinstance(exc, QmpClientError):
-            for side, vm in self.vms.items():
+            for side in sorted(self.vms, key=lambda side: side != "src"):  # the source first
                 if side == "src" or not self.migrating:
-                    vm.check_alive()
+                    _wait_a_moment(self.vms[side])
+                    self.vms[side].check_alive()
         return False
 
     @staticmethod
@@ -244,7 +247,14 @@ class Run:
             # the incoming stream breaks, e.g. at migrate_cancel): the source's status says
             # what happened. The source must live throughout.
             if side == "src" or not self.migrating:
-                vm.check_alive()
+                try:
+                    vm.check_alive()
+                except BenchError:
+                    if side != "src" and "src" in self.vms:
+                        # A destination usually ends because its source died: name the cause.
+                        _wait_a_moment(self.vms["src"])
+                        self.vms["src"].check_alive()
+                    raise
             vm.console.poll()
             if n % CPU_EVERY == 0:
                 vm.sample_cpu()
@@ -342,3 +352,9 @@ def run(scenario: Scenario, hw: Hardware, options: RunOptions,
         return Run(scenario, hw, options, display).execute()
     except QmpClientError as exc:
         raise BenchError(f"QMP: {exc}") from None
+
+
+def _wait_a_moment(vm: VmProcess) -> None:
+    """A killed VMM's sockets close before it can be reaped: give it EXIT_GRACE_S to exit."""
+    with suppress(subprocess.TimeoutExpired):
+        vm.proc.wait(EXIT_GRACE_S)

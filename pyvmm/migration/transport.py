@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from dataclasses import dataclass
+
+from pyvmm.unixsocket import listen_unix
 
 CONNECT_TIMEOUT_S = 10.0
 SOCKET_BUFFER_BYTES = 8 << 20  # fewer wake-ups per GiB than the defaults (~200 KiB)
@@ -62,40 +63,24 @@ def tune(sock: socket.socket) -> None:
 
 
 def listen(uri: MigrationUri) -> socket.socket:
-    """A listening socket for one incoming migration (a stale unix socket is replaced)."""
-    if uri.kind == "tcp":
-        family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        address: object = (uri.host, uri.port)
-    else:
-        _remove_stale_socket(uri.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = uri.path
+    """A listening socket for one incoming migration. A unix socket appears only once it
+    listens, with mode 0600 whatever the umask (whoever connects writes guest RAM and vCPU
+    state); a stale one is replaced (unixsocket.py)."""
+    if uri.kind == "unix":
+        try:
+            return listen_unix(uri.path, 1, "migration socket")[0]
+        except OSError as exc:
+            raise OSError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
+    family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((uri.host, uri.port))
         sock.listen(1)
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
     return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a unix socket nobody listens on; refuse one that is in use."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError:
-        return  # not a socket: bind() will say what is wrong
-    finally:
-        probe.close()
-    raise OSError(f"cannot listen on unix:{path}: address in use")
 
 
 def bound_uri(sock: socket.socket, uri: MigrationUri) -> MigrationUri:

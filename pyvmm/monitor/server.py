@@ -18,10 +18,13 @@ The module has three layers, each usable without the ones below it:
   qobject/json-streamer.c (count brackets, then parse what they enclose).
 - `QmpDispatcher` (the command table) and `QmpSession` (one client's
   state) turn bytes into reply dicts. No sockets: tests feed them bytes.
-- `QmpServer` puts sessions on unix or TCP sockets, one thread per client.
+- `QmpServer` puts sessions on unix or TCP sockets: per client, a reader
+  thread that runs its commands and a writer thread that drains its
+  outgoing queue. State-changing commands can be handed to an executor
+  (the VMM's control thread); queries run on the client's thread.
 
 The machine layer registers its commands with `QmpServer.register`; this
-module imports nothing else from pyvmm.
+module imports nothing else from pyvmm but the leaf unixsocket.py.
 """
 
 from __future__ import annotations
@@ -35,15 +38,16 @@ import logging
 import os
 import re
 import socket
-import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyvmm
 from pyvmm.monitor.schema import ArgSpec, ErrorClass, QmpError, check_arguments
+from pyvmm.unixsocket import UNIX_PATH_MAX_BYTES, listen_unix
 
 __all__ = [
     "Address",
@@ -65,8 +69,8 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 16 * 1024 * 1024  # one request may not be larger (QEMU allows 64 MiB)
 MAX_NESTING = 1024  # QEMU's json-streamer limit
 SEND_TIMEOUT_S = 1.0  # a client that cannot take a message this fast is dropped
+MAX_QUEUED_BYTES = 16 * 1024 * 1024  # output waiting for one client; more drops it
 RECV_CHUNK_BYTES = 65536
-UNIX_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1
 
 
 DEFAULT_PACKAGE = f"pyvmm-{getattr(pyvmm, '__version__', 'unknown')}"
@@ -334,6 +338,9 @@ class JsonStreamer:
 # ---------------------------------------------------------------------------
 
 Handler = Callable[[dict[str, Any]], Any]
+# Runs a state-changing command's handler on the VMM's control thread and returns its
+# value (or raises its exception) in the calling thread: executor(lambda: handler(args)).
+Executor = Callable[[Callable[[], Any]], Any]
 
 # qmp_capabilities' one argument. QEMU's QMPCapability enum has one member.
 _KNOWN_CAPABILITIES = ("oob",)
@@ -348,7 +355,7 @@ class Command:
     handler: Handler
     args: Mapping[str, ArgSpec]
     allow_extra: bool
-    query: bool = False  # runs on the client's thread, not through the executor
+    query: bool = False  # only reads state: runs on the client's thread, never the executor
 
 
 def make_event(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -374,17 +381,19 @@ class QmpDispatcher:
     """The command table shared by all sessions, and the server's identity."""
 
     def __init__(
-        self, version: tuple[int, int, int] = (9, 2, 0), package: str = DEFAULT_PACKAGE
+        self,
+        version: tuple[int, int, int] = (9, 2, 0),
+        package: str = DEFAULT_PACKAGE,
+        executor: Executor | None = None,
     ) -> None:
         major, minor, micro = version
+        self.executor = executor
         self.version_info = {
             "qemu": {"major": major, "minor": minor, "micro": micro},
             "package": package,
         }
         self._lock = threading.Lock()
         self._commands: dict[str, Command] = {}
-        # Runs every non-query handler (the VMM's control loop); None: on the client thread.
-        self.executor: Callable[[Callable[[], Any]], Any] | None = None
         self.register("query-version", lambda _args: self.version_info, query=True)
         self.register(
             "query-commands", lambda _args: [{"name": n} for n in self.command_names()], query=True
@@ -432,6 +441,7 @@ class QmpSession:
     def __init__(self, dispatcher: QmpDispatcher) -> None:
         self.dispatcher = dispatcher
         self.negotiated = False
+        self.running_on: threading.Thread | None = None  # where this client's handler runs now
         self._streamer = JsonStreamer()
 
     def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
@@ -469,10 +479,10 @@ class QmpSession:
         args = check_arguments(cmd.args, args, allow_extra=cmd.allow_extra)
         executor = self.dispatcher.executor
         try:
-            if executor is None or cmd.query:
-                ret = cmd.handler(args)
+            if cmd.query or executor is None:
+                ret = self._call(cmd.handler, args)
             else:
-                ret = executor(lambda: cmd.handler(args))
+                ret = executor(lambda: self._call(cmd.handler, args))
         except QmpError:
             raise
         except Exception as exc:
@@ -488,6 +498,14 @@ class QmpSession:
                 ErrorClass.GENERIC_ERROR, f"command {name} returned a value that is not JSON: {exc}"
             ) from exc
         return ret
+
+    def _call(self, handler: Handler, args: dict[str, Any]) -> Any:
+        # Noted so that QmpServer.close(), called by a handler, does not wait for this client.
+        self.running_on = threading.current_thread()
+        try:
+            return handler(args)
+        finally:
+            self.running_on = None
 
     def _qmp_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.negotiated:
@@ -543,7 +561,16 @@ def _check_request(request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 class _Client:
-    """One connection: a reader thread running a session, and a lock for writers."""
+    """One connection: a reader thread that runs the session, and a writer thread.
+
+    Everything for the client (greeting, replies, events) goes through one
+    outgoing queue, so replies and events keep their order, and whoever puts
+    a message there (a command, an event from a vCPU or the migration) never
+    waits for the client to read it. The writer sends one message at a time;
+    a message that cannot be sent within SEND_TIMEOUT_S (the socket's
+    timeout, which bounds a whole sendall) drops the client. The socket is
+    closed by whichever of the two threads ends last.
+    """
 
     def __init__(self, server: QmpServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -551,33 +578,51 @@ class _Client:
         self.peer = peer
         self.session = server.dispatcher.session()
         self.closed = False
-        self._send_lock = threading.Lock()
+        self.events_on = False  # set once the reply to qmp_capabilities is queued
+        self._cond = threading.Condition()
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._input_done = False  # the reader has ended: send what is queued, then close
+        self._end_reason = "end of input"  # why the reader ended, for the log
+        self._threads_left = 2
         self.thread = threading.Thread(target=self._serve, name=f"qmp-client {peer}", daemon=True)
+        self.writer = threading.Thread(
+            target=self._write_loop, name=f"qmp-writer {peer}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.writer.start()
+        self.thread.start()
 
     def send(self, payload: bytes) -> bool:
-        """Send one whole message, or drop the client if that takes over SEND_TIMEOUT_S."""
-        if self.closed:
+        """Queue one whole message; never blocks. False if the client is gone."""
+        with self._cond:
+            if self.closed:
+                return False
+            if self._queued_bytes + len(payload) > MAX_QUEUED_BYTES:
+                overflow = True
+            else:
+                overflow = False
+                self._queue.append(payload)
+                self._queued_bytes += len(payload)
+                self._cond.notify()
+        if overflow:
+            self.drop(f"it is not reading: over {MAX_QUEUED_BYTES} bytes are waiting for it")
             return False
-        if not self._send_lock.acquire(timeout=SEND_TIMEOUT_S):
-            self.drop("it is not reading its messages")
-            return False
-        try:
-            self.sock.sendall(payload)  # the socket's timeout bounds the whole sendall
-            return True
-        except OSError as exc:
-            self.drop(f"sending failed: {exc}")
-            return False
-        finally:
-            self._send_lock.release()
+        return True
 
     def drop(self, reason: str) -> None:
-        """Disconnect; the reader thread notices and cleans up."""
-        if self.closed:
-            return
-        self.closed = True
+        """Disconnect now, discarding what is queued; both threads notice and end."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._cond.notify_all()
         logger.info("QMP client %s disconnected: %s", self.peer, reason)
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # also wakes a writer inside sendall()
 
     def stop_reading(self) -> None:
         """Make the reader see end of input; replies already being made still go out."""
@@ -586,8 +631,7 @@ class _Client:
 
     def _serve(self) -> None:
         try:
-            if not self.send(encode(self.session.dispatcher.greeting())):
-                return
+            self.send(encode(self.session.dispatcher.greeting()))
             while not self.closed:
                 try:
                     data = self.sock.recv(RECV_CHUNK_BYTES)
@@ -597,25 +641,65 @@ class _Client:
                     self.drop(f"receiving failed: {exc}")
                     break
                 if not data:
-                    self.drop("end of input" if not self.server.closing else "server closing")
+                    if self.server.closing:
+                        self._end_reason = "server closing"
                     break
                 try:
                     for reply in self.session.feed(data):
                         if not self.send(_encode_reply(reply)):
                             break
+                        # Events only after the negotiation's reply, as QEMU sends them.
+                        self.events_on = self.session.negotiated
                 except QmpInputTooLarge as exc:
                     self.send(encode(error_reply(ErrorClass.GENERIC_ERROR, f"{exc}; closing")))
-                    self.drop(str(exc))
+                    self._end_reason = str(exc)
+                    break
         except Exception:  # a bug here must not take the server down
             logger.exception("QMP client %s: unexpected error", self.peer)
             self.drop("internal error")
         finally:
-            self.closed = True
-            # Close only when no other thread is inside sendall() on this socket.
-            locked = self._send_lock.acquire(timeout=2 * SEND_TIMEOUT_S)
+            with self._cond:
+                self._input_done = True
+                self._cond.notify_all()
+            self._thread_ended()
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._queue or self._input_done or self.closed):
+                        self._cond.wait()
+                    if self.closed or not self._queue:
+                        break  # dropped, or the reader ended and everything is sent
+                    payload = self._queue.popleft()
+                    self._queued_bytes -= len(payload)
+                try:
+                    self.sock.sendall(payload)  # the socket's timeout bounds the whole sendall
+                except TimeoutError:
+                    limit_s = self.sock.gettimeout()
+                    self.drop(f"it is not reading: a message could not be sent within {limit_s} s")
+                    break
+                except OSError as exc:
+                    self.drop(f"sending failed: {exc}")
+                    break
+            with self._cond:
+                ended_here = not self.closed
+                self.closed = True
+            if ended_here:
+                logger.info("QMP client %s disconnected: %s", self.peer, self._end_reason)
+        except Exception:
+            logger.exception("QMP client %s: unexpected error in its writer", self.peer)
+            self.drop("internal error")
+        finally:
+            self._thread_ended()
+
+    def _thread_ended(self) -> None:
+        """The last of the two threads closes the socket: no fd is closed under a user."""
+        with self._cond:
+            self._threads_left -= 1
+            last = self._threads_left == 0
+        if last:
             self.sock.close()
-            if locked:
-                self._send_lock.release()
             self.server._forget(self)
 
 
@@ -650,6 +734,7 @@ class QmpServer:
         allow_remote: bool = False,
         version: tuple[int, int, int] = (9, 2, 0),
         package: str = DEFAULT_PACKAGE,
+        executor: Executor | None = None,
     ) -> None:
         self.address = parse_address(address)
         if not allow_remote and not self.address.is_loopback:
@@ -658,7 +743,7 @@ class QmpServer:
                 "authentication; use 127.0.0.1, ::1 or localhost, or allow remote access "
                 "explicitly (--qmp-allow-remote)"
             )
-        self.dispatcher = QmpDispatcher(version, package)
+        self.dispatcher = QmpDispatcher(version, package, executor)
         self._lock = threading.Lock()
         self._clients: set[_Client] = set()
         self._listener: socket.socket | None = None
@@ -681,25 +766,30 @@ class QmpServer:
     ) -> None:
         """Add command `name`.
 
-        `handler(args)` runs on the client's thread with the checked arguments
-        and returns the reply's "return" value (None means ``{}``); it raises
-        QmpError for failures. `args` declares the accepted arguments (None:
-        no arguments); allow_extra lets undeclared arguments through unchecked.
-        A command that changes nothing (query=True) runs concurrently on the client's
-        thread; every other one runs through the dispatcher's executor when one is set.
+        `handler(args)` gets the checked arguments and returns the reply's
+        "return" value (None means ``{}``); it raises QmpError for failures.
+        `args` declares the accepted arguments (None: no arguments);
+        allow_extra lets undeclared arguments through unchecked.
+
+        Where it runs: a command registered with query=True (it only reads
+        state) runs on the calling client's thread, concurrently with other
+        clients. Any other command runs as ``executor(lambda: handler(args))``
+        when the server has an executor (the VMM's control thread, which
+        serialises every state change), else on the client's thread too.
         """
         self.dispatcher.register(name, handler, args=args, allow_extra=allow_extra, query=query)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        """Send an event to every client that has negotiated capabilities.
+        """Queue an event for every client that has negotiated capabilities.
 
-        Callable from any thread. Returns once every such client has the event
-        or has been dropped for not taking it within SEND_TIMEOUT_S. data must
-        be JSON-serialisable (else TypeError/ValueError here, in the caller).
+        Callable from any thread; never waits for a client. Each client's
+        writer sends it after what is already queued for that client, and
+        drops a client that does not take a message within SEND_TIMEOUT_S.
+        data must be JSON-serialisable (else TypeError/ValueError here).
         """
         payload = encode(make_event(name, data))
         with self._lock:
-            clients = [c for c in self._clients if c.session.negotiated and not c.closed]
+            clients = [c for c in self._clients if c.events_on and not c.closed]
         for client in clients:
             client.send(payload)
 
@@ -752,14 +842,19 @@ class QmpServer:
         # Stop reading but keep writing, so that a reply being produced right
         # now (say, to "quit", whose handler may be what called close()) still
         # goes out, as in QEMU; then each reader sees end of input and exits.
+        # A client whose command is running on this very thread (its handler
+        # called close()) finishes after we return: its reply is queued then.
         for client in clients:
             client.stop_reading()
+        me = threading.current_thread()
         deadline = time.monotonic() + 2.0
         for client in clients:
-            if client.thread is not threading.current_thread():
-                client.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            if client.thread.is_alive() and client.thread is not threading.current_thread():
-                client.drop("server closing")  # stuck in a handler: cut it off
+            if me in (client.thread, client.session.running_on):
+                continue
+            for thread in (client.thread, client.writer):
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if client.thread.is_alive() or client.writer.is_alive():
+                client.drop("server closing")  # stuck in a handler or a send: cut it off
         self._remove_socket_file()
         logger.info("QMP server on %s closed", self.address_str)
 
@@ -774,42 +869,7 @@ class QmpServer:
     # -- internals -------------------------------------------------------------
 
     def _listen_unix(self, path: str) -> socket.socket:
-        if os.path.lexists(path):
-            st = os.lstat(path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(
-                    errno.EEXIST,
-                    f"cannot create QMP socket {path}: a file that is not a socket is in the "
-                    "way; remove it or choose another path",
-                )
-            if _unix_socket_is_live(path):
-                raise OSError(
-                    errno.EADDRINUSE,
-                    f"QMP address unix:{path} is in use: another process is listening on it",
-                )
-            logger.info("removing stale QMP socket %s", path)
-            os.unlink(path)
-        # Bind and listen under a temporary name, then rename into place: the path appears
-        # only once it accepts connections (a client that waits for the file and connects
-        # at once is never refused), and only with mode 0600.
-        tmp = os.path.join(os.path.dirname(path) or ".", f".qmp-{os.getpid()}-{id(self):x}")
-        if len(os.fsencode(tmp)) > UNIX_PATH_MAX_BYTES:
-            tmp = path  # no room for a temporary name: bind in place (a short window)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            sock.listen(16)
-            if tmp != path:
-                os.rename(tmp, path)
-            st = os.stat(path)
-            self._socket_id = (st.st_dev, st.st_ino)
-        except OSError:
-            sock.close()
-            with contextlib.suppress(OSError):
-                if tmp != path:
-                    os.unlink(tmp)
-            raise
+        sock, self._socket_id = listen_unix(path, 16, "QMP socket")
         return sock
 
     def _listen_tcp(self, address: Address) -> socket.socket:
@@ -867,23 +927,8 @@ class QmpServer:
                     return
                 self._clients.add(client)
             logger.info("QMP client %s connected to %s", name, self.address_str)
-            client.thread.start()
+            client.start()
 
     def _forget(self, client: _Client) -> None:
         with self._lock:
             self._clients.discard(client)
-
-
-def _unix_socket_is_live(path: str) -> bool:
-    """Does something accept connections on this unix socket? (Else it is stale.)"""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True  # cannot tell (e.g. permission denied): do not delete it
-    finally:
-        probe.close()

@@ -140,8 +140,9 @@ class Vmm:
             elif opts.incoming != "defer":
                 self.listen_incoming(opts.incoming)
             if opts.qmp:
-                self.qmp = QmpServer(opts.qmp, allow_remote=opts.qmp_allow_remote)
-                self.qmp.dispatcher.executor = self.serialize
+                self.qmp = QmpServer(
+                    opts.qmp, allow_remote=opts.qmp_allow_remote, executor=self.serialize
+                )
                 if self._register_commands is not None:
                     self._register_commands(self)
                 self.qmp.start()
