@@ -957,20 +957,11 @@ def test_every_query_command_is_registered_as_a_query(sock_path: Path) -> None:
     """Queries run concurrently on the client's thread; everything else goes to the
     executor. Registration only stores the handlers, so a namespace holding the server
     stands in for the VMM here."""
-    from pyvmm.monitor.commands_dirty import register_dirty_commands
-    from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
-    from pyvmm.monitor.commands_machine import register_machine_commands
-    from pyvmm.monitor.commands_migration import register_migration_commands
+    from pyvmm.monitor.process import register_commands
 
     srv = QmpServer(f"unix:{sock_path}")
     vmm: Any = SimpleNamespace(qmp=srv)
-    for register in (
-        register_machine_commands,
-        register_migration_commands,
-        register_dirty_commands,
-        register_dirtylimit_commands,
-    ):
-        register(vmm)
+    register_commands(vmm)
     names = srv.dispatcher.command_names()
     names.remove("qmp_capabilities")
     queries = {n for n in names if n.startswith(("query-", "x-pyvmm-query-"))}

@@ -61,7 +61,7 @@ def register_dirty_commands(vmm: Vmm) -> None:
             info["resends"] = tracker.resends
         return info
 
-    qmp.register("x-pyvmm-query-dirty-ring", query_dirty_ring)
+    qmp.register("x-pyvmm-query-dirty-ring", query_dirty_ring, query=True)
     qmp.register(
         "calc-dirty-rate",
         calc_dirty_rate,
