@@ -403,3 +403,25 @@ def test_dirty_rate_during_a_migration_is_the_guests_and_loses_no_page(
         count = len(dst.lines("ok pages="))
         dst.wait_line("ok pages=", 20, after=count + 2)
         assert not dst.lines("CORRUPT")
+
+
+@pytest.mark.slow
+def test_downtime_stays_within_its_limit(tmp_path: Path) -> None:
+    """A running 512 MiB, 2-vCPU memverify migrated at unlimited bandwidth, 10 times: the
+    90th percentile of the downtime is within downtime-limit + 50 ms. (Before pages in
+    their first pass were kept out of the switchover, a destination writing memory this
+    host had never given it took up to 1.4 s: docs/migration.md.)"""
+    downtimes = []
+    for run in range(10):
+        uri = f"unix:{tmp_path}/mig{run}.sock"
+        args = ["--mem", "512M", "--vcpus", "2"]
+        with (
+            vm_process(tmp_path, f"dst{run}", [*args, "--incoming", uri]),
+            vm_process(tmp_path, f"src{run}", ["memverify", *args]) as src,
+        ):
+            src.wait_line("ok pages=", 30)
+            info = migrate(src, uri, **{"max-bandwidth": 0, "downtime-limit": 300})
+            assert info["status"] == "completed", info
+            downtimes.append(info["downtime"])
+    downtimes.sort()
+    assert downtimes[8] <= 350, downtimes

@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--limit-ms", type=int, default=300)
     parser.add_argument("--mem-mib", type=int, default=512)
     parser.add_argument("--vcpus", type=int, default=2)
+    parser.add_argument("--vmm", choices=["pyvmm", "qemu"], default="pyvmm")
     args = parser.parse_args()
     warm_host_memory(4)
     work = Path(tempfile.mkdtemp(prefix="pyvmm-downtime-"))
@@ -33,7 +34,7 @@ def main() -> None:
     print(f"{'run':>3} {'downtime':>9} {'expected':>9}  parts (ms)")
     for i in range(args.runs):
         info = migrate_once(
-            "pyvmm", work, "memverify", args.mem_mib, "", r"ok pages=[1-9]", False, params,
+            args.vmm, work, "memverify", args.mem_mib, "", r"ok pages=[1-9]", False, params,
             vcpus=args.vcpus,
         )  # fmt: skip
         if info["status"] != "completed":

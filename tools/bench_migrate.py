@@ -142,7 +142,7 @@ class Vmm:
                 "-m",
                 str(mem_mib),
                 "-smp",
-                "1",
+                f"cpus={vcpus},sockets=1,cores={vcpus},threads=1",
                 "-display",
                 "none",
                 "-nodefaults",

@@ -27,6 +27,7 @@ class DirtyPages:
         self._slot = 0
         self._word = 0
         self.total_words = sum(len(b) for b in self.bitmaps)
+        self.laps = 0  # times the walk went past the end of guest RAM
 
     def count(self) -> int:
         """Pages still to send."""
@@ -34,6 +35,14 @@ class DirtyPages:
 
     def remaining_bytes(self) -> int:
         return self.count() * PAGE_SIZE
+
+    @property
+    def bulk_done(self) -> bool:
+        """Has every page been taken once (the first pass, QEMU's old "bulk stage")?"""
+        return self.laps > 0 or (self._slot, self._word) >= (
+            len(self.bitmaps) - 1,
+            len(self.bitmaps[-1]),
+        )
 
     def take(self, max_words: int = STEP_WORDS) -> tuple[int, np.ndarray, int] | None:
         """The next dirty pages from the cursor on: (slot, page numbers, words walked).
@@ -47,6 +56,8 @@ class DirtyPages:
         while walked < self.total_words:
             bitmap = self.bitmaps[slot]
             if word >= len(bitmap):
+                if slot == len(self.bitmaps) - 1:
+                    self.laps += 1
                 slot, word = (slot + 1) % len(self.bitmaps), 0
                 continue
             window = bitmap[word : word + SCAN_WORDS - word % SCAN_WORDS]

@@ -68,6 +68,8 @@ PARAMETERS: dict[str, Parameter] = {
                          f"an integer in the range of 0 to {UINT64_MAX} bytes/second"),
             "bytes per second to assume at switchover instead of the estimate (0 = estimate)",
         ),
+        Parameter("x-switchover-during-bulk", "bool", False, None,
+                  "allow the switchover before every page was sent once (QEMU's rule)"),
         # --- convergence (docs/convergence.md) ---
         Parameter(
             "throttle-trigger-threshold", "int", 50,
