@@ -200,3 +200,36 @@ def test_migrate_incoming_only_once(tmp_path: Path) -> None:
         listen(dst, tmp_path)
         with pytest.raises(QmpCommandError, match="already been started"):
             dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{free_tcp_port()}")
+
+
+@pytest.mark.slow
+def test_auto_converge_custom_steps_never_pass_max_cpu_throttle(tmp_path: Path) -> None:
+    # /migration/auto_converge: custom initial and increment; the throttle starts at the
+    # initial value, steps by the increment, and never exceeds max-cpu-throttle.
+    stress = ["memstress", "--mem", "64M", "--append", "mb=4"]
+    with vm_process(tmp_path, "dst", DST) as dst, vm_process(tmp_path, "src", stress) as src:
+        uri = listen(dst, tmp_path)
+        src.wait_line("mib=", 20)
+        src.cmd(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "auto-converge", "state": True}],
+        )
+        src.cmd(
+            "migrate-set-parameters",
+            **{
+                "cpu-throttle-initial": 20, "cpu-throttle-increment": 35,
+                "max-cpu-throttle": 60, "max-bandwidth": 16_000_000, "downtime-limit": 1,
+            },
+        )  # fmt: skip
+        src.cmd("migrate", uri=uri)
+        seen: list[int] = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and seen[-1:] != [60]:
+            pct = src.cmd("query-migrate").get("cpu-throttle-percentage")
+            if pct is not None and seen[-1:] != [pct]:
+                seen.append(pct)
+            time.sleep(0.05)
+        src.cmd("migrate_cancel")
+        assert seen[:1] == [20], seen
+        assert max(seen) == 60 and set(seen) <= {20, 55, 60}, seen
+        assert wait_status(src, FINAL)["status"] == "cancelled"
