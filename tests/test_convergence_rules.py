@@ -7,6 +7,8 @@ refinements for huge VM" (RFC of 9 Sep, v1 of 16 Sep, v2 of 30 Sep 2024)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from convsim import MIB, PAGE, FakeMachine, SimMigration, everything
@@ -445,3 +447,21 @@ def test_downtime_limit_0_switches_over_only_when_nothing_is_pending() -> None:
     quick.setup()
     quick.precopy.run()  # downtime-limit 300: one pending page fits, it switches over
     assert quick.precopy.pages.remaining_bytes() == PAGE
+
+
+def test_a_steady_dirty_ratio_makes_the_responsive_throttle_step_every_period() -> None:
+    """Why responsive halves a flat-out light load here and not in the series: a ratio
+    that never improves fires the ratio counter between the rate counter's firings; an
+    improving one never does."""
+
+    def fired(responsive: bool, dirty_mib: Callable[[int], int]) -> list[int]:
+        t = DirtyTrigger(50, responsive=responsive)
+        return [
+            n for n in range(1, 13) if t.evaluate(dirty_mib(n) * MIB // PAGE, 100 * MIB, 1).fire
+        ]
+
+    steady = lambda n: 200  # noqa: E731 - the whole working set, every period
+    improving = lambda n: 210 - 10 * n  # noqa: E731
+    assert fired(False, steady) == [2, 4, 6, 8, 10, 12]
+    assert fired(True, steady) == list(range(2, 13))
+    assert fired(True, improving) == fired(False, improving) == [2, 4, 6, 8, 10, 12]

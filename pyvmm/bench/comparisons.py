@@ -2,13 +2,13 @@
 pyvmm's questions). Each is a list of (scenario, hardware) pairs that differ in one thing.
 
 series-2024 is the 2024 auto-converge series' experiment at small scale. What decides
-its shape is how long a pass over the working set lasts against the 5 s after which the
-series' syncs come (v1's watcher, the RFC's interval, 9.2's timer), i.e. the ratio of
-working set to max-bandwidth, not the absolute size. At 64 MiB/s: light 2 x 384 MiB (a
-12 s pass, as the series' light load: 16 x 150 MB at 1.59 Gbit/s), moderate 2 x 512 MiB
-(16 s: the "memstress over 1 GiB" the convergence goals were set on) and heavy 2 x
-1 GiB (32 s). The series' moderate and heavy passes lasted 4 and 7 minutes; at this
-machine's scale that would take days per batch (docs/convergence.md).
+its shape is how long an iteration lasts against the 5 s after which the series' syncs
+come (v1's watcher, the RFC's interval, 9.2's timer), i.e. the ratio of working set to
+max-bandwidth, not the absolute size. The series' own table implies iterations of about
+16 s (moderate) and 27 s (heavy). At 64 MiB/s: moderate 2 x 512 MiB (a 16 s pass; the
+"memstress over 1 GiB" the convergence goals were set on), heavy 2 x 1 GiB (32 s) and
+light 2 x 384 MiB (12 s, so that every iteration lasts well over 5 s); docs/convergence.md
+explains the choice.
 """
 
 from __future__ import annotations
