@@ -16,7 +16,11 @@ from matplotlib import image
 
 from conftest import netns_missing, require
 from helpers import PYVMM, run_pyvmm
-from pyvmm.bench import report
+from pyvmm.bench import netns, report
+from pyvmm.bench.comparisons import COMPARISONS
+from pyvmm.bench.engine import qemu_parameters
+from pyvmm.bench.scenario import Scenario, ScenarioError
+from pyvmm.migration.params import MigrationSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and quick: 2 vCPUs x 32 MiB, each dirtied at 20 MiB/s, against 32 MiB/s; with
@@ -193,11 +197,22 @@ def _netns() -> list[str]:
         (["--dirty-limit", "--auto-converge"], "mutually exclusive"),
         (["--link-mbit", "10"], "needs --transport tcp"),
         (["--responsive"], "need --auto-converge"),
+        (["--periodic-throttle"], "need --auto-converge"),
+        (
+            ["--auto-converge", "--periodic-throttle", "--sync", "timer"],
+            "--periodic-throttle syncs once per pass: it cannot run with --sync timer",
+        ),
+        (
+            ["--auto-converge", "--auto-converge-legacy", "--sync", "background"],
+            "--auto-converge-legacy syncs once per pass: it cannot run with --sync background",
+        ),
+        (["--sync", "sometimes"], "argument --sync: invalid choice: 'sometimes'"),
         (["--cpus", "2", "--mem", "64", "--stress-mem", "64"], "exceeds --mem"),
         (["--dirty-ring-size", "1000"], "power of two"),
         (["--binary", "no-such-qemu"], "not found"),
         (["--mem", "0"], "must be at least 1"),
-        (["--periodic-sync", "maybe"], "use on or off"),
+        (["--periodic-sync", "off"], "unrecognized arguments: --periodic-sync off"),
+        (["--throttle-legacy"], "unrecognized arguments: --throttle-legacy"),
         (["batch", "nope", "--output", "d"], "unknown comparison 'nope'"),
         (["batch", "downtime", "--output", "d", "--filter", "x*"], "selects no run"),
         (["table", "missing.json"], "missing.json: No such file"),
@@ -255,7 +270,7 @@ def test_the_same_scenario_runs_on_qemu(tmp_path: Path, qemu_binary: str) -> Non
     """Two vCPUs on QEMU too: it starts vCPU 0 only, the guest wakes vCPU 1 itself."""
     out = tmp_path / "q.json"
     proc = bench(tmp_path, "--binary", "qemu-system-x86_64", *SMALL, "--auto-converge",
-                 "--periodic-sync", "off",
+                 "--sync", "iteration",
                  # QEMU syncs about once a second here: 30 iterations (guestperf's cap)
                  # can come before the throttle has climbed far enough.
                  "--max-iters", "1000", "--output", str(out))  # fmt: skip
@@ -266,6 +281,8 @@ def test_the_same_scenario_runs_on_qemu(tmp_path: Path, qemu_binary: str) -> Non
     )
     assert rpt["hardware"]["cpus"] == 2
     assert rpt["result"]["status"] == "completed", rpt["result"]
+    # QEMU has no iteration-count: up to 9.1 every dirty sync ends an iteration.
+    assert rpt["result"]["iteration_count"] == rpt["result"]["dirty_syncs"]
     # Both vCPUs ran memstress before and after the migration, on their own threads.
     for side in ("src", "dst"):
         timings = rpt["guest_timings"][side]
@@ -276,6 +293,116 @@ def test_the_same_scenario_runs_on_qemu(tmp_path: Path, qemu_binary: str) -> Non
         assert src[-1]["mib"] > src[0]["mib"], vcpu  # it kept writing
     # What this QEMU lacks is refused by name, after cleaning up.
     proc = bench(tmp_path, "--binary", "qemu-system-x86_64", "--mem", "32", "--auto-converge",
-                 "--periodic-sync", "off", "--responsive", "--sleep", "1")  # fmt: skip
+                 "--sync", "iteration", "--responsive", "--sleep", "1")  # fmt: skip
     assert proc.returncode != 0 and "cpu-throttle-responsive" in proc.stderr, proc.stderr
     assert not list(tmp_path.glob("pyvmm-bench-*"))
+
+
+class FakeQemu:
+    """query-migrate-parameters/-capabilities of a QEMU version, for qemu_parameters."""
+
+    def __init__(self, params: list[str], caps: list[str]) -> None:
+        self.params, self.caps = params, caps
+
+    def execute(self, name: str) -> object:
+        if name == "query-migrate-parameters":
+            return dict.fromkeys(self.params, 0)
+        return [{"capability": c, "state": False} for c in self.caps]
+
+
+QEMU_7_2 = FakeQemu(
+    ["downtime-limit", "max-bandwidth", "cpu-throttle-increment", "cpu-throttle-initial",
+     "throttle-trigger-threshold", "max-cpu-throttle", "cpu-throttle-tailslow"],
+    ["auto-converge", "events"],
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("scenario", "version", "result"),
+    [
+        (Scenario(auto_converge=True, sync="iteration"), "7.2.0", "ok"),
+        (Scenario(auto_converge=True, sync="timer"), "7.2.0",
+         "QEMU 7.2.0 cannot run --sync timer: it syncs once per pass (the 5 s timer came in "
+         "9.2)"),
+        (Scenario(auto_converge=True, sync="background"), "7.2.0", "cannot run --sync background"),
+        (Scenario(auto_converge=True, sync="timer"), "9.2.0", "ok"),
+        (Scenario(auto_converge=True, sync="iteration"), "9.2.0",
+         "QEMU 9.2.0 cannot run --sync iteration: it syncs on its 5 s timer too"),
+        (Scenario(auto_converge=True, sync="iteration", periodic_throttle=True), "7.2.0",
+         "no cpu-periodic-throttle=True"),
+        (Scenario(auto_converge=True, sync="iteration", auto_converge_legacy=True), "7.2.0",
+         "no x-auto-converge-legacy=True"),
+        (Scenario(dirty_limit=True), "7.2.0", "QEMU 7.2.0 has no dirty-limit capability"),
+    ],
+)  # fmt: skip
+def test_qemu_peers_run_only_their_own_generation(
+    scenario: Scenario, version: str, result: str
+) -> None:
+    if result == "ok":
+        params = qemu_parameters(QEMU_7_2, scenario, version)  # type: ignore[arg-type]
+        assert "x-auto-converge-sync" not in params and params["cpu-throttle-increment"] == 10
+        return
+    with pytest.raises(ScenarioError, match=re.escape(result)):
+        qemu_parameters(QEMU_7_2, scenario, version)  # type: ignore[arg-type]
+
+
+def test_each_generation_in_its_parameters_words() -> None:
+    def params(**kw: object) -> dict[str, object]:
+        return Scenario(auto_converge=True, **kw).parameters()  # type: ignore[arg-type]
+
+    assert params()["x-auto-converge-sync"] == "timer"
+    assert params(sync="background", responsive=True)["cpu-throttle-responsive"] is True
+    rfc = params(sync="iteration", periodic_throttle=True)
+    assert rfc["cpu-periodic-throttle"] is True and "x-auto-converge-sync" not in rfc
+    legacy = params(sync="iteration", auto_converge_legacy=True)
+    assert legacy["x-auto-converge-legacy"] is True and "x-auto-converge-sync" not in legacy
+    settings = MigrationSettings()
+    for p in (rfc, legacy, params(sync="background")):
+        settings.set_parameters(p)  # pyvmm takes every name the scenarios use
+    assert "x-auto-converge-sync" not in Scenario().parameters()  # no auto-converge
+
+
+def test_series_2024_comparison() -> None:
+    comp = COMPARISONS["series-2024"]()
+    names = [s.name for s, _ in comp.runs]
+    for load in ("light", "moderate", "heavy"):
+        for config in ("original", "background", "background-responsive", "rfc-periodic",
+                       "timer-9.2", "2013", "dirty-limit"):  # fmt: skip
+            assert f"{load}-{config}" in names
+    for scenario, hw in comp.runs:
+        scenario.check()
+        hw.check()
+        pass_s = hw.cpus * hw.working_set_mib() / scenario.bandwidth
+        assert pass_s >= 12, scenario.name  # an iteration lasts well over 5 s
+        assert scenario.max_time >= 7 * pass_s
+        assert scenario.downtime == 500 and scenario.max_iters >= 1000
+    by_name = {s.name: (s, hw) for s, hw in comp.runs}
+    assert by_name["heavy-original"][0].sync == "iteration"
+    assert by_name["heavy-background-responsive"][0].responsive
+    assert by_name["moderate-dirty-limit"][1].dirty_ring_size == 4096
+    assert comp.summary is not None
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+def test_series_2024_reduced_batch(tmp_path: Path) -> None:
+    """The experiment in reduced form: the light load only, every run cut at 4 s."""
+    out, summary = tmp_path / "results", tmp_path / "results.md"
+    proc = bench(tmp_path, "batch", "series-2024", "--filter", "series-2024/light-*",
+                 "--output", str(out), "--summary", str(summary), "--sleep", "1",
+                 "--max-time", "4", timeout_s=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    reports = [report.load(p) for p in sorted((out / "series-2024").glob("*.json"))]
+    assert len(reports) == 7
+    by_name = {r["scenario"]["name"]: r for r in reports}
+    for name, r in by_name.items():
+        assert r["scenario"]["max_time"] == 4 and r["hardware"]["stress_mem"] == 384, name
+        assert r["result"]["status"] in ("cancelled", "completed"), (name, r["result"])
+    # A 12 s first pass cut at 4 s: every configuration is still in its first iteration.
+    assert {r["result"]["iteration_count"] for r in reports} == {1}
+    page = summary.read_text()
+    assert "| light-original " in page and "| iterations |" in page.replace("  ", " ")
+    assert "**light** (2 vCPUs x 384 MiB at 64 MiB/s, a pass over them 12 s; the series: " \
+        "150 MB per vCPU)" in page  # fmt: skip
+    assert "| configuration" in page and "series' ratio" in page
+    assert (out / "series-2024" / "chart-light.png").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from pyvmm.bench import plot, report, table
+from pyvmm.bench import plot, report, series, table
 
 T0 = 1_700_000_000.0
 MIB = 1 << 20
@@ -24,6 +24,7 @@ def make_report(
     total_s: float = 10.0,
     downtime: int | None = 120,
     syncs: int = 5,
+    iterations: int | None = None,
     max_throttle: int = 40,
     cpus: int = 2,
     rate: float = 100.0,  # MiB/s per vCPU
@@ -58,6 +59,7 @@ def make_report(
                     "dirty_pages_rate": int(rate * cpus * MIB / 4096 * (1 - frac / 2)),
                     "mbps": 4000.0,
                     "dirty_sync_count": 1 + int(frac * (syncs - 1)),
+                    "iteration_count": 1 + int(frac * ((iterations or syncs) - 1)),
                 },
             }
         )
@@ -84,9 +86,10 @@ def make_report(
             "dirty_limit": False,
             "x_vcpu_dirty_limit_period": 500,
             "vcpu_dirty_limit": 1,
-            "periodic_sync": True,
+            "sync": "timer",
+            "periodic_throttle": False,
             "responsive": False,
-            "throttle_legacy": False,
+            "auto_converge_legacy": False,
             "link_mbit": 0,
             "transport": "unix",
         },
@@ -124,6 +127,7 @@ def make_report(
             "total_time": int(total_s * 1000),
             "downtime": downtime if status == "completed" else None,
             "dirty_syncs": syncs,
+            "iteration_count": syncs if iterations is None else iterations,
             "max_throttle_pcent": max_throttle,
             "transferred_bytes": 600 * MIB,
         },
@@ -202,11 +206,11 @@ def test_table_one_row_per_label(reports: list[dict[str, Any]]) -> None:
 
 def test_table_mean_and_spread(reports: list[dict[str, Any]]) -> None:
     cells = {row[0]: row for row in table.rows(reports)}
-    _, runs, completed, total, downtime, syncs, throttle = cells["ac"]
+    _, runs, completed, total, downtime, syncs, iterations, throttle = cells["ac"]
     assert (runs, completed) == ("2", "2/2")
     assert total == "15.0 ± 5.0"
     assert downtime == "200.0 ± 100.0"
-    assert syncs == "5.0 ± 1.0"
+    assert syncs == iterations == "5.0 ± 1.0"
     assert throttle == "40.0 ± 0.0"
     # One run: the value alone.
     assert cells["ac [qemu]"][3:5] == ("12", "200")
@@ -233,4 +237,59 @@ def test_summarize() -> None:
 def test_markdown_escapes_pipes() -> None:
     text = table.markdown([make_report("a|b")])
     assert "a\\|b" in text
-    assert all(line.count("|") - line.count("\\|") == 8 for line in text.splitlines())
+    assert all(line.count("|") - line.count("\\|") == 9 for line in text.splitlines())
+
+
+def test_series_2024_table_in_the_v1_layout_with_both_ratios() -> None:
+    """pyvmm bench batch series-2024 prints, per load, the v1 cover letter's columns and
+    each configuration's ratio to original beside the series' own."""
+    runs = [
+        make_report("heavy-original", total_s=300.0, syncs=20, iterations=20, max_throttle=99),
+        make_report("heavy-original", total_s=310.0, syncs=21, iterations=21, max_throttle=99),
+        make_report("heavy-background", total_s=122.0, syncs=40, iterations=12),
+        make_report("heavy-background-responsive", total_s=91.5, syncs=30, iterations=9),
+        make_report("heavy-2013", status="cancelled", total_s=290.0, max_throttle=0),
+        make_report("heavy-original", vmm="qemu", total_s=320.0),
+        make_report("light-original", total_s=100.0),
+        make_report("light-background", total_s=100.0),
+    ]
+    for r in runs:
+        r["hardware"]["stress_mem"] = 1024 if r["scenario"]["name"].startswith("heavy") else 384
+        r["scenario"]["bandwidth"] = 64
+    text = series.table(runs)
+    assert "**heavy** (2 vCPUs x 1024 MiB at 64 MiB/s, a pass over them 32 s; the series: " \
+        "5000 MB per vCPU)" in text  # fmt: skip
+    header = next(line for line in text.splitlines() if line.startswith("| configuration"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(series.HEADER)
+    heavy = text[: text.index("**light**")]
+    rows = {
+        cells[0]: cells
+        for line in heavy.splitlines()
+        if line.startswith("| ") and not line.startswith("| configuration")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert rows["original"][1:] == ["2", "305.0 ± 5.0", "120.0 ± 0.0", "20.5 ± 0.5",
+                                    "99.0 ± 0.0", "1.00", "1.00"]  # fmt: skip
+    assert rows["background"][4] == "12" and rows["background"][6:] == ["0.40", "0.46"]
+    assert rows["background-responsive"][6:] == ["0.30", "0.41"]
+    assert rows["2013"][2] == "> 290 (cancelled)" and rows["2013"][6:] == ["> 0.95", "-"]
+    assert rows["original [qemu]"][6:] == ["1.05", "-"]
+    # The light table has its own original and the series' light ratios.
+    light = text[text.index("**light**") :]
+    assert re.search(r"\| background +\|.*\| +1\.00 \| +1\.00 \|$", light, re.MULTILINE)
+
+
+def test_series_ratios_are_the_cover_letters() -> None:
+    """The v1 cover letter's means: background 1.00 / 0.69 / 0.46, with responsive
+    1.01 / 0.57 / 0.41 of original (light / moderate / heavy)."""
+    got = {
+        (load, config): round(series.v1_ratio(load, config) or 0, 2)
+        for load in ("light", "moderate", "heavy")
+        for config in ("background", "background-responsive")
+    }
+    assert got == {
+        ("light", "background"): 1.0, ("light", "background-responsive"): 1.01,
+        ("moderate", "background"): 0.69, ("moderate", "background-responsive"): 0.57,
+        ("heavy", "background"): 0.46, ("heavy", "background-responsive"): 0.41,
+    }  # fmt: skip
+    assert series.v1_ratio("heavy", "timer-9.2") is None

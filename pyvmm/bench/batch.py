@@ -93,14 +93,23 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                     r = rpt["result"]
                     say(f"   {r['status']}: {r['total_time'] / 1000:.1f} s, downtime "
                         f"{r['downtime']} ms, {r['dirty_syncs']} syncs, "
+                        f"{r['iteration_count']} iterations, "
                         f"max throttle {r['max_throttle_pcent']}%")  # fmt: skip
         if res.reports:
-            (out_dir / "table.md").write_text(table.markdown(res.reports))
+            (out_dir / "table.md").write_text(tables(comp, res.reports))
             res.charts = charts(comp, res.reports, out_dir)
         results.append(res)
         if opts.summary:  # after each comparison: a long batch cut short keeps what it did
             opts.summary.write_text(summary_page(opts, results))
     return results
+
+
+def tables(comp: Comparison, reports: list[dict[str, Any]]) -> str:
+    """The comparison's table, and its own tables after it (comp.summary)."""
+    text = table.markdown(reports)
+    if comp.summary is not None:
+        text += "\n" + comp.summary(reports)
+    return text
 
 
 def charts(comp: Comparison, reports: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -140,7 +149,7 @@ def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
         comp = res.comparison
         lines += [f"## {comp.name}", "", comp.description, ""]
         if res.reports:
-            lines += [table.markdown(res.reports), ""]
+            lines += [tables(comp, res.reports), ""]
         notes = list(dict.fromkeys(res.notes + res.failures))  # the same skip, once
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         for png in res.charts:

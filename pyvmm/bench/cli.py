@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from pyvmm.bench import report
 from pyvmm.bench.comparisons import COMPARISONS
-from pyvmm.bench.scenario import Hardware, Scenario
+from pyvmm.bench.scenario import SYNC_MODES, Hardware, Scenario
 
 COMMANDS = ("run", "batch", "plot", "table", "schema")
 
@@ -45,12 +45,6 @@ def _int(low: int) -> type[int]:
         return value
 
     return parse  # type: ignore[return-value]
-
-
-def _on_off(text: str) -> bool:
-    if text not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"'{text}': use on or off")
-    return text == "on"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -124,14 +118,28 @@ def run_parser() -> argparse.ArgumentParser:
         "--auto-converge-step", type=_int(1), default=d.auto_converge_step, metavar="PCT"
     )
     m.add_argument(
-        "--periodic-sync",
-        type=_on_off,
-        default=True,
-        metavar="on|off",
-        help="QEMU 9.2's periodic dirty sync under auto-converge (default on)",
+        "--sync",
+        choices=SYNC_MODES,
+        default=None,
+        help="x-auto-converge-sync: when auto-converge syncs: once per pass (QEMU <= 9.1), "
+        "QEMU 9.2's 5 s timer, or the 2024 v1 series' background watcher (default timer; "
+        "iteration with --periodic-throttle or --auto-converge-legacy)",
     )
-    m.add_argument("--responsive", action="store_true", help="the 2024 responsive throttle")
-    m.add_argument("--throttle-legacy", action="store_true", help="the 2013 auto-converge")
+    m.add_argument(
+        "--periodic-throttle",
+        action="store_true",
+        help="cpu-periodic-throttle: the 2024 RFC's periodic throttle (syncs once per pass)",
+    )
+    m.add_argument(
+        "--responsive",
+        action="store_true",
+        help="cpu-throttle-responsive: the 2024 series' responsive throttle",
+    )
+    m.add_argument(
+        "--auto-converge-legacy",
+        action="store_true",
+        help="x-auto-converge-legacy: QEMU 1.6's 2013 auto-converge (syncs once per pass)",
+    )
     m.add_argument("--dirty-limit", action="store_true")
     m.add_argument("--vcpu-dirty-limit", type=_int(1), default=d.vcpu_dirty_limit, metavar="MBS")
     m.add_argument(
@@ -222,6 +230,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     from pyvmm.bench.vms import resolve_binary
 
     a = run_parser().parse_args(argv)
+    if a.sync is None:  # as pyvmm resolves x-auto-converge-sync left at its default
+        a.sync = "iteration" if a.periodic_throttle or a.auto_converge_legacy else "timer"
     # The options are named after the fields (--max-iters is max_iters), so one loop fills
     # each dataclass.
     scenario = Scenario(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Scenario)})

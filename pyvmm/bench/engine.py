@@ -106,14 +106,15 @@ def progress_sample(info: dict[str, Any], started_at: float, now: float) -> dict
             "dirty_pages_rate": int(ram.get("dirty-pages-rate", 0)),
             "mbps": float(ram.get("mbps", 0)),
             "dirty_sync_count": int(ram.get("dirty-sync-count", 0)),
+            "iteration_count": int(ram.get("iteration-count", 0)),
         },
     }
 
 
 def qemu_parameters(q: SyncQmp, scenario: Scenario, version: str) -> dict[str, Any]:
     """The scenario's parameters as this QEMU can take them, or a ScenarioError naming
-    what it lacks. QEMU before 9.2 never syncs periodically and has no switch for it;
-    9.2 and later always do."""
+    what it lacks. QEMU has no x-auto-converge-sync: up to 9.1 it syncs once per pass
+    (iteration), from 9.2 on also on its 5 s timer (timer); nothing else."""
     number = version.split()[0]
     have = set(q.execute("query-migrate-parameters"))
     caps = {c["capability"] for c in q.execute("query-migrate-capabilities")}
@@ -121,17 +122,17 @@ def qemu_parameters(q: SyncQmp, scenario: Scenario, version: str) -> dict[str, A
         if cap not in caps:
             raise ScenarioError(f"QEMU {number} has no {cap} capability")
     major_minor = tuple(int(x) for x in number.split(".")[:2])
+    native = "timer" if major_minor >= (9, 2) else "iteration"
     params = {}
     for name, value in scenario.parameters().items():
         if name in have:
             params[name] = value
-        elif name == "x-cpu-throttle-periodic-sync":
-            if value != (major_minor >= (9, 2)):
-                raise ScenarioError(
-                    f"QEMU {number} cannot run --periodic-sync "
-                    f"{'on' if value else 'off'}: QEMU 9.2 made the periodic sync "
-                    f"unconditional under auto-converge, and earlier versions have none"
-                )
+        elif name == "x-auto-converge-sync":
+            if value != native:
+                how = ("syncs on its 5 s timer too (9.2 made it unconditional under "
+                       "auto-converge)" if native == "timer" else
+                       "syncs once per pass (the 5 s timer came in 9.2)")  # fmt: skip
+                raise ScenarioError(f"QEMU {number} cannot run --sync {value}: it {how}")
         else:
             raise ScenarioError(f"QEMU {number} cannot run this scenario: no {name}={value}")
     return params
@@ -324,6 +325,9 @@ class Run:
             time.sleep(POLL_S)
         info = src_q.execute("query-migrate")
         error = info.get("error-desc") if status == "failed" else None
+        # QEMU has no iteration-count; up to 9.1 every dirty sync ends an iteration.
+        ram = info.get("ram", {})
+        iterations = int(ram.get("iteration-count", sample["ram"]["dirty_sync_count"]))
         if status == "completed":
             self.migrating = False
             self.vms["dst"].vcpu_tids = self._tids(dst_q)
@@ -341,6 +345,7 @@ class Run:
             "total_time": sample["total_time"],
             "downtime": sample["downtime"] if status == "completed" else None,
             "dirty_syncs": sample["ram"]["dirty_sync_count"],
+            "iteration_count": iterations,
             "max_throttle_pcent": max_pct,
             "transferred_bytes": sample["ram"]["transferred"],
         }

@@ -224,6 +224,7 @@ def _details(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("total time", f"{res['total_time'] / 1000:.1f} s"),
         ("downtime", downtime),
         ("dirty syncs", str(res["dirty_syncs"])),
+        ("iterations", str(res["iteration_count"])),
         ("max throttle", f"{res['max_throttle_pcent']}%"),
         ("transferred", f"{res['transferred_bytes'] / MIB:.1f} MiB"),
         ("bandwidth", f"{sc['bandwidth']} MiB/s"),
@@ -237,9 +238,10 @@ def _details(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("stress rate", f"{hw['stress_rate']} MiB/s/vCPU" if hw["stress_rate"] else "flat out"),
         ("stress pattern", hw["stress_pattern"]),
         ("auto-converge", auto),
-        ("periodic sync", _onoff(sc["periodic_sync"])),
+        ("sync (x-auto-converge-sync)", sc["sync"]),
+        ("periodic throttle (RFC)", _onoff(sc["periodic_throttle"])),
         ("responsive", _onoff(sc["responsive"])),
-        ("legacy throttle", _onoff(sc["throttle_legacy"])),
+        ("2013 mode", _onoff(sc["auto_converge_legacy"])),
         ("dirty limit", limit),
     ]
 

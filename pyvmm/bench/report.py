@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 
-VERSION = 1
+VERSION = 2  # 2: the sync generations (sync, periodic_throttle, ...), iteration counts
 SIDES = ("src", "dst")
 
 _NUM = {"type": "number"}
@@ -48,9 +48,10 @@ SCENARIO = _object(
         "dirty_limit": _BOOL,
         "x_vcpu_dirty_limit_period": _INT,
         "vcpu_dirty_limit": _INT,
-        "periodic_sync": _BOOL,
+        "sync": {"enum": ["iteration", "timer", "background"]},
+        "periodic_throttle": _BOOL,
         "responsive": _BOOL,
-        "throttle_legacy": _BOOL,
+        "auto_converge_legacy": _BOOL,
         "link_mbit": _INT,
         "transport": {"enum": ["unix", "tcp"]},
     }
@@ -96,6 +97,7 @@ PROGRESS = _object(
                 "dirty_pages_rate": _INT,
                 "mbps": _NUM,
                 "dirty_sync_count": _INT,
+                "iteration_count": _INT,
             }
         ),
     }
@@ -112,6 +114,7 @@ RESULT = _object(
         "total_time": _INT,  # ms
         "downtime": {"type": ["integer", "null"]},  # ms; null unless completed
         "dirty_syncs": _INT,
+        "iteration_count": _INT,
         "max_throttle_pcent": _INT,
         "transferred_bytes": _INT,
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 MIB = 1 << 20
 PATTERNS = ("word", "page")
+SYNC_MODES = ("iteration", "timer", "background")  # x-auto-converge-sync
 TRANSPORTS = ("unix", "tcp")
 HEADROOM_MIB = 256  # guest RAM above the working set: image, page tables, stacks
 
@@ -35,10 +36,11 @@ class Scenario:
     dirty_limit: bool = False
     x_vcpu_dirty_limit_period: int = 500  # ms (guestperf's default; QEMU's is 1000)
     vcpu_dirty_limit: int = 1  # MB/s
-    # pyvmm's own
-    periodic_sync: bool = True  # x-cpu-throttle-periodic-sync (QEMU 9.2's default: on)
-    responsive: bool = False  # cpu-throttle-responsive
-    throttle_legacy: bool = False  # x-auto-converge-legacy (the 2013 behaviour)
+    # pyvmm's own: each auto-converge generation in its parameter's words
+    sync: str = "timer"  # x-auto-converge-sync: iteration (<= 9.1), timer (9.2), background (v1)
+    periodic_throttle: bool = False  # cpu-periodic-throttle (the 2024 RFC; syncs per pass)
+    responsive: bool = False  # cpu-throttle-responsive (v2) = cpu-responsive-throttle (v1)
+    auto_converge_legacy: bool = False  # x-auto-converge-legacy (2013; syncs per pass)
     link_mbit: int = 0  # 0: loopback; N: destination behind a veth pair shaped to N Mbit/s
     transport: str = "unix"
 
@@ -55,8 +57,18 @@ class Scenario:
             raise ScenarioError("--link-mbit shapes a network link: it needs --transport tcp")
         if self.dirty_limit and self.auto_converge:
             raise ScenarioError("--dirty-limit and --auto-converge are mutually exclusive")
-        if (self.responsive or self.throttle_legacy) and not self.auto_converge:
-            raise ScenarioError("--responsive and --throttle-legacy need --auto-converge")
+        if self.sync not in SYNC_MODES:
+            raise ScenarioError(f"--sync must be one of {', '.join(SYNC_MODES)}")
+        once_per_pass = self.periodic_throttle or self.auto_converge_legacy
+        if (self.responsive or once_per_pass) and not self.auto_converge:
+            raise ScenarioError(
+                "--responsive, --periodic-throttle and --auto-converge-legacy need --auto-converge"
+            )
+        if once_per_pass and self.sync != "iteration":
+            which = "--periodic-throttle" if self.periodic_throttle else "--auto-converge-legacy"
+            raise ScenarioError(
+                f"{which} syncs once per pass: it cannot run with --sync {self.sync}"
+            )
 
     def capabilities(self) -> dict[str, bool]:
         caps = {}
@@ -74,11 +86,16 @@ class Scenario:
         }
         if self.auto_converge:
             params["cpu-throttle-increment"] = self.auto_converge_step
-            params["x-cpu-throttle-periodic-sync"] = self.periodic_sync
+            # The RFC and the 2013 mode imply syncs once per pass: their scripts never
+            # named x-auto-converge-sync, and neither does the scenario.
+            if self.periodic_throttle:
+                params["cpu-periodic-throttle"] = True
+            if self.auto_converge_legacy:
+                params["x-auto-converge-legacy"] = True
+            if not (self.periodic_throttle or self.auto_converge_legacy):
+                params["x-auto-converge-sync"] = self.sync
             if self.responsive:
                 params["cpu-throttle-responsive"] = True
-            if self.throttle_legacy:
-                params["x-auto-converge-legacy"] = True
         if self.dirty_limit:
             params["x-vcpu-dirty-limit-period"] = self.x_vcpu_dirty_limit_period
             params["vcpu-dirty-limit"] = self.vcpu_dirty_limit

@@ -18,6 +18,7 @@ HEADER = (
     "total time (s)",
     "downtime (ms)",
     "dirty syncs",
+    "iterations",
     "max throttle (%)",
 )
 
@@ -41,7 +42,7 @@ def group(reports: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def _total_time(results: list[dict[str, Any]]) -> str:
+def total_time(results: list[dict[str, Any]]) -> str:
     done = [r["total_time"] / 1000 for r in results if r["status"] == "completed"]
     if done:
         return summarize(done)
@@ -63,9 +64,10 @@ def rows(reports: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 name,
                 str(len(results)),
                 f"{len(completed)}/{len(results)}",
-                _total_time(results),
+                total_time(results),
                 summarize(downtimes),
                 summarize([r["dirty_syncs"] for r in results]),
+                summarize([r["iteration_count"] for r in results]),
                 summarize([r["max_throttle_pcent"] for r in results]),
             )
         )
@@ -74,8 +76,13 @@ def rows(reports: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def markdown(reports: list[dict[str, Any]]) -> str:
     """The comparison table in Markdown, padded so that it also reads as plain text."""
-    body = [tuple(cell.replace("|", "\\|") for cell in row) for row in rows(reports)]
-    widths = [max(len(row[i]) for row in [HEADER, *body]) for i in range(len(HEADER))]
+    return render(HEADER, rows(reports))
+
+
+def render(header: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    """A Markdown table, padded so that it also reads as plain text."""
+    body = [tuple(cell.replace("|", "\\|") for cell in row) for row in cells]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:
         # The label column reads left to right; the numbers line up on the right.
@@ -90,4 +97,4 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
         + "|"
     )
-    return "\n".join([line(HEADER), rule, *(line(row) for row in body)]) + "\n"
+    return "\n".join([line(header), rule, *(line(row) for row in body)]) + "\n"

@@ -6,6 +6,11 @@ once); each sync ORs in what the guest wrote since; the walk takes pages out a s
 a time, from a cursor that carries over between calls, so that a pass over RAM resumes
 where the rate limit interrupted it. "Which pages" lives here; sending them is
 PageWriter's job (pagewriter.py), in the manner of Cloud Hypervisor's MemoryRangeTable.
+
+A *background* sync (the 2024 series' periodic and background syncs) counts what the
+guest dirtied for the throttle but does not queue it: the pages wait in `held` (QEMU's
+iter_bmap in those patches) until the next ordinary sync queues them, so the pass in
+progress is not lengthened by pages that the next pass would send again anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +33,32 @@ class DirtyPages:
         self._word = 0
         self.total_words = sum(len(b) for b in self.bitmaps)
         self.laps = 0  # times the walk went past the end of guest RAM
+        self.held: list[np.ndarray] | None = None  # pages background syncs found, not queued
+
+    def sync(self, background: bool = False) -> int:
+        """Sync the migration's view; returns the pages that became dirty and were not
+        already waiting to be sent (QEMU's num_dirty_pages_period increment).
+
+        An ordinary sync queues them, and the held ones with them. A background sync
+        moves them into `held` instead (QEMU's RAMBLOCK_SYN_MODERN_BACKGROUND): pages
+        already queued are sent later in this pass anyway, with newer contents."""
+        view = self.view
+        with view.lock:
+            if not background:
+                new = view.sync()
+                if self.held is not None:
+                    for bitmap, held in zip(self.bitmaps, self.held, strict=True):
+                        np.bitwise_or(bitmap, held, out=bitmap)
+                        held.fill(0)
+                return new
+            before = [b.copy() for b in self.bitmaps]
+            new = view.sync()
+            if self.held is None:
+                self.held = [np.zeros_like(b) for b in self.bitmaps]
+            for bitmap, old, held in zip(self.bitmaps, before, self.held, strict=True):
+                np.bitwise_or(held, bitmap & ~old, out=held)
+                bitmap[:] = old
+            return new
 
     def count(self) -> int:
         """Pages still to send."""

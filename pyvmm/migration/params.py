@@ -41,11 +41,16 @@ def _power_of_two_check(qemu_name: str, low: int, high: int) -> Callable[[Any], 
 @dataclass(frozen=True)
 class Parameter:
     name: str
-    type: str  # "int" or "bool", the QMP type
-    default: int | bool
+    type: str  # "int", "bool" or "enum" (a QMP string from `choices`)
+    default: int | bool | str
     check: Callable[[Any], None] | None = None
     doc: str = ""
+    choices: tuple[str, ...] = ()
 
+
+# x-auto-converge-sync: when auto-converge gets a dirty sync to judge (docs/convergence.md)
+SYNC_ITERATION, SYNC_TIMER, SYNC_BACKGROUND = "iteration", "timer", "background"
+SYNC_MODES = (SYNC_ITERATION, SYNC_TIMER, SYNC_BACKGROUND)
 
 PARAMETERS: dict[str, Parameter] = {
     p.name: p
@@ -95,17 +100,26 @@ PARAMETERS: dict[str, Parameter] = {
             "auto-converge never throttles beyond this %",
         ),
         Parameter("x-auto-converge-legacy", "bool", False, None,
-                  "QEMU 1.6's 2013 auto-converge: 6th bad period, then 30 ms sleeps every 40 ms"),
-        Parameter("x-cpu-throttle-periodic-sync", "bool", True, None,
-                  "QEMU 9.2's periodic dirty sync while auto-converge is on (false: <= 9.1)"),
+                  "QEMU 1.6's 2013 auto-converge: 7th bad period, then 30 ms sleeps from the "
+                  "send loop"),
+        Parameter("x-auto-converge-sync", "enum", SYNC_TIMER, None,
+                  "when auto-converge syncs: iteration (once per pass, QEMU <= 9.1), timer "
+                  "(QEMU 9.2's 5 s timer) or background (the 2024 v1 series' watcher)",
+                  SYNC_MODES),
+        Parameter("cpu-periodic-throttle", "bool", False, None,
+                  "the 2024 RFC's periodic CPU throttle: a sync every interval"),
         Parameter(
-            "x-cpu-throttle-periodic-sync-interval", "int", 5000,
-            _range_check("x-cpu-throttle-periodic-sync-interval", 100, 600_000,
-                         "a value between 100 and 600000"),
-            "ms between periodic sync ticks",
+            "cpu-periodic-throttle-interval", "int", 5,
+            _range_check("cpu_periodic_throttle_interval", 2, 10,
+                         "an integer in the range of 2 to 10"),
+            "seconds between the RFC's periodic syncs",
         ),
         Parameter("cpu-throttle-responsive", "bool", False, None,
-                  "the 2024 series' second trigger: a dirty ratio that is not improving"),
+                  "the 2024 series' second trigger: a dirty ratio that is not improving "
+                  "(v2's name; v1 and the RFC called it cpu-responsive-throttle)"),
+        Parameter("x-throttle-thread-scheduled-leak", "bool", False, None,
+                  "pyvmm's own: keep QEMU's leaked per-vCPU throttle_thread_scheduled flag "
+                  "across migrations"),
         Parameter(
             "x-vcpu-dirty-limit-period", "int", 1000,
             _range_check("x-vcpu-dirty-limit-period", 1, 1000, "a value between 1 and 1000"),
@@ -124,6 +138,14 @@ PARAMETERS: dict[str, Parameter] = {
         ),
     ]
 }  # fmt: skip
+
+# Other names for a parameter, each accepted and listed by query-migrate-parameters.
+ALIASES: dict[str, str] = {"cpu-responsive-throttle": "cpu-throttle-responsive"}
+# What migrate-set-parameters accepts: every parameter and every alias.
+QMP_PARAMETERS: dict[str, Parameter] = {
+    **PARAMETERS,
+    **{alias: PARAMETERS[name] for alias, name in ALIASES.items()},
+}
 
 CAPABILITIES: dict[str, str] = {
     "events": "emit MIGRATION and MIGRATION_PASS events",
@@ -144,19 +166,49 @@ class MigrationSettings:
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 
+    explicit: set[str] = field(default_factory=set)  # parameters a user has set
+
     def set_parameters(self, changes: dict[str, Any]) -> None:
         """Validate all, then apply all (QEMU applies nothing if one is invalid)."""
+        canonical: dict[str, Any] = {}
         for name, value in changes.items():
-            param = PARAMETERS.get(name)
+            param = QMP_PARAMETERS.get(name)
             if param is None:
                 raise ParameterError(f"Parameter '{name}' is unexpected")
-            if param.type == "bool" and not isinstance(value, bool):
-                raise ParameterError(f"Invalid parameter type for '{name}', expected: boolean")
-            if param.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ParameterError(f"Invalid parameter type for '{name}', expected: integer")
+            check_type(name, param, value)
             if param.check is not None:
                 param.check(value)
-        self.values.update(changes)
+            if param.name in canonical and canonical[param.name] != value:
+                raise ParameterError(
+                    f"Parameters '{param.name}' and '{_alias_of(param.name)}' are one "
+                    "parameter: give it one value"
+                )
+            canonical[param.name] = value
+        self.values.update(canonical)
+        self.explicit.update(canonical)
+
+    def auto_converge_sync(self) -> str:
+        """The sync generation auto-converge runs: x-auto-converge-sync, except that the
+        RFC's periodic throttle and the 2013 mode, written against syncs once per pass, get
+        `iteration` while x-auto-converge-sync was left at its default."""
+        sync = str(self.values["x-auto-converge-sync"])
+        values = self.values
+        once_per_pass = values["cpu-periodic-throttle"] or values["x-auto-converge-legacy"]
+        if once_per_pass and "x-auto-converge-sync" not in self.explicit:
+            return SYNC_ITERATION
+        return sync
+
+    def check_migrate(self) -> None:
+        """Combinations refused at `migrate` (each parameter is valid on its own)."""
+        sync = self.values["x-auto-converge-sync"]
+        if "x-auto-converge-sync" not in self.explicit or sync == SYNC_ITERATION:
+            return
+        for name in ("cpu-periodic-throttle", "x-auto-converge-legacy"):
+            if self.values[name]:
+                raise ParameterError(
+                    f"Parameter '{name}' syncs once per pass: it cannot run with "
+                    f"'x-auto-converge-sync' set to '{sync}' (set it to 'iteration')"
+                )
 
     def set_capabilities(self, changes: dict[str, bool], dirty_ring: bool) -> None:
         for name in changes:
@@ -167,10 +219,30 @@ class MigrationSettings:
         self.caps = merged
 
     def query_parameters(self) -> dict[str, Any]:
-        return dict(self.values)
+        out = dict(self.values)
+        for alias, name in ALIASES.items():
+            out[alias] = self.values[name]
+        return out
 
     def query_capabilities(self) -> list[dict[str, Any]]:
         return [{"capability": n, "state": s} for n, s in self.caps.items()]
+
+
+def _alias_of(name: str) -> str:
+    return next(alias for alias, target in ALIASES.items() if target == name)
+
+
+def check_type(name: str, param: Parameter, value: Any) -> None:
+    """QMP's type check for one parameter, with QEMU's words."""
+    if param.type == "bool" and not isinstance(value, bool):
+        raise ParameterError(f"Invalid parameter type for '{name}', expected: boolean")
+    if param.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ParameterError(f"Invalid parameter type for '{name}', expected: integer")
+    if param.type == "enum":
+        if not isinstance(value, str):
+            raise ParameterError(f"Invalid parameter type for '{name}', expected: string")
+        if value not in param.choices:  # QEMU's qapi input_type_enum
+            raise ParameterError(f"Parameter '{name}' does not accept value '{value}'")
 
 
 def check_capabilities(caps: dict[str, bool], dirty_ring: bool) -> None:
@@ -186,15 +258,21 @@ def check_capabilities(caps: dict[str, bool], dirty_ring: bool) -> None:
 
 def parse_cli_value(name: str, text: str) -> Any:
     """`pyvmm migrate --set NAME=VALUE`: VALUE in QMP's own type (true/false for booleans)."""
-    param = PARAMETERS.get(name)
+    param = QMP_PARAMETERS.get(name)
     if param is None:
         raise ParameterError(
-            f"unknown migration parameter '{name}' (known: {', '.join(PARAMETERS)})"
+            f"unknown migration parameter '{name}' (known: {', '.join(QMP_PARAMETERS)})"
         )
     if param.type == "bool":
         if text not in ("true", "false"):
             raise ParameterError(f"parameter '{name}' takes true or false, not '{text}'")
         return text == "true"
+    if param.type == "enum":
+        if text not in param.choices:
+            raise ParameterError(
+                f"parameter '{name}' takes one of {', '.join(param.choices)}, not '{text}'"
+            )
+        return text
     try:
         return int(text, 0)
     except ValueError:

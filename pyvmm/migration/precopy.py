@@ -8,7 +8,9 @@ fits in the downtime limit. QEMU's migration_thread and migration_iteration_run,
   (max-bandwidth / 10) is spent, then sleep to the window's end;
 - every >= 100 ms: bandwidth, mbps, pages-per-second, expected downtime;
 - a sync >= 1 s after the period start computes dirty-pages-rate and hands the closed
-  period to the convergence policies (auto-converge, the dirty limit, ...).
+  period to the convergence policies (auto-converge, the dirty limit, ...);
+- after every step it sends while the guest runs, the policies' optional on_send_step
+  hook (QEMU 1.6 drove its 2013 throttle from that place).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from pyvmm.migration.clock import Clock
 from pyvmm.migration.dirtypages import STEP_WORDS, DirtyPages
 from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.params import MigrationSettings
-from pyvmm.migration.policy import ConvergencePolicy, PeriodStats, PolicyHost
+from pyvmm.migration.policy import (
+    SYNC_BACKGROUND,
+    SYNC_ITERATION,
+    ConvergencePolicy,
+    PeriodStats,
+    PolicyHost,
+)
 from pyvmm.migration.stats import MigrationStats
 from pyvmm.migration.stream import StreamWriter
 
@@ -60,6 +68,9 @@ class Precopy:
         self.clock = clock
         self.cancel = cancel
         self.policies = policies
+        self._step_hooks: list[Callable[[float], None]] = [
+            hook for p in policies if (hook := getattr(p, "on_send_step", None)) is not None
+        ]
         self.host = host
         self._emit = emit_event
         # The bitmap: the send loop vs. syncs forced from other threads (policies).
@@ -81,17 +92,29 @@ class Precopy:
         now = self.clock.now_ms()
         self._window_start_ms = self._period_start_ms = now
 
+    @property
+    def period_start_ms(self) -> float:
+        """When the current dirty-rate period began (QEMU's rs->time_last_bitmap_sync)."""
+        return self._period_start_ms
+
     # --- syncs --------------------------------------------------------------------------------
 
-    def sync(self) -> None:
+    def sync(self, kind: str = SYNC_ITERATION) -> None:
         """One dirty-log sync: QEMU's migration_bitmap_sync.
 
         As in QEMU, the period counts pages that became dirty in the migration bitmap (a
-        page still waiting to be sent counts once), so the all-dirty setup sync adds 0."""
+        page still waiting to be sent counts once), so the all-dirty setup sync adds 0.
+        Every sync counts in dirty-sync-count; only the loop's own (SYNC_ITERATION) in
+        iteration-count. A background sync (SYNC_BACKGROUND, the 2024 RFC and v1) does not
+        queue what it finds (DirtyPages.sync), sends no ITERATION record and emits no
+        MIGRATION_PASS, as in those patches."""
         with self.lock:
-            newly_dirty = self.pages.view.sync()
+            background = kind == SYNC_BACKGROUND
+            newly_dirty = self.pages.sync(background)
             ram = self.stats.ram
             ram.dirty_sync_count += 1
+            if kind == SYNC_ITERATION:
+                ram.iteration_count += 1
             self._period_dirty_pages += newly_dirty
             self.remaining_at_sync_bytes = self.pages.remaining_bytes()
             now = self.clock.now_ms()
@@ -101,7 +124,7 @@ class Precopy:
                 transferred = self.writer.bytes_sent
                 period = PeriodStats(
                     elapsed, self._period_dirty_pages, transferred - self._period_start_bytes,
-                    ram.dirty_sync_count,
+                    ram.dirty_sync_count, ram.dirty_pages_rate, kind,
                 )  # fmt: skip
                 ram.dirty_pages_rate = int(self._period_dirty_pages * 1000 / elapsed)
                 self._period_start_ms = now
@@ -109,10 +132,15 @@ class Precopy:
                 self._period_start_bytes = transferred
             for policy in self.policies:
                 policy.on_sync(self.host, period)
+            if background:
+                return
             if self.header_sent:
                 self.writer.iteration(ram.dirty_sync_count)  # the destination counts passes
             if self.settings.caps.get("events"):
-                self._emit("MIGRATION_PASS", {"pass": ram.dirty_sync_count})
+                # With background syncs the patches number passes by iteration-count.
+                held = self.pages.held is not None
+                number = ram.iteration_count if held else ram.dirty_sync_count
+                self._emit("MIGRATION_PASS", {"pass": number})
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -153,6 +181,7 @@ class Precopy:
     def send(self, deadline_ms: float, limited: bool) -> bool:
         """Send dirty pages from the cursor on; True when a whole lap found nothing left."""
         budget = self.settings["max-bandwidth"] / 10 if limited else 0
+        hooks = self._step_hooks if limited else ()  # the live phase only, not the downtime
         walked = 0
         while walked < self.pages.total_words:
             step_words = STEP_WORDS
@@ -167,11 +196,14 @@ class Precopy:
                 sent = self.page_writer.send(slot, pages)
             walked += words
             self.check_cancel()
+            now = self.clock.now_ms()
+            for hook in hooks:
+                hook(now)
             if budget:
                 self._window_budget_used += sent
                 if self._window_budget_used >= budget:
                     return False
-            if self.clock.now_ms() >= deadline_ms:
+            if now >= deadline_ms:
                 return False
         return True
 

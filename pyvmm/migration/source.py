@@ -28,7 +28,7 @@ from pyvmm.migration.clock import WALL_CLOCK, Clock
 from pyvmm.migration.dirtypages import DirtyPages
 from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.params import MigrationSettings
-from pyvmm.migration.policy import ConvergencePolicy
+from pyvmm.migration.policy import SYNC_FORCED, ConvergencePolicy
 from pyvmm.migration.precopy import MigrationCancelled, Precopy
 from pyvmm.migration.stats import ACTIVE_STATES, MigrationStats
 from pyvmm.migration.stream import (
@@ -133,8 +133,14 @@ class MigrationSource:
                 self.stats.ram.remaining = pages.remaining_bytes()
         return self.stats.to_qmp(self.clock.now_ms())
 
-    def force_sync(self) -> bool:
-        """A sync asked for from outside the loop (periodic sync, the dirty limit).
+    @property
+    def period_start_ms(self) -> float:
+        precopy = self.precopy
+        return precopy.period_start_ms if precopy is not None else 0.0
+
+    def force_sync(self, kind: str = SYNC_FORCED) -> bool:
+        """A sync asked for from outside the loop (periodic syncs, the dirty limit); kind
+        is SYNC_FORCED or SYNC_BACKGROUND (policy.py).
 
         Decided under the bitmap lock: once the switchover has begun the stream carries
         the final pages and the state, and a sync's ITERATION record must not interleave
@@ -145,7 +151,7 @@ class MigrationSource:
         with precopy.lock:
             if self.stats.status != "active" or self._in_downtime:
                 return False
-            precopy.sync()
+            precopy.sync(kind)
             return True
 
     # --- status and run state, always on the control loop -------------------------------------

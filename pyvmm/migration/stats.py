@@ -18,7 +18,8 @@ class RamStats:
     normal: int = 0  # pages sent with their contents
     dirty_pages_rate: int = 0  # pages/s over the last >= 1 s period
     mbps: float = 0.0
-    dirty_sync_count: int = 0
+    dirty_sync_count: int = 0  # every sync: the loop's, the timers', the background ones
+    iteration_count: int = 0  # the loop's own syncs only (the 2024 RFC and v1's statistic)
     pages_per_second: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
@@ -33,6 +34,7 @@ class RamStats:
             "normal-bytes": self.normal * PAGE_SIZE,
             "mbps": round(self.mbps, 3),
             "dirty-sync-count": self.dirty_sync_count,
+            "iteration-count": self.iteration_count,
             "pages-per-second": self.pages_per_second,
             "page-size": PAGE_SIZE,
             "precopy-bytes": self.precopy_bytes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pyvmm.migration.params import PARAMETERS, ParameterError
+from pyvmm.migration.params import QMP_PARAMETERS, ParameterError
 from pyvmm.migration.transport import parse_uri
 from pyvmm.monitor.schema import ArgSpec, QmpError
 
@@ -33,7 +33,8 @@ def register_migration_commands(vmm: Vmm) -> None:
             raise QmpError("GenericError", f"cannot migrate a VM in state '{vmm.run_state}'")
         try:
             parse_uri(args["uri"])
-        except ValueError as exc:
+            vmm.settings.check_migrate()
+        except ValueError as exc:  # ParameterError is one
             raise _generic(exc) from None
         vmm.start_migration(args["uri"])
 
@@ -107,7 +108,10 @@ def register_migration_commands(vmm: Vmm) -> None:
     qmp.register(
         "migrate-set-parameters",
         set_parameters,
-        args={name: ArgSpec(p.type, optional=True) for name, p in PARAMETERS.items()},
+        args={
+            name: ArgSpec("str" if p.type == "enum" else p.type, optional=True, choices=p.choices)
+            for name, p in QMP_PARAMETERS.items()
+        },
     )
     qmp.register(
         "query-migrate-parameters", lambda args: vmm.settings.query_parameters(), query=True

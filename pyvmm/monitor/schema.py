@@ -80,13 +80,15 @@ class ArgSpec:
     """One command argument: its JSON type and whether it may be left out.
 
     type is one of "str", "int", "bool", "number", "dict", "list", "any".
-    An optional argument that is absent is absent from the handler's dict
-    too (handlers use `args.get(name, default)`). JSON null is not a value
-    of any of these types except "any", as in QEMU.
+    A "str" with `choices` is a QAPI enum: any other string is refused with QEMU's
+    "Parameter 'NAME' does not accept value 'VALUE'". An optional argument that is
+    absent is absent from the handler's dict too (handlers use `args.get(name, default)`).
+    JSON null is not a value of any of these types except "any", as in QEMU.
     """
 
     type: str = "any"
     optional: bool = False
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.type not in _TYPES:
@@ -123,6 +125,11 @@ def check_arguments(
             raise QmpError(
                 ErrorClass.GENERIC_ERROR,
                 f"Invalid parameter type for '{name}', expected: {spec.qapi_name}",
+            )
+        if spec.choices and args[name] not in spec.choices:  # QEMU's input_type_enum
+            raise QmpError(
+                ErrorClass.GENERIC_ERROR,
+                f"Parameter '{name}' does not accept value '{args[name]}'",
             )
     if not allow_extra:
         for name in args:

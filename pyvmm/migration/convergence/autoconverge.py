@@ -1,28 +1,34 @@
-"""Auto-converge, in every generation QEMU has had, as one policy.
+"""Auto-converge, in every generation QEMU and the 2024 series have had, as one policy.
 
-- QEMU 5.0+ (default): DirtyTrigger's dirty-rate test; the first step sets
-  cpu-throttle-initial, later steps add cpu-throttle-increment (or, with
-  cpu-throttle-tailslow, min(increment, cpu_now - cpu_now x allowed/actual)),
-  never beyond max-cpu-throttle.
-- QEMU 9.2 periodic sync (x-cpu-throttle-periodic-sync, default on): a timer every
-  x-cpu-throttle-periodic-sync-interval ms forces a dirty sync when none happened
-  since its previous tick (and the count is above 1), so the throttle can step
-  mid-pass instead of once per pass over RAM. Off gives QEMU <= 9.1.
-- The 2024 v1 series' responsive throttle (cpu-throttle-responsive): a second
-  trigger, the dirty ratio not improving (DirtyTrigger).
-- QEMU 1.6 (2013, x-auto-converge-legacy): the sixth bad period switches on a
-  fixed 30 ms sleep every 40 ms (LegacyThrottle).
+- The trigger (DirtyTrigger, trigger.py): QEMU >= 5.0's dirty-rate test; with
+  cpu-throttle-responsive (v2's name) or cpu-responsive-throttle (the RFC's and v1's) the
+  2024 series' dirty-ratio test as well; with x-auto-converge-legacy QEMU 1.6's test.
+- The step (mig_throttle_guest_down): the first sets cpu-throttle-initial, later ones
+  add cpu-throttle-increment (or, with cpu-throttle-tailslow, min(increment, cpu_now -
+  cpu_now x allowed/actual)), never beyond max-cpu-throttle; CpuThrottle applies it.
+  In the 2013 mode there is no step: the first firing switches on LegacyThrottle, which
+  the send loop drives through on_send_step.
+- When syncs come (sync.py), `x-auto-converge-sync`: iteration (once per pass, QEMU
+  <= 9.1), timer (QEMU 9.2's 5 s timer, the default) or background (v1's watcher); and
+  the RFC's own switch, cpu-periodic-throttle. The RFC and the 2013 mode were written
+  against syncs once per pass: with either on, x-auto-converge-sync left at its default
+  means iteration (MigrationSettings.auto_converge_sync).
 Every decision is one structured log line (logger pyvmm.convergence).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING
 
-from pyvmm.migration.convergence.throttle import CpuThrottle, LegacyThrottle
+from pyvmm.migration.convergence.sync import (
+    BackgroundSyncWatcher,
+    DirtySyncTimer,
+    PeriodicThrottle,
+)
+from pyvmm.migration.convergence.throttle import CpuThrottle, LegacyThrottle, scheduled_flags
 from pyvmm.migration.convergence.trigger import DirtyTrigger, TriggerVerdict
+from pyvmm.migration.params import SYNC_BACKGROUND, SYNC_TIMER
 
 if TYPE_CHECKING:
     from pyvmm.migration.policy import PeriodStats, PolicyHost
@@ -35,15 +41,20 @@ class AutoConverge:
         self.throttle: CpuThrottle | None = None
         self.legacy: LegacyThrottle | None = None
         self.trigger: DirtyTrigger | None = None
+        self.syncer: DirtySyncTimer | BackgroundSyncWatcher | None = None
+        self.periodic: PeriodicThrottle | None = None
         self.max_pct = 0
-        self._periodic_stop = threading.Event()
-        self._periodic: threading.Thread | None = None
+
+    @property
+    def percentage(self) -> int:
+        return self.throttle.percentage if self.throttle is not None else 0
 
     # --- hooks -------------------------------------------------------------------------------
 
     def on_setup(self, source: PolicyHost) -> None:
         s = source.settings
         legacy = bool(s["x-auto-converge-legacy"])
+        sync = s.auto_converge_sync()
         self.trigger = DirtyTrigger(
             s["throttle-trigger-threshold"], responsive=bool(s["cpu-throttle-responsive"]),
             legacy=legacy,
@@ -52,27 +63,36 @@ class AutoConverge:
         if legacy:
             self.legacy = LegacyThrottle(vcpus)
         else:
-            self.throttle = CpuThrottle(vcpus)
-        if s["x-cpu-throttle-periodic-sync"] and not legacy:
-            self._periodic_stop.clear()
-            interval_s = s["x-cpu-throttle-periodic-sync-interval"] / 1000
-            self._periodic = threading.Thread(
-                target=self._periodic_sync, args=(source, interval_s),
-                name="throttle-dirty-sync", daemon=True,
-            )  # fmt: skip
-            self._periodic.start()
+            leak = bool(s["x-throttle-thread-scheduled-leak"])
+            scheduled = scheduled_flags(source.machine) if leak else None
+            self.throttle = CpuThrottle(vcpus, source.clock, scheduled, leak)
+        if sync == SYNC_TIMER:
+            self.syncer = DirtySyncTimer(source)
+        elif sync == SYNC_BACKGROUND:
+            self.syncer = BackgroundSyncWatcher(
+                source, s["max-cpu-throttle"], lambda: self.percentage
+            )
+        if s["cpu-periodic-throttle"]:
+            self.periodic = PeriodicThrottle(source, s["cpu-periodic-throttle-interval"])
         log.info(
             "setup policy=auto-converge generation=%s threshold_pct=%d initial=%d increment=%d "
-            "tailslow=%s max=%d periodic_sync=%s responsive=%s",
+            "tailslow=%s max=%d sync=%s periodic_throttle=%s responsive=%s",
             "2013" if legacy else "current", self.trigger.threshold_pct,
             s["cpu-throttle-initial"], s["cpu-throttle-increment"], s["cpu-throttle-tailslow"],
-            s["max-cpu-throttle"], bool(self._periodic), s["cpu-throttle-responsive"],
+            s["max-cpu-throttle"], sync, s["cpu-periodic-throttle"],
+            s["cpu-throttle-responsive"],
         )  # fmt: skip
+        if self.syncer is not None:
+            self.syncer.start()
+        if self.periodic is not None:
+            self.periodic.start()
 
     def on_sync(self, source: PolicyHost, period: PeriodStats | None) -> None:
+        if self.periodic is not None:
+            self.periodic.notify()
         if period is None or self.trigger is None:
             return
-        verdict = self.trigger.judge("auto-converge", period, source.stats.ram.dirty_pages_rate)
+        verdict = self.trigger.judge("auto-converge", period)
         if not verdict.fire:
             return
         if self.legacy is not None:
@@ -82,15 +102,16 @@ class AutoConverge:
             return
         self._step(source, period, verdict)
 
+    def on_send_step(self, now_ms: float) -> None:
+        """The send loop, after each step: the 2013 throttle's clock."""
+        legacy = self.legacy
+        if legacy is not None:
+            legacy.check(now_ms)
+
     def on_end(self, source: PolicyHost) -> None:
-        self._periodic_stop.set()
-        if self._periodic is not None:
-            self._periodic.join(2)
-            self._periodic = None
-        if self.throttle is not None:
-            self.throttle.stop()
-        if self.legacy is not None:
-            self.legacy.stop()
+        for part in (self.syncer, self.periodic, self.throttle, self.legacy):
+            if part is not None:
+                part.stop()
         source.stats.extra.pop("cpu-throttle-percentage", None)
 
     # --- mechanics ---------------------------------------------------------------------------
@@ -116,18 +137,8 @@ class AutoConverge:
 
     def _trace(self, period: PeriodStats, v: TriggerVerdict, old: str, new: str) -> None:
         log.info(
-            "decision policy=auto-converge criterion=%s old=%s new=%s sync=%d period_ms=%.0f "
-            "dirty_bytes=%d xfer_bytes=%d threshold_bytes=%d",
-            v.criterion, old, new, period.sync_count, period.elapsed_ms, v.bytes_dirty_period,
-            v.bytes_xfer_period, v.bytes_dirty_threshold,
+            "decision policy=auto-converge criterion=%s old=%s new=%s sync=%d sync_kind=%s "
+            "period_ms=%.0f dirty_bytes=%d xfer_bytes=%d threshold_bytes=%d",
+            v.criterion, old, new, period.sync_count, period.kind, period.elapsed_ms,
+            v.bytes_dirty_period, v.bytes_xfer_period, v.bytes_dirty_threshold,
         )  # fmt: skip
-
-    def _periodic_sync(self, source: PolicyHost, interval_s: float) -> None:
-        """QEMU 9.2's cpu_throttle_dirty_sync_timer_tick."""
-        prev = 0
-        while not self._periodic_stop.wait(interval_s):
-            count = source.stats.ram.dirty_sync_count
-            if count > 1 and count == prev and source.active and not source.in_downtime:
-                log.info("periodic-sync policy=auto-converge sync_count=%d: forcing a sync", count)
-                source.force_sync()
-            prev = source.stats.ram.dirty_sync_count

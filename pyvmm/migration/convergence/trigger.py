@@ -7,12 +7,15 @@ PeriodStats). Both auto-converge and the dirty limit act on its verdict.
   throttle-trigger-threshold % of the bytes sent in it. Each such period
   pre-increments a counter; the second hit fires and resets it. The counter is
   never reset by a good period: "2 hits since the last step", not "2 in a row".
-- responsive test (the 2024 v1 series, cpu-throttle-responsive): the dirty
-  ratio 100 x dirtied / sent is above the threshold and not better than the
-  previous period's; two such periods fire. It is an *additional* way to fire,
-  and still only when the dirty-rate test holds.
-- legacy (QEMU 1.6, 2013): a fixed 50 % threshold, dirty-pages-rate non-zero, and
-  a post-increment counter `cnt++ > 4`, i.e. the sixth bad period fires.
+- responsive test (the 2024 series: cpu-responsive-throttle in the RFC and v1,
+  cpu-throttle-responsive in v2): the dirty ratio 100 x dirtied / sent is above the
+  threshold and not better than the previous period's; two such periods fire. It is
+  an *additional* way to fire, and still only when the dirty-rate test holds.
+- legacy (QEMU 1.6, 2013, arch_init.c migration_bitmap_sync):
+  `s->dirty_pages_rate && dirty > transferred / 2 && dirty_rate_high_cnt++ > 4`.
+  The rate is the one from before the period (QEMU assigns it after the test), so
+  it is 0 in the first period and `&&` stops before the counter moves; the
+  post-increment then passes on its sixth evaluation: the seventh bad period fires.
 """
 
 from __future__ import annotations
@@ -72,9 +75,13 @@ class DirtyTrigger:
             verdict.fire, verdict.criterion = True, "dirty-ratio"
         return verdict
 
-    def judge(self, policy: str, period: PeriodStats, dirty_pages_rate: int) -> TriggerVerdict:
-        """Evaluate one closed period, with a debug trace line for the policy."""
-        verdict = self.evaluate(period.dirty_pages, period.bytes_transferred, dirty_pages_rate)
+    def judge(
+        self, policy: str, period: PeriodStats, dirty_pages_rate: int | None = None
+    ) -> TriggerVerdict:
+        """Evaluate one closed period, with a debug trace line for the policy. The rate
+        the 2013 test reads is, by default, the one from before the period closed."""
+        rate = period.prev_dirty_pages_rate if dirty_pages_rate is None else dirty_pages_rate
+        verdict = self.evaluate(period.dirty_pages, period.bytes_transferred, rate)
         log.debug(
             "period policy=%s sync=%d dirty_bytes=%d xfer_bytes=%d threshold_bytes=%d fire=%s",
             policy, period.sync_count, verdict.bytes_dirty_period, verdict.bytes_xfer_period,
