@@ -16,7 +16,7 @@ from matplotlib import image
 
 from conftest import netns_missing, require
 from helpers import PYVMM, run_pyvmm
-from pyvmm.bench import netns, report
+from pyvmm.bench import report
 from pyvmm.bench.comparisons import COMPARISONS
 from pyvmm.bench.engine import qemu_parameters
 from pyvmm.bench.scenario import Scenario, ScenarioError
