@@ -342,8 +342,8 @@ def test_xxh64_reads_guest_sized_buffers_in_place() -> None:
     mem = rng.integers(0, 256, 64 * PAGE + 17, dtype=np.uint8)
     whole = scan.Xxh64(7).update(mem).intdigest()
     assert whole == xxhash.xxh64_intdigest(mem.tobytes(), 7)
-    parts = scan.Xxh64(7).update(mem[:5]).update(memoryview(mem)[5 : 9 * PAGE]).update(
-        mem[9 * PAGE :]
+    parts = (
+        scan.Xxh64(7).update(mem[:5]).update(memoryview(mem)[5 : 9 * PAGE]).update(mem[9 * PAGE :])
     )
     assert parts.intdigest() == whole
     assert scan.Xxh64().intdigest() == xxhash.xxh64_intdigest(b"")

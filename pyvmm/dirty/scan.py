@@ -97,6 +97,7 @@ if TYPE_CHECKING:
         def __init__(self, seed: int = 0) -> None: ...
         def update(self, data: ReadableBuffer) -> Xxh64:
             """Hash data after everything given so far (in place, GIL released)."""
+
         def intdigest(self) -> int:
             """The hash of everything given so far."""
 
