@@ -1,10 +1,15 @@
 """The destination: accept one migration stream, build the VM it describes, fill guest RAM
 straight from the socket, restore the machine state, confirm, and let the guest run.
 
-Every record is validated (StreamValidator) before it is applied; page data is
-received with recv_into directly into guest RAM, at offsets checked against the
-VM's slots first. Any error is a StreamError or ConnectionError with one line
-naming the problem; the caller ends the process with a non-zero exit code.
+Every record is validated (StreamValidator) before it is applied, and its checksum is
+compared before it is acted on; page data is received with recv_into directly into guest
+RAM, at offsets checked against the VM's slots first. Every record must arrive within its
+deadline (stream.py). Any error is a StreamError or ConnectionError with one line naming
+the problem; the caller ends the process with a non-zero exit code.
+
+A connection that ends, or stays silent for a whole deadline, before sending its first
+byte (a port scan, a health check, a load balancer's probe) is logged and the destination
+goes back to waiting: only a connection that sent something can fail the migration.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyvmm.dirty.scan import zero_pages
+from pyvmm.dirty.scan import page_hashes, zero_pages
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
@@ -28,8 +33,11 @@ from pyvmm.machine.state import MachineState, restore
 from pyvmm.migration import transport
 from pyvmm.migration.stream import (
     ITERATION,
+    PAGE_HASH_BYTES,
     RUN,
+    RUN_MAY_CHANGE,
     ZERO,
+    NothingReceived,
     RecordType,
     ReplyType,
     StreamConfig,
@@ -37,6 +45,7 @@ from pyvmm.migration.stream import (
     StreamReader,
     StreamValidator,
     StreamWriter,
+    record_deadline_s,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,41 @@ class IncomingResult:
     bytes_received: int
     pages_received: int
     zero_pages: int
+    changed_pages: int = 0  # pages that changed while they were sent (then sent again)
+
+
+class UnconfirmedPages:
+    """Pages whose hash failed in RAM_RUN records the source marked as read while its guest
+    ran: the guest may have written such a page between the source's hash and its send,
+    and then the migration's dirty tracking sends it again. Each must be overwritten by a
+    page that matches its hash (or a ZERO_RUN) before the STATE is accepted; a page that
+    never is was corrupted in transit."""
+
+    def __init__(self, slot_pages: list[int]) -> None:
+        self._slot_pages = slot_pages
+        self._maps: list[np.ndarray | None] = [None] * len(slot_pages)
+        self.first: str | None = None  # the first such record, for the error message
+
+    def mark(self, slot: int, pages: np.ndarray, record: str) -> None:
+        bitmap = self._maps[slot]
+        if bitmap is None:
+            bitmap = self._maps[slot] = np.zeros(self._slot_pages[slot], dtype=bool)
+        bitmap[pages] = True
+        if self.first is None:
+            self.first = record
+
+    def confirm(self, slot: int, first: int, npages: int) -> None:
+        bitmap = self._maps[slot]
+        if bitmap is not None:
+            bitmap[first : first + npages] = False
+
+    def check(self) -> None:
+        left = sum(int(m.sum()) for m in self._maps if m is not None)
+        if left:
+            raise StreamError(
+                f"page checksum mismatch in {self.first}, and {left} such page(s) were never "
+                "sent again: corrupted in transit"
+            )
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -70,6 +114,12 @@ def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None
         pass
 
 
+def _peer_name(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return "a local process"  # unix sockets have no peer address
+
+
 def _mib(n: int) -> str:
     return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n} bytes"
 
@@ -84,6 +134,8 @@ class MigrationDestination:
         self._stop_reason = "stopped"
         self._sock: socket.socket | None = None  # the accepted connection
         self.config: StreamConfig | None = None
+        self.deadline_s = record_deadline_s()  # raises ValueError for a bad environment knob
+        self.stray_connections = 0  # connections that ended before sending anything
 
     def listen(self) -> transport.MigrationUri:
         self._listener = transport.listen(self.uri)
@@ -107,52 +159,70 @@ class MigrationDestination:
                 with contextlib.suppress(OSError):
                     os.unlink(self.uri.path)
 
-    def _accept(self) -> socket.socket:
+    def _accept(self) -> tuple[socket.socket, str]:
         assert self._listener is not None
         self._listener.settimeout(ACCEPT_POLL_S)
         while not self._stop.is_set():
             try:
-                sock, _ = self._listener.accept()
+                sock, address = self._listener.accept()
             except TimeoutError:
                 continue
             sock.settimeout(transport.IDLE_TIMEOUT_S)
             transport.tune(sock)
-            return sock
+            return sock, _peer_name(address)
         raise ConnectionError(f"{self._stop_reason} while waiting for the incoming migration")
 
     def receive(
         self, start_guest: StartGuest, on_active: Callable[[], None] | None = None
     ) -> IncomingResult:
         """Run one incoming migration to its end (blocking); start_guest(running) is called
-        on GO and returns whether the guest now runs (False under -S); on_active when a
-        source has connected."""
+        on GO and returns whether the guest now runs (False under -S); on_active once a
+        source has sent a valid preamble. Connections that send nothing are skipped."""
         if self._listener is None:
             self.listen()
-        sock = self._accept()
-        self._sock = sock
-        if self._stop.is_set():  # stop() came between accept and here
-            sock.close()
-            raise ConnectionError(f"{self._stop_reason} while waiting for the incoming migration")
-        if on_active is not None:
-            on_active()
         try:
-            return self.receive_from(sock, start_guest)
-        except TimeoutError:
-            raise ConnectionError(
-                f"the source sent nothing for {transport.IDLE_TIMEOUT_S:.0f} s"
-            ) from None
+            while True:
+                sock, peer = self._accept()
+                self._sock = sock
+                try:
+                    if self._stop.is_set():  # stop() came between accept and here
+                        raise ConnectionError(
+                            f"{self._stop_reason} while waiting for the incoming migration"
+                        )
+                    return self.receive_from(sock, start_guest, on_active)
+                except NothingReceived as exc:
+                    if self._stop.is_set():
+                        raise ConnectionError(
+                            f"{self._stop_reason} while waiting for the incoming migration"
+                        ) from None
+                    self.stray_connections += 1
+                    log.warning(
+                        "incoming migration: a connection from %s ended before sending "
+                        "anything (%s); still waiting for the source", peer, exc,
+                    )  # fmt: skip
+                except TimeoutError:
+                    raise ConnectionError(
+                        f"the source sent nothing for {transport.IDLE_TIMEOUT_S:.0f} s"
+                    ) from None
+                finally:
+                    self._sock = None
+                    sock.close()
         finally:
-            self._sock = None
-            sock.close()
             self.close()
 
-    def receive_from(self, sock: socket.socket, start_guest: StartGuest) -> IncomingResult:
+    def receive_from(
+        self, sock: socket.socket, start_guest: StartGuest,
+        on_active: Callable[[], None] | None = None,
+    ) -> IncomingResult:  # fmt: skip
         """Receive one stream from a connected socket (the fuzz tests feed it directly).
 
-        A failure of ours is told to the source in an ERROR reply before it is raised."""
-        writer = StreamWriter(sock)
+        A failure of ours is told to the source in an ERROR reply before it is raised;
+        NothingReceived (nobody to tell) is raised as it is."""
+        writer = StreamWriter(sock, checksum=False)  # the preamble says which
         try:
-            return self._receive(sock, writer, start_guest)
+            return self._receive(sock, writer, start_guest, on_active)
+        except NothingReceived:
+            raise
         except Exception as exc:  # a bug of ours too: the source must hear of it
             failure: Exception = exc
             if self._stop.is_set():
@@ -162,38 +232,64 @@ class MigrationDestination:
             raise failure from None
 
     def _receive(
-        self, sock: socket.socket, writer: StreamWriter, start_guest: StartGuest
-    ) -> IncomingResult:
-        reader = StreamReader(sock)
-        validator = StreamValidator()
+        self, sock: socket.socket, writer: StreamWriter, start_guest: StartGuest,
+        on_active: Callable[[], None] | None,
+    ) -> IncomingResult:  # fmt: skip
+        reader = StreamReader(sock, self.deadline_s)
         reader.preamble()
+        validator = StreamValidator(reader.checksum)
+        writer.checksum = reader.checksum  # replies follow the source's choice
+        if on_active is not None:
+            on_active()
         result = IncomingResult(False, 0, 0, 0, 0)
+        unconfirmed = UnconfirmedPages([])
         while True:
             if self._stop.is_set():
                 raise ConnectionError(f"{self._stop_reason} during the incoming migration")
             rtype, arg, length = reader.record()
             validator.check_record(rtype, length)
+            name = rtype.name
             if rtype is RecordType.HEADER:
-                config = StreamConfig.from_json(reader.read(length, "the HEADER record"))
+                data = reader.read(length, "the HEADER record")
+                reader.end_record(name)
+                config = StreamConfig.from_json(data)
                 self._build(config)
                 validator.config = config
+                unconfirmed = UnconfirmedPages([size // PAGE_SIZE for _, size in config.slots])
             elif rtype is RecordType.RAM_RUN:
                 slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
-                npages = (length - RUN.size) // PAGE_SIZE
+                npages = validator.run_pages(length)
+                table = reader.read(npages * PAGE_HASH_BYTES if reader.checksum else 0,
+                                    "a page-hash table")  # fmt: skip
+                reader.end_record(name)  # the run header and the table: now trusted
                 validator.check_pages(slot, first, npages)
                 region = self._region(slot)
                 view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
-                reader.read_into(view, "page data")
+                reader.read_into(view, "page data", hashed=False)
+                if reader.checksum:
+                    self._check_pages(reader, arg, slot, first, table, unconfirmed, result)
                 result.pages_received += npages
             elif rtype is RecordType.ZERO_RUN:
-                slot, _, first, npages = ZERO.unpack(reader.read(ZERO.size, "a ZERO_RUN record"))
+                payload = reader.read(ZERO.size, "a ZERO_RUN record")
+                reader.end_record(name)
+                slot, _, first, npages = ZERO.unpack(payload)
                 validator.check_pages(slot, first, npages)
                 result.zero_pages += npages
                 self._zero(slot, first, npages)
+                unconfirmed.confirm(slot, first, npages)
             elif rtype is RecordType.ITERATION:
-                (result.iterations,) = ITERATION.unpack(reader.read(length, "an ITERATION record"))
+                payload = reader.read(length, "an ITERATION record")
+                reader.end_record(name)
+                (result.iterations,) = ITERATION.unpack(payload)
             elif rtype is RecordType.STATE:
                 data = reader.read(length, "the STATE record")
+                reader.end_record(name)
+                unconfirmed.check()  # every page is final once the STATE comes
+                if result.changed_pages:
+                    log.info(
+                        "%d pages changed while they were sent; all were sent again",
+                        result.changed_pages,
+                    )
                 assert self.config is not None
                 try:
                     state = MachineState.from_bytes(
@@ -206,14 +302,44 @@ class MigrationDestination:
                 reason = reader.reason(length, "ABANDON")
                 raise StreamError(f"the source abandoned the migration: {reason}")
             elif rtype is RecordType.SWITCHOVER:
+                reader.end_record(name)
                 result.guest_running = bool(arg & 1)
                 result.bytes_received = reader.bytes_received
-                writer.reply(ReplyType.LOADED)
+                self._reply(writer, ReplyType.LOADED)
                 self._await_go(reader)
                 self._go_received = True
                 running = start_guest(result.guest_running)
-                writer.reply(ReplyType.STARTED, int(running))
+                self._reply(writer, ReplyType.STARTED, int(running))
                 return result
+
+    def _check_pages(
+        self, reader: StreamReader, arg: int, slot: int, first: int, table: bytearray,
+        unconfirmed: UnconfirmedPages, result: IncomingResult,
+    ) -> None:  # fmt: skip
+        """Each page of a RAM_RUN against its hash in the record's table."""
+        expected = np.frombuffer(table, dtype=np.uint64)
+        pages = np.arange(first, first + len(expected), dtype=np.uint64)
+        got = np.empty(len(pages), dtype=np.uint64)
+        page_hashes(self._region(slot).array, pages, got)
+        bad = pages[got != expected]
+        unconfirmed.confirm(slot, first, len(pages))
+        if not len(bad):
+            return
+        where = f"RAM_RUN record #{reader.record_index} (slot {slot}, page {int(bad[0])})"
+        if not arg & RUN_MAY_CHANGE:
+            raise StreamError(
+                f"page checksum mismatch in {where}: {len(bad)} of its {len(pages)} pages "
+                "differ from their hashes (corrupted in transit)"
+            )
+        log.debug("%s: %d pages changed while they were sent; waiting for them again",
+                  where, len(bad))  # fmt: skip
+        unconfirmed.mark(slot, bad, f"{where}, read while the guest ran")
+        result.changed_pages += len(bad)
+
+    @staticmethod
+    def _reply(writer: StreamWriter, reply: ReplyType, arg: int = 0) -> None:
+        writer.sock.settimeout(transport.IDLE_TIMEOUT_S)  # not what a record's read left
+        writer.reply(reply, arg)
 
     def _await_go(self, reader: StreamReader) -> None:
         """After LOADED: only GO starts the guest; ABANDON or silence end the migration."""
@@ -227,6 +353,7 @@ class MigrationDestination:
             )
         if rtype is not RecordType.GO or length:
             raise StreamError(f"{rtype.name} record where GO was expected")
+        reader.end_record("GO")
 
     def _build(self, config: StreamConfig) -> None:
         memory = self.machine.memory

@@ -127,7 +127,10 @@ CAPABILITIES: dict[str, str] = {
     "events": "emit MIGRATION and MIGRATION_PASS events",
     "auto-converge": "throttle every vCPU when the guest dirties memory faster than it is sent",
     "dirty-limit": "limit each vCPU's dirty rate (needs --dirty-ring)",
+    "x-record-checksum": "an xxHash64 checksum on every stream record and reply (pyvmm's own)",
 }
+# Capabilities that are on until turned off (QEMU's are all off by default).
+CAPABILITY_DEFAULTS: dict[str, bool] = {"x-record-checksum": True}
 
 
 @dataclass
@@ -137,7 +140,9 @@ class MigrationSettings:
     values: dict[str, Any] = field(
         default_factory=lambda: {n: p.default for n, p in PARAMETERS.items()}
     )
-    caps: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(CAPABILITIES, False))
+    caps: dict[str, bool] = field(
+        default_factory=lambda: {n: CAPABILITY_DEFAULTS.get(n, False) for n in CAPABILITIES}
+    )
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
