@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -63,13 +64,16 @@ def free_tcp_port() -> int:
 
 @contextmanager
 def vm_process(
-    tmp_path: Path, name: str, args: list[str], prefix: list[str] | None = None
-) -> Iterator[VmProc]:
+    tmp_path: Path, name: str, args: list[str], prefix: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[VmProc]:  # fmt: skip
+    """`pyvmm run ARGS` with QMP and a serial file; env: variables added to ours."""
     qmp = tmp_path / f"{name}.qmp"
     serial = tmp_path / f"{name}.serial"
     full = ["run", *args, "--qmp", f"unix:{qmp}", "--serial", str(serial)]
+    extra = {} if env is None else {"env": {**os.environ, **env}}
     with ExitStack() as stack:
-        proc = stack.enter_context(pyvmm_process(full, prefix=prefix or ()))
+        proc = stack.enter_context(pyvmm_process(full, prefix=prefix or (), **extra))
         deadline = time.monotonic() + 30
         while not qmp.exists():
             if proc.poll() is not None:

@@ -352,18 +352,18 @@ class StreamReader:
         except TimeoutError:
             if before == 0 and self._in_head:
                 raise StreamError(
-                    f"the {self.peer} sent nothing for {self._allowed_s:.1f} s"
+                    f"the {self.peer} sent nothing for {self._allowed_s:g} s"
                 ) from None
             raise StreamError(
                 f"the {self.peer} is too slow: {what} had {before} of {total} bytes after "
-                f"{self._allowed_s:.1f} s (each record must arrive within "
-                f"{self.deadline_s:.0f} s + 1 s per MiB)"
+                f"{self._allowed_s:g} s (each record must arrive within "
+                f"{self.deadline_s:g} s + 1 s per MiB)"
             ) from None
 
-    def read_into(self, view: memoryview, what: str, hashed: bool = True) -> None:
-        """Fill view; hashed: part of what the record's checksum covers (RAM_RUN page data
-        is not: its pages have their own hashes)."""
-        got = 0
+    def read_into(self, view: memoryview, what: str, hashed: bool = True, done: int = 0) -> None:
+        """Fill view (its first `done` bytes are there already); hashed: part of what the
+        record's checksum covers (RAM_RUN page data is not: its pages have their own)."""
+        got = done
         total = len(view)
         while got < total:
             n = self._recv_into(view[got:], what, total, got)
@@ -375,7 +375,7 @@ class StreamReader:
             if hashed and self._hasher is not None:
                 self._hasher.update(view[got : got + n])
             got += n
-        self.bytes_received += total
+        self.bytes_received += total - done
 
     def read(self, n: int, what: str) -> bytearray:
         buf = bytearray(n)
@@ -399,7 +399,7 @@ class StreamReader:
             raise NothingReceived("the connection closed without sending anything")
         self.bytes_received += n
         if n < PREAMBLE_ID.size:
-            self.read_into(buf[n : PREAMBLE_ID.size], "the stream preamble")
+            self.read_into(buf[: PREAMBLE_ID.size], "the stream preamble", done=n)
             n = PREAMBLE_ID.size
         magic, version = PREAMBLE_ID.unpack(buf[: PREAMBLE_ID.size])
         if magic != PREAMBLE_MAGIC:
@@ -410,7 +410,7 @@ class StreamReader:
                 f"version {STREAM_VERSION})"
             )
         if n < PREAMBLE.size:
-            self.read_into(buf[n:], "the stream preamble")
+            self.read_into(buf, "the stream preamble", done=n)
         _, _, flags = PREAMBLE.unpack(buf)
         if flags & ~KNOWN_FLAGS:
             raise StreamError(
