@@ -160,6 +160,7 @@ WRITES_BEFORE_REFUSAL: dict[str, set[int]] = {
     "flipped-bit-in-page-data": {20, 21},
     "changed-page-never-sent-again": {20, 21},
     "changed-page-sent-again": {20, 21},
+    "pages-sent-twice": {20, 21},
 }
 
 HOSTILE: dict[str, bytes] = {
@@ -230,6 +231,9 @@ HOSTILE: dict[str, bytes] = {
     # STATE is refused while one is still waiting.
     "changed-page-never-sent-again": prefix().ram_run(0, 20, 2, may_change=True)
     .flip(page_data(2) + 100, 0x01).state(b"{}").bytes(),
+    # The same pages twice in a row: the second write must wait for the first one's check.
+    "pages-sent-twice": prefix().ram_run(0, 20, 2).ram_run(0, 20, 2, fill=0xCD).state(b"{}")
+    .bytes(),
     "changed-page-sent-again": prefix().ram_run(0, 20, 2, may_change=True)
     .flip(page_data(2) + 4096 + 100, 0x01).ram_run(0, 21, 1, fill=0xCD).state(b"{}").bytes(),
     "flipped-bit-in-zero-run": prefix().zero_run(0, 40, 4).flip(PAYLOAD + 8, 0x02).bytes(),

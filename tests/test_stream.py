@@ -111,6 +111,7 @@ def test_messages_name_the_problem() -> None:
         "changed-page-never-sent-again": "page checksum mismatch in RAM_RUN record #4 (slot 0, "
         "page 20), read while the guest ran, and 1 such page(s) were never sent again",
         "changed-page-sent-again": "bad machine state",
+        "pages-sent-twice": "bad machine state",
         "flipped-bit-in-zero-run": "checksum mismatch in ZERO_RUN record #4",
         "flipped-bit-in-header-json": "checksum mismatch in HEADER record #0",
         "flipped-bit-in-record-arg": "checksum mismatch in ITERATION record #4",

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyvmm.dirty.scan import page_hashes, zero_pages
+from pyvmm.dirty.scan import zero_pages
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
 from pyvmm.machine.state import MachineState, restore
 from pyvmm.migration import transport
+from pyvmm.migration.pagecheck import PageChecker
 from pyvmm.migration.stream import (
     ITERATION,
     PAGE_HASH_BYTES,
@@ -64,40 +65,6 @@ class IncomingResult:
     pages_received: int
     zero_pages: int
     changed_pages: int = 0  # pages that changed while they were sent (then sent again)
-
-
-class UnconfirmedPages:
-    """Pages whose hash failed in RAM_RUN records the source marked as read while its guest
-    ran: the guest may have written such a page between the source's hash and its send,
-    and then the migration's dirty tracking sends it again. Each must be overwritten by a
-    page that matches its hash (or a ZERO_RUN) before the STATE is accepted; a page that
-    never is was corrupted in transit."""
-
-    def __init__(self, slot_pages: list[int]) -> None:
-        self._slot_pages = slot_pages
-        self._maps: list[np.ndarray | None] = [None] * len(slot_pages)
-        self.first: str | None = None  # the first such record, for the error message
-
-    def mark(self, slot: int, pages: np.ndarray, record: str) -> None:
-        bitmap = self._maps[slot]
-        if bitmap is None:
-            bitmap = self._maps[slot] = np.zeros(self._slot_pages[slot], dtype=bool)
-        bitmap[pages] = True
-        if self.first is None:
-            self.first = record
-
-    def confirm(self, slot: int, first: int, npages: int) -> None:
-        bitmap = self._maps[slot]
-        if bitmap is not None:
-            bitmap[first : first + npages] = False
-
-    def check(self) -> None:
-        left = sum(int(m.sum()) for m in self._maps if m is not None)
-        if left:
-            raise StreamError(
-                f"page checksum mismatch in {self.first}, and {left} such page(s) were never "
-                "sent again: corrupted in transit"
-            )
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -242,99 +209,104 @@ class MigrationDestination:
         if on_active is not None:
             on_active()
         result = IncomingResult(False, 0, 0, 0, 0)
-        unconfirmed = UnconfirmedPages([])
-        while True:
-            if self._stop.is_set():
-                raise ConnectionError(f"{self._stop_reason} during the incoming migration")
-            rtype, arg, length = reader.record()
-            validator.check_record(rtype, length)
-            name = rtype.name
-            if rtype is RecordType.HEADER:
-                data = reader.read(length, "the HEADER record")
-                reader.end_record(name)
-                config = StreamConfig.from_json(data)
-                self._build(config)
-                validator.config = config
-                unconfirmed = UnconfirmedPages([size // PAGE_SIZE for _, size in config.slots])
-            elif rtype is RecordType.RAM_RUN:
-                slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
-                npages = validator.run_pages(length)
-                table = reader.read(npages * PAGE_HASH_BYTES if reader.checksum else 0,
-                                    "a page-hash table")  # fmt: skip
-                reader.end_record(name)  # the run header and the table: now trusted
-                validator.check_pages(slot, first, npages)
-                region = self._region(slot)
-                view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
-                reader.read_into(view, "page data", hashed=False)
-                if reader.checksum:
-                    self._check_pages(reader, arg, slot, first, table, unconfirmed, result)
-                result.pages_received += npages
-            elif rtype is RecordType.ZERO_RUN:
-                payload = reader.read(ZERO.size, "a ZERO_RUN record")
-                reader.end_record(name)
-                slot, _, first, npages = ZERO.unpack(payload)
-                validator.check_pages(slot, first, npages)
-                result.zero_pages += npages
-                self._zero(slot, first, npages)
-                unconfirmed.confirm(slot, first, npages)
-            elif rtype is RecordType.ITERATION:
-                payload = reader.read(length, "an ITERATION record")
-                reader.end_record(name)
-                (result.iterations,) = ITERATION.unpack(payload)
-            elif rtype is RecordType.STATE:
-                data = reader.read(length, "the STATE record")
-                reader.end_record(name)
-                unconfirmed.check()  # every page is final once the STATE comes
-                if result.changed_pages:
-                    log.info(
-                        "%d pages changed while they were sent; all were sent again",
-                        result.changed_pages,
-                    )
-                assert self.config is not None
-                try:
-                    state = MachineState.from_bytes(
-                        data, vcpus=self.config.vcpus, irqchip=self.config.irqchip
-                    )
-                    restore(self.machine, state)
-                except MachineError as exc:
-                    raise StreamError(f"bad machine state in the stream: {exc}") from None
-            elif rtype is RecordType.ABANDON:
-                reason = reader.reason(length, "ABANDON")
-                raise StreamError(f"the source abandoned the migration: {reason}")
-            elif rtype is RecordType.SWITCHOVER:
-                reader.end_record(name)
-                result.guest_running = bool(arg & 1)
-                result.bytes_received = reader.bytes_received
-                self._reply(writer, ReplyType.LOADED)
-                self._await_go(reader)
-                self._go_received = True
-                running = start_guest(result.guest_running)
-                self._reply(writer, ReplyType.STARTED, int(running))
-                return result
+        checker: PageChecker | None = None  # with checksums, from the HEADER on
+        try:
+            while True:
+                if self._stop.is_set():
+                    raise ConnectionError(f"{self._stop_reason} during the incoming migration")
+                rtype, arg, length = reader.record()
+                validator.check_record(rtype, length)
+                if checker is not None:
+                    checker.raise_error()  # a page check that failed meanwhile
+                if rtype is RecordType.HEADER:
+                    data = reader.read(length, "the HEADER record")
+                    reader.end_record(rtype.name)
+                    config = StreamConfig.from_json(data)
+                    self._build(config)
+                    validator.config = config
+                    if reader.checksum:
+                        assert self.machine.memory is not None
+                        checker = PageChecker([r.array for r in self.machine.memory.regions])
+                elif rtype is RecordType.RAM_RUN:
+                    self._ram_run(reader, validator, checker, arg, length, result)
+                elif rtype is RecordType.ZERO_RUN:
+                    payload = reader.read(ZERO.size, "a ZERO_RUN record")
+                    reader.end_record(rtype.name)
+                    slot, _, first, npages = ZERO.unpack(payload)
+                    validator.check_pages(slot, first, npages)
+                    result.zero_pages += npages
+                    if checker is not None:
+                        checker.before_write(slot, first, npages)
+                    self._zero(slot, first, npages)
+                    if checker is not None:
+                        checker.zero_run(slot, first, npages)
+                elif rtype is RecordType.ITERATION:
+                    payload = reader.read(length, "an ITERATION record")
+                    reader.end_record(rtype.name)
+                    (result.iterations,) = ITERATION.unpack(payload)
+                elif rtype is RecordType.STATE:
+                    data = reader.read(length, "the STATE record")
+                    reader.end_record(rtype.name)
+                    if checker is not None:
+                        checker.finish()  # all of RAM is verified before the state loads
+                        result.changed_pages = checker.changed_pages
+                    if result.changed_pages:
+                        log.info(
+                            "%d pages changed while they were sent; all were sent again",
+                            result.changed_pages,
+                        )
+                    self._load_state(data)
+                elif rtype is RecordType.ABANDON:
+                    reason = reader.reason(length, "ABANDON")
+                    raise StreamError(f"the source abandoned the migration: {reason}")
+                elif rtype is RecordType.SWITCHOVER:
+                    reader.end_record(rtype.name)
+                    result.guest_running = bool(arg & 1)
+                    result.bytes_received = reader.bytes_received
+                    self._reply(writer, ReplyType.LOADED)
+                    self._await_go(reader)
+                    self._go_received = True
+                    running = start_guest(result.guest_running)
+                    self._reply(writer, ReplyType.STARTED, int(running))
+                    return result
+        except Exception:
+            found = checker.first_failure() if checker is not None else None
+            if found is not None:  # a page that failed its hash came first: report that
+                raise found from None
+            raise
+        finally:
+            if checker is not None:
+                checker.close()
 
-    def _check_pages(
-        self, reader: StreamReader, arg: int, slot: int, first: int, table: bytearray,
-        unconfirmed: UnconfirmedPages, result: IncomingResult,
+    def _ram_run(
+        self, reader: StreamReader, validator: StreamValidator, checker: PageChecker | None,
+        arg: int, length: int, result: IncomingResult,
     ) -> None:  # fmt: skip
-        """Each page of a RAM_RUN against its hash in the record's table."""
-        expected = np.frombuffer(table, dtype=np.uint64)
-        pages = np.arange(first, first + len(expected), dtype=np.uint64)
-        got = np.empty(len(pages), dtype=np.uint64)
-        page_hashes(self._region(slot).array, pages, got)
-        bad = pages[got != expected]
-        unconfirmed.confirm(slot, first, len(pages))
-        if not len(bad):
-            return
-        where = f"RAM_RUN record #{reader.record_index} (slot {slot}, page {int(bad[0])})"
-        if not arg & RUN_MAY_CHANGE:
-            raise StreamError(
-                f"page checksum mismatch in {where}: {len(bad)} of its {len(pages)} pages "
-                "differ from their hashes (corrupted in transit)"
+        slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
+        npages = validator.run_pages(length)
+        table = reader.read(npages * PAGE_HASH_BYTES if reader.checksum else 0,
+                            "a page-hash table")  # fmt: skip
+        reader.end_record("RAM_RUN")  # the run header and the table: now trusted
+        validator.check_pages(slot, first, npages)
+        if checker is not None:
+            checker.before_write(slot, first, npages)
+        region = self._region(slot)
+        view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
+        reader.read_into(view, "page data", hashed=False)
+        if checker is not None:
+            may_change = bool(arg & RUN_MAY_CHANGE)
+            checker.ram_run(reader.record_index, slot, first, table, may_change)
+        result.pages_received += npages
+
+    def _load_state(self, data: bytearray) -> None:
+        assert self.config is not None
+        try:
+            state = MachineState.from_bytes(
+                data, vcpus=self.config.vcpus, irqchip=self.config.irqchip
             )
-        log.debug("%s: %d pages changed while they were sent; waiting for them again",
-                  where, len(bad))  # fmt: skip
-        unconfirmed.mark(slot, bad, f"{where}, read while the guest ran")
-        result.changed_pages += len(bad)
+            restore(self.machine, state)
+        except MachineError as exc:
+            raise StreamError(f"bad machine state in the stream: {exc}") from None
 
     @staticmethod
     def _reply(writer: StreamWriter, reply: ReplyType, arg: int = 0) -> None:
