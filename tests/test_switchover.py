@@ -14,11 +14,13 @@ import pytest
 from mitm import CORRUPT, CUT, FORWARD, Mitm, Seen
 from vmproc import FINAL, VmProc, vm_process
 
+from pyvmm.migration.params import CAPABILITY_DEFAULTS
 from pyvmm.migration.stream import RecordType, ReplyType
 
 pytestmark = pytest.mark.kvm
 SRC = ["memverify", "--mem", "64M", "--append", "mb=8"]
 DST = ["--mem", "64M", "--incoming", "defer"]
+CHECKSUMS = {"x-record-checksum": True}
 
 
 def final(vm: VmProc, timeout_s: float = 30) -> dict:
@@ -110,6 +112,10 @@ def test_the_whole_handshake_runs_the_guest_on_one_side(tmp_path: Path) -> None:
     assert facts["dst_running"] and facts["src_state"] == "postmigrate"
     assert facts["records"][-3:] == [RecordType.STATE, RecordType.SWITCHOVER, RecordType.GO]
     assert facts["replies"] == [ReplyType.LOADED, ReplyType.STARTED]
+    # The preamble follows x-record-checksum's default; records carry checksums iff it does.
+    default = CAPABILITY_DEFAULTS.get("x-record-checksum", False)
+    assert facts["flags"] == int(default)
+    assert all(facts["checksums"]) if default else not any(facts["checksums"])
     parts = src["x-downtime-parts"]
     assert {"stop", "ram", "state", "load", "commit", "start"} <= set(parts)
 
@@ -145,7 +151,9 @@ def test_a_state_the_destination_refuses_resumes_the_source_with_its_reason(
 def test_a_corrupted_state_fails_its_checksum_and_the_source_keeps_running(
     tmp_path: Path,
 ) -> None:
-    src, dst, facts = migrate_through(tmp_path, {"on_record": at(RecordType.STATE, CORRUPT)})
+    src, dst, facts = migrate_through(
+        tmp_path, {"on_record": at(RecordType.STATE, CORRUPT)}, caps=CHECKSUMS
+    )
     assert src["status"] == "failed" and facts["src_running"]
     assert "checksum mismatch in STATE record" in src["error-desc"], src["error-desc"]
     assert dst["status"] == "failed" and not facts["dst_running"]
@@ -162,7 +170,7 @@ def test_a_corrupted_page_in_the_downtime_fails_at_once(tmp_path: Path) -> None:
     # to send, and all of it goes in the downtime.
     everything_in_the_downtime = {"avail-switchover-bandwidth": 1 << 40, "downtime-limit": 60000}
     src, dst, facts = migrate_through(
-        tmp_path, {"on_record": rule}, params=everything_in_the_downtime
+        tmp_path, {"on_record": rule}, params=everything_in_the_downtime, caps=CHECKSUMS
     )
     assert src["status"] == "failed" and facts["src_running"]
     assert "page checksum mismatch in RAM_RUN record" in src["error-desc"], src["error-desc"]
@@ -174,7 +182,7 @@ def test_a_corrupted_page_never_sent_again_fails_at_the_state(tmp_path: Path) ->
     # The guest is paused, so no page is dirtied again: the pre-copy page whose hash failed
     # (tolerated while it might still be sent again) is still wrong when the STATE comes.
     rule = {"on_record": nth(RecordType.RAM_RUN, 1, CORRUPT)}
-    src, dst, facts = migrate_through(tmp_path, rule, paused=True)
+    src, dst, facts = migrate_through(tmp_path, rule, paused=True, caps=CHECKSUMS)
     assert src["status"] == "failed" and facts["src_state"] == "paused"
     assert "were never sent again: corrupted in transit" in dst["error-desc"], dst["error-desc"]
     assert not facts["dst_running"]
