@@ -387,7 +387,7 @@ class StreamReader:
     def preamble(self) -> int:
         """Read and check the preamble; returns its flags (and sets self.checksum).
         NothingReceived if the connection ends or stays silent before its first byte."""
-        self._start(0)
+        self._start_deadline()
         buf = memoryview(bytearray(PREAMBLE.size))
         try:
             n = self._recv_into(buf, "the stream preamble", PREAMBLE.size, 0)
@@ -423,14 +423,15 @@ class StreamReader:
 
     # --- records ---
 
-    def _start(self, length: int) -> None:
+    def _start_deadline(self) -> None:
+        """A record (or the preamble) is awaited from now on."""
         if self.deadline_s is not None:
-            self._allowed_s = self.deadline_s + length / MIN_RATE_BYTES_PER_S
+            self._allowed_s = self.deadline_s
             self._deadline = time.monotonic() + self._allowed_s
 
     def _head(self, what: str) -> tuple[int, int, int]:
         """Read a record header and start its checksum; extends the deadline by its length."""
-        self._start(0)
+        self._start_deadline()
         self._hasher = None
         self._in_head = True
         try:
