@@ -144,7 +144,7 @@ def test_a_trickling_source_is_refused_within_the_record_deadline(tmp_path: Path
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
         try:
-            line = finish(proc, started, DEADLINE_S + 3)
+            line = finish(proc, started, DEADLINE_S + 8)
         finally:
             stop.set()
             thread.join(5)
@@ -161,7 +161,7 @@ def test_a_source_silent_after_its_preamble_is_refused(tmp_path: Path) -> None:
             peer.connect(str(path))
             started = time.monotonic()
             peer.sendall(streamgen.Stream().header().bytes())
-            line = finish(proc, started, DEADLINE_S + 3)
+            line = finish(proc, started, DEADLINE_S + 8)
     assert f"the source sent nothing for {DEADLINE_S:g} s" in line, line
 
 
