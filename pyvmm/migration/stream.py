@@ -4,7 +4,7 @@ A stream is a 16-byte preamble (magic b"PYVMM-MG", u32 version, u32 flags) follo
 records. Every record is a 24-byte header, `<IIQQ`: type, a type-specific argument, the
 payload length in bytes and a checksum; then the payload. Little-endian.
 
-The checksum (preamble flag bit 0; the source's x-record-checksum capability, on by
+The checksum (preamble flag bit 0; the source's x-record-checksum capability, off by
 default) is xxHash64 of the header's first 16 bytes followed by the payload, seeded with
 the record's sequence number in its direction (0 for the first record, so a lost, repeated
 or reordered record fails too). A RAM_RUN's payload then carries a table of each page's
