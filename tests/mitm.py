@@ -1,6 +1,10 @@
 """A man in the middle of a real migration, for failure injection: it relays the stream
 record by record between a real source and a real destination, and a test's rule can
-cut, drop, hold or corrupt any record or reply on its way."""
+cut, hold or corrupt any record or reply on its way.
+
+It reads the framing of docs/migration-stream.md: a 16-byte preamble, then 24-byte record
+headers (type, arg, length, checksum) each followed by `length` bytes. CORRUPT changes a
+payload byte and leaves the checksum alone, as corruption in transit would."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Seen:
     arg: int
     length: int
     index: int  # how many records of this direction came before
+    checksum: int = 0
 
 
 # What a rule answers for one record: forward it, cut both connections before it,
@@ -40,6 +45,7 @@ class Mitm:
     on_reply: Rule = lambda seen: FORWARD
     records: list[Seen] = field(default_factory=list)
     replies: list[Seen] = field(default_factory=list)
+    flags: int | None = None  # the preamble's, once relayed
 
     def __post_init__(self) -> None:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -83,15 +89,17 @@ class Mitm:
     ) -> None:
         try:
             if preamble:
-                out.sendall(_read(inp, PREAMBLE.size))
+                data = _read(inp, PREAMBLE.size)
+                self.flags = PREAMBLE.unpack(data)[2]
+                out.sendall(data)
             while not self.cut.is_set():
                 head = _read(inp, RECORD.size)
-                rtype, arg, length = RECORD.unpack(head)
+                rtype, arg, length, checksum = RECORD.unpack(head)
                 try:
                     kind: RecordType | ReplyType | int = kinds(rtype)
                 except ValueError:
                     kind = rtype
-                seen = Seen(kind, arg, length, len(seen_list))
+                seen = Seen(kind, arg, length, len(seen_list), checksum)
                 seen_list.append(seen)
                 action = rule(seen)
                 if isinstance(action, threading.Event):

@@ -19,19 +19,27 @@ VERIFY = ["memverify", "--mem", "256M", "--vcpus", "2", "--append", "mb=32"]
 DEST = ["--mem", "256M", "--vcpus", "2"]
 
 
-def migrate(src, uri: str, **params: int) -> dict:
+def migrate(src, uri: str, checksums: bool = False, **params: int) -> dict:
     with src.qmp() as q:
-        events_on = [{"capability": "events", "state": True}]
-        q.execute("migrate-set-capabilities", {"capabilities": events_on})
+        caps = [{"capability": "events", "state": True}]
+        if checksums:
+            caps.append({"capability": "x-record-checksum", "state": True})
+        q.execute("migrate-set-capabilities", {"capabilities": caps})
         if params:
             q.execute("migrate-set-parameters", params)
         q.execute("migrate", {"uri": uri})
     return wait_migration(src)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
 @pytest.mark.slow
-def test_memverify_survives_live_migration(tmp_path: Path, transport: str) -> None:
+@pytest.mark.parametrize(
+    ("transport", "checksums"),
+    [("tcp", False), ("unix", False), ("unix", True)],
+    ids=["tcp", "unix", "unix-checksums"],
+)
+def test_memverify_survives_live_migration(tmp_path: Path, transport: str, checksums: bool) -> None:
+    # With record checksums, pages memverify writes while they are sent fail their hash at
+    # the destination and are sent again: RAM must still be identical at switchover.
     uri = f"tcp:127.0.0.1:{free_tcp_port()}" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
     with (
         vm_process(tmp_path, "dst", [*DEST, "--incoming", uri, "-S"]) as dst,
@@ -39,7 +47,7 @@ def test_memverify_survives_live_migration(tmp_path: Path, transport: str) -> No
     ):
         src.wait_line("ok pages=", 20, after=1)  # both vCPUs verifying
         with src.qmp() as events:
-            info = migrate(src, uri, **{"max-bandwidth": 0})
+            info = migrate(src, uri, checksums, **{"max-bandwidth": 0})
             seen = [e["data"]["status"] for e in events.events() if e["event"] == "MIGRATION"]
         assert info["status"] == "completed", info
         assert seen[0] == "setup" and seen[-1] == "completed" and "active" in seen

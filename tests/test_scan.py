@@ -330,6 +330,37 @@ def test_page_hashes_are_xxh64_and_fixed() -> None:
     assert int(out[1]) == xxhash.xxh64_intdigest(mem[PAGE:].tobytes())
 
 
+@FAST
+@given(
+    data=st.binary(max_size=600),
+    cuts=st.lists(st.integers(0, 600), max_size=8),
+    seed=st.integers(0, MAX64),
+)
+def test_xxh64_in_pieces_is_the_xxhash_of_the_whole(data: bytes, cuts: list, seed: int) -> None:
+    # Every length class of the algorithm (< 32 bytes, stripes, 8/4/1-byte tails) and every
+    # way of splitting the input into update() calls must give the published hash.
+    hasher = scan.Xxh64(seed)
+    start = 0
+    for cut in sorted(c for c in cuts if c <= len(data)):
+        hasher.update(data[start:cut])
+        start = cut
+    hasher.update(memoryview(bytearray(data[start:])))
+    assert hasher.intdigest() == xxhash.xxh64_intdigest(data, seed)
+    assert hasher.intdigest() == hasher.intdigest()  # digest leaves the state alone
+
+
+def test_xxh64_reads_guest_sized_buffers_in_place() -> None:
+    rng = np.random.default_rng(5)
+    mem = rng.integers(0, 256, 64 * PAGE + 17, dtype=np.uint8)
+    whole = scan.Xxh64(7).update(mem).intdigest()
+    assert whole == xxhash.xxh64_intdigest(mem.tobytes(), 7)
+    parts = (
+        scan.Xxh64(7).update(mem[:5]).update(memoryview(mem)[5 : 9 * PAGE]).update(mem[9 * PAGE :])
+    )
+    assert parts.intdigest() == whole
+    assert scan.Xxh64().intdigest() == xxhash.xxh64_intdigest(b"")
+
+
 def test_page_hashes_differ_after_any_single_bit_flip() -> None:
     rng = np.random.default_rng(3)
     base = rng.integers(0, 256, PAGE, dtype=np.uint8)

@@ -29,6 +29,7 @@ from pyvmm.machine.machine import Machine, MachineConfig
 from pyvmm.machine.state import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_TSC_KHZ,
     MSR_IA32_TSC,
     MachineState,
     VcpuState,
@@ -413,6 +414,9 @@ BAD_CASES = [
     (("vcpus", 0, "msrs"), [[1, 1]] * 5000, "5000 MSRs, at most 1024"),
     (("vcpus", 0, "mp_state"), 7, "not an x86 mp_state"),
     (("vcpus", 0, "tsc_khz"), -1, "out of range"),
+    (("vcpus", 0, "tsc_khz"), 0x7FFFFFFF, "out of range 0..2147483646"),  # KVM_SET_TSC_KHZ's
+    (("vcpus", 0, "tsc_khz"), 2.0e6, "expected an integer, got float"),
+    (("devices", "serial", "regs", "1"), [[[[[1]]]]], "nested too deeply"),
     (("vcpus", 0, "lapic"), None, "missing"),
     (("vcpus", 0, "fpu"), {"struct": "kvm_fpu", "size": 416, "base64": "A" * 556}, "both"),
     (("vcpus", 0, "xsave"), None, "neither xsave nor fpu"),
@@ -447,7 +451,10 @@ def test_irqchip_chip_ids_are_checked(captured: tuple[MachineState, MachineState
     [
         (b"", "not valid JSON"),
         (b"\xff\xfe", "not UTF-8"),
-        (b"[" * 100_000, "nested too deeply|not valid JSON"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b"[" * 9 + b"]" * 9, "nested too deeply"),
+        (b"[" + b"[]," * 300_000 + b"[]]", r"JSON values, at most \d+ \(refused unparsed\)"),
+        (b'{"a": Infinity}', "Infinity is not allowed"),
         (b'{"a": NaN}', "NaN is not allowed"),
         (b'{"a": 1, "a": 2}', "duplicate key 'a'"),
         (b"9" * 5000, "not valid JSON"),
@@ -543,7 +550,7 @@ def vcpu_states(draw: st.DrawFn, index: int, irqchip: bool) -> VcpuState:
             st.dictionaries(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), max_size=64)
         ),
         vcpu_events=draw(blob(ctypes.sizeof(abi.kvm_vcpu_events))),
-        tsc_khz=draw(st.integers(0, 2**32 - 1)),
+        tsc_khz=draw(st.integers(0, MAX_TSC_KHZ)),
     )
 
 

@@ -64,9 +64,9 @@ def test_corpus_streams_are_refused_cleanly(name: str) -> None:
     assert isinstance(error, EXPECTED_ERRORS), repr(error)
     assert "\n" not in str(error) and str(error)
     # Only pages named by records that passed validation may have been written: the valid
-    # prefix's two pages, and the run whose data the truncated stream cut short (page data
-    # goes straight into guest RAM; a failed destination discards its VM).
-    allowed = {256, 257} | ({10, 11, 12, 13} if name == "truncated-mid-page" else set())
+    # prefix's two pages, and the run whose data was cut short or failed its checksum (page
+    # data goes straight into guest RAM; a failed destination discards its VM).
+    allowed = {256, 257} | streamgen.WRITES_BEFORE_REFUSAL.get(name, set())
     written = np.flatnonzero(ram.reshape(-1, 4096).any(axis=1))
     assert set(written.tolist()) <= allowed, written[:10]
 
@@ -83,6 +83,43 @@ def test_messages_name_the_problem() -> None:
         "garbage-state": "bad machine state",
         "abandoned": "the source abandoned the migration: the source was cancelled",
         "go-before-switchover": "GO record before the SWITCHOVER record",
+        "version-2": "version 2 is not supported (this pyvmm speaks version 3)",
+        "unknown-flags": "unknown stream flags 0x80",
+        "header-slot-strings": "malformed HEADER record: slots[0] gpa: expected an integer, got "
+        "string",
+        "header-slot-floats": "slots[0] gpa: expected an integer, got float",
+        "header-slot-booleans": "slots[0] gpa: expected an integer, got boolean",
+        "header-slot-1e400": "slots[0] size: expected an integer, got float",
+        "header-slot-infinity": "Infinity is not allowed",
+        "header-tsc-nan": "NaN is not allowed",
+        "header-tsc-2-to-80": "tsc_khz: a 81-bit number is out of range 0..2147483646",
+        "header-tsc-above-kvm": "tsc_khz: 2147483647 is out of range 0..2147483646",
+        "header-vcpus-boolean": "vcpus: expected an integer, got boolean",
+        "header-irqchip-integer": "irqchip: expected true or false, got int",
+        "header-unknown-key": "unknown key 'surprise'",
+        "header-duplicate-key": "duplicate key 'vcpus'",
+        "header-nested-65536": "up to 65537 JSON values, at most 256 (refused unparsed)",
+        "header-nested-in-slots": "JSON nested too deeply (limit 3)",
+        "header-too-many-slots": "slots: 17 entries, expected 1..16",
+        "state-of-empty-lists": "bad machine state in the stream: machine state: input: up to",
+        "flipped-bit-in-page-data": "page checksum mismatch in RAM_RUN record #4 (slot 0, "
+        "page 21): 1 of its 2 pages differ from their hashes",
+        "flipped-bit-in-run-header": "checksum mismatch in RAM_RUN record #4",
+        "flipped-bit-in-page-hash": "checksum mismatch in RAM_RUN record #4",
+        "flipped-bit-in-run-length": "RAM_RUN record of 12320 bytes is not a whole page run",
+        "run-length-one-page-more": "checksum mismatch in RAM_RUN record #4",
+        "changed-page-never-sent-again": "page checksum mismatch in RAM_RUN record #4 (slot 0, "
+        "page 20), read while the guest ran, and 1 such page(s) were never sent again",
+        "changed-page-sent-again": "bad machine state",
+        "pages-sent-twice": "bad machine state",
+        "flipped-bit-in-zero-run": "checksum mismatch in ZERO_RUN record #4",
+        "flipped-bit-in-header-json": "checksum mismatch in HEADER record #0",
+        "flipped-bit-in-record-arg": "checksum mismatch in ITERATION record #4",
+        "flipped-checksum": "checksum mismatch in ITERATION record #4",
+        "record-out-of-sequence": "checksum mismatch in ITERATION record #4",
+        "checksum-missing": "checksum mismatch in ITERATION record #4",
+        "checksum-without-flag": "HEADER record #0 carries a checksum, but the preamble "
+        "announced none",
     }
     for name, needle in cases.items():
         error, _ = feed(streamgen.HOSTILE[name])

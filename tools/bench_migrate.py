@@ -6,7 +6,9 @@ TCP ceiling measured in the same run.
    ram.normal-bytes / total-time, max-bandwidth unlimited;
 2. a small busy guest (memstress mb=16) at the default downtime-limit: total time, downtime;
 3. a mostly-zero 4 GiB guest: bytes on the wire.
-Usage: python tools/bench_migrate.py [--quick] [--no-qemu]
+With --checksum-cost: only figure 1 on pyvmm, with and without the stream's record checksums
+(x-record-checksum), interleaved, --repeat runs each (at least 5), medians and the cost.
+Usage: python tools/bench_migrate.py [--quick] [--no-qemu] [--checksum-cost]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,7 +165,8 @@ class Vmm:
 
 
 def migrate_once(kind: str, work: Path, guest: str, mem_mib: int, append: str, ready: str,
-                 pause: bool, params: dict, vcpus: int = 1) -> dict:  # fmt: skip
+                 pause: bool, params: dict, vcpus: int = 1,
+                 caps: dict[str, bool] | None = None) -> dict:  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=work))  # fresh socket paths
     vmm = Vmm(kind, work)
     uri = f"tcp:127.0.0.1:{free_tcp_port()}"
@@ -178,6 +182,9 @@ def migrate_once(kind: str, work: Path, guest: str, mem_mib: int, append: str, r
             if pause:
                 q.execute("stop")
             q.execute("migrate-set-parameters", params)
+            if caps:
+                wanted = [{"capability": name, "state": on} for name, on in caps.items()]
+                q.execute("migrate-set-capabilities", {"capabilities": wanted})
             q.execute("migrate", {"uri": uri})
             while True:
                 info = q.execute("query-migrate")
@@ -186,13 +193,45 @@ def migrate_once(kind: str, work: Path, guest: str, mem_mib: int, append: str, r
                 time.sleep(0.05)
 
 
+def throughput_gbs(info: dict) -> float:
+    """Figure 1: normal-bytes / total-time of a completed migration."""
+    if info.get("status") != "completed":
+        raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
+    return info["ram"]["normal-bytes"] / (info["total-time"] / 1000) / 1e9
+
+
+def checksum_cost(work: Path, written_mib: int, repeat: int) -> None:
+    """Figure 1 with and without x-record-checksum, interleaved (on, off, off, on, ...), so
+    that a drift of this shared machine hits both alike; medians and the relative cost."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(repeat):
+        for on in (True, False) if i % 2 == 0 else (False, True):
+            info = migrate_once("pyvmm", work, "memverify", written_mib + 128, f"mb={written_mib}",
+                                r"ok pages=[1-9]", True, {"max-bandwidth": UNLIMITED},
+                                caps={"x-record-checksum": on})  # fmt: skip
+            rates[on].append(throughput_gbs(info))
+            print(f"run {i + 1} checksums {'on ' if on else 'off'}: {rates[on][-1]:.3f} GB/s")
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"\npaused {written_mib} MiB, normal-bytes / total-time, {repeat} runs each, medians:")
+    print(f"  record checksums on : {on:.3f} GB/s  {sorted(round(r, 3) for r in rates[True])}")
+    print(f"  record checksums off: {off:.3f} GB/s  {sorted(round(r, 3) for r in rates[False])}")
+    print(f"  cost: {(off - on) / off * 100:.1f} % of the figure without checksums")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
     parser.add_argument("--no-qemu", action="store_true")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (best and median)")
+    parser.add_argument("--checksum-cost", action="store_true",
+                        help="figure 1 with and without record checksums, interleaved")  # fmt: skip
     args = parser.parse_args()
     warm_host_memory(4 if args.quick else 8)
+    if args.checksum_cost:
+        work = Path(tempfile.mkdtemp(prefix="pyvmm-bench-"))
+        checksum_cost(work, 256 if args.quick else 1024, max(args.repeat, 5))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     kinds = ["pyvmm"]
     if not args.no_qemu and shutil.which("qemu-system-x86_64"):
         kinds.append("qemu")

@@ -598,3 +598,115 @@ def pages_to_runs(const uint64_t[::1] pages not None, uint64_t[::1] starts not N
             else:
                 lengths[r] += 1
     return nruns
+
+
+# --------------------------------------------------------------------------------------------
+# 9. xxHash64 of any bytes, fed in pieces (the migration stream's record checksums)
+# --------------------------------------------------------------------------------------------
+# The same hash as section 5, for inputs of any length and any seed, computed over the
+# concatenation of the buffers given to update() one after another: a record's header, its
+# small fixed part and the guest pages it carries are hashed where they lie, never copied
+# together. The result equals xxhash.xxh64(b"".join(pieces), seed=seed).intdigest(). The
+# stripe loop is section 5's; what is new is the carry of a partial 32-byte stripe between
+# pieces and the tail of the published algorithm (8-, 4- and 1-byte steps).
+
+cdef extern from *:
+    """
+    static const uint64_t SCAN_XXH_P5 = 0x27D4EB2F165667C5ULL;
+    static inline uint32_t scan_load32(const uint8_t *p) { uint32_t w; memcpy(&w, p, 4); return w; }
+    """
+    const uint64_t SCAN_XXH_P5
+    uint32_t scan_load32(const uint8_t *p) nogil
+
+
+cdef class Xxh64:
+    """Streaming xxHash64: Xxh64(seed).update(a).update(b).intdigest() == xxh64(a + b, seed).
+
+    update() takes any C-contiguous bytes-like object (bytes, bytearray, a memoryview of guest
+    RAM) and hashes it in place with the GIL released."""
+
+    cdef uint64_t v1, v2, v3, v4, seed, total
+    cdef uint8_t carry[32]
+    cdef Py_ssize_t ncarry
+
+    def __cinit__(self, uint64_t seed=0):
+        self.seed = seed
+        self.v1 = seed + SCAN_XXH_P1 + SCAN_XXH_P2
+        self.v2 = seed + SCAN_XXH_P2
+        self.v3 = seed
+        self.v4 = seed - SCAN_XXH_P1
+        self.total = 0
+        self.ncarry = 0
+
+    cdef inline void _stripes(self, const uint8_t *p, Py_ssize_t n) noexcept nogil:
+        """Consume n bytes (a multiple of 32) as stripes."""
+        cdef uint64_t v1 = self.v1, v2 = self.v2, v3 = self.v3, v4 = self.v4
+        cdef Py_ssize_t i
+        for i in range(0, n, 32):
+            v1 = _xxh_round(v1, scan_load64(p + i))
+            v2 = _xxh_round(v2, scan_load64(p + i + 8))
+            v3 = _xxh_round(v3, scan_load64(p + i + 16))
+            v4 = _xxh_round(v4, scan_load64(p + i + 24))
+        self.v1, self.v2, self.v3, self.v4 = v1, v2, v3, v4
+
+    def update(self, const uint8_t[::1] data not None):
+        """Hash data after everything given so far; returns self."""
+        cdef Py_ssize_t n = data.shape[0], take, whole
+        cdef const uint8_t *p
+        if n == 0:
+            return self
+        p = &data[0]
+        with nogil:
+            self.total += <uint64_t>n
+            if self.ncarry:
+                take = min(32 - self.ncarry, n)
+                memcpy(self.carry + self.ncarry, p, take)
+                self.ncarry += take
+                p += take
+                n -= take
+                if self.ncarry == 32:
+                    self._stripes(self.carry, 32)
+                    self.ncarry = 0
+            if n:
+                whole = n & ~(<Py_ssize_t>31)
+                self._stripes(p, whole)
+                memcpy(self.carry, p + whole, n - whole)
+                self.ncarry = n - whole
+        return self
+
+    def intdigest(self):
+        """The hash of everything given so far (the state is not changed)."""
+        cdef uint64_t h
+        cdef const uint8_t *p = self.carry
+        cdef Py_ssize_t left = self.ncarry
+        if self.total >= 32:
+            h = (_rotl64(self.v1, 1) + _rotl64(self.v2, 7) + _rotl64(self.v3, 12)
+                 + _rotl64(self.v4, 18))
+            h = _xxh_merge(h, self.v1)
+            h = _xxh_merge(h, self.v2)
+            h = _xxh_merge(h, self.v3)
+            h = _xxh_merge(h, self.v4)
+        else:
+            h = self.seed + SCAN_XXH_P5
+        h += self.total
+        while left >= 8:
+            h ^= _xxh_round(0, scan_load64(p))
+            h = _rotl64(h, 27) * SCAN_XXH_P1 + SCAN_XXH_P4
+            p += 8
+            left -= 8
+        if left >= 4:
+            h ^= <uint64_t>scan_load32(p) * SCAN_XXH_P1
+            h = _rotl64(h, 23) * SCAN_XXH_P2 + SCAN_XXH_P3
+            p += 4
+            left -= 4
+        while left > 0:
+            h ^= p[0] * SCAN_XXH_P5
+            h = _rotl64(h, 11) * SCAN_XXH_P1
+            p += 1
+            left -= 1
+        h ^= h >> 33
+        h *= SCAN_XXH_P2
+        h ^= h >> 29
+        h *= SCAN_XXH_P3
+        h ^= h >> 32
+        return h

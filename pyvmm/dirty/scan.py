@@ -15,6 +15,7 @@ __all__ = [
     "KVM_DIRTY_GFN_SIZE",
     "PAGE_SHIFT",
     "PAGE_SIZE",
+    "Xxh64",
     "and_not",
     "bitmap_to_pages",
     "count_set",
@@ -98,6 +99,16 @@ if TYPE_CHECKING:
     def pages_to_runs(pages: U64Array, starts: U64Array, lengths: U64Array) -> int:
         """Coalesce ascending pages into (start, length) runs; returns the run count."""
 
+    class Xxh64:
+        """Streaming xxHash64 of the concatenation of the buffers given to update()."""
+
+        def __init__(self, seed: int = 0) -> None: ...
+        def update(self, data: ReadableBuffer) -> Xxh64:
+            """Hash data after everything given so far (in place, GIL released)."""
+
+        def intdigest(self) -> int:
+            """The hash of everything given so far."""
+
 else:
     from pyvmm.dirty._scan import (
         KVM_DIRTY_GFN_F_DIRTY,
@@ -105,6 +116,7 @@ else:
         KVM_DIRTY_GFN_SIZE,
         PAGE_SHIFT,
         PAGE_SIZE,
+        Xxh64,
         and_not,
         bitmap_to_pages,
         count_set,

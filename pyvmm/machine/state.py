@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.kvm import KvmError, abi
 from pyvmm.machine.devices import MAX_LINE_BYTES, SerialConsole
 from pyvmm.machine.errors import MachineError
+from pyvmm.machine.strictjson import JsonReader, type_name
 from pyvmm.machine.vcpu import VcpuRunState as RunState
 
 if TYPE_CHECKING:
@@ -48,7 +49,11 @@ MAX_VCPUS = 64  # Machine's own limit
 MAX_MSRS = 1024  # per vCPU; KVM_GET_MSR_INDEX_LIST has about 40 here, a few hundred at most
 MSR_CHUNK = 255  # KVM_GET/SET_MSRS refuse nmsrs >= MAX_IO_MSRS (256)
 MAX_XSAVE_BYTES = 64 << 10  # KVM_CAP_XSAVE2 is 4096 here, about 11 KiB with AMX
-MAX_TSC_KHZ = 0xFFFFFFFF  # KVM keeps it in a u32
+# KVM_SET_TSC_KHZ takes a u32 and refuses values >= kvm_caps.max_guest_tsc_khz, which
+# __kvm_x86_vendor_init (arch/x86/kvm/x86.c) caps at 0x7fffffff so that the value fits a
+# signed int (KVM_GET_TSC_KHZ returns it as the ioctl's int result): 0x7ffffffe is the
+# largest rate any host accepts (about 2.1 THz). 0 means "the host's rate".
+MAX_TSC_KHZ = 0x7FFFFFFE
 TSC_KHZ_TOLERANCE = 250e-6  # QEMU's and Firecracker's tolerance before rescaling the TSC
 PENDING_IO_MAX_EXITS = 64  # exits a pending I/O may take to complete before we give up
 KVM_RUN_IMMEDIATE_EXIT = abi.KVM_RUN_IMMEDIATE_EXIT_OFFSET
@@ -674,41 +679,20 @@ _STRUCT_KEYS = frozenset({"struct", "size", "base64"})
 _HEX = re.compile(r"[0-9a-f]*")
 
 
-def _fail(path: str, what: str) -> MachineError:
-    return MachineError(f"machine state: {path}: {what}")
-
-
-def _type_name(value: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), "null" if value is None else type(value).__name__
-    )
-
-
-def _obj(value: object, path: str, keys: frozenset[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _fail(path, f"expected an object, got {_type_name(value)}")
-    missing = keys - value.keys()
-    if missing:
-        raise _fail(path, f"missing key {sorted(missing)[0]!r}")
-    extra = value.keys() - keys
-    if extra:
-        raise _fail(path, f"unknown key {sorted(extra)[0][:40]!r}")
-    return value
-
-
-def _int(value: object, path: str, lo: int, hi: int) -> int:
-    if type(value) is not int:
-        raise _fail(path, f"expected an integer, got {_type_name(value)}")
-    if not lo <= value <= hi:
-        shown = str(value) if abs(value) < 1 << 70 else f"a {value.bit_length()}-bit number"
-        raise _fail(path, f"{shown} is out of range {lo}..{hi}")
-    return value
-
-
-def _bool(value: object, path: str) -> bool:
-    if type(value) is not bool:
-        raise _fail(path, f"expected true or false, got {_type_name(value)}")
-    return value
+# The JSON guards (strictjson.py): the item limit is what 64 vCPUs with MAX_MSRS MSRs each
+# need (an MSR pair is 3 items, the rest of a vCPU under 100; one real vCPU has about 300
+# in all); the real document nests 5 deep (top, vcpus, a vCPU, its msrs, one pair).
+MAX_STATE_ITEMS = MAX_VCPUS * (3 * MAX_MSRS + 256) + 1024
+MAX_STATE_DEPTH = 8
+_JSON = JsonReader(
+    MachineError, "machine state", max_bytes=MAX_STATE_BYTES, max_items=MAX_STATE_ITEMS,
+    max_depth=MAX_STATE_DEPTH,
+)  # fmt: skip
+_fail = _JSON.fail
+_obj = _JSON.object
+_int = _JSON.integer
+_bool = _JSON.boolean
+_type_name = type_name
 
 
 def _struct(
@@ -870,33 +854,8 @@ def _parse_devices(value: object, vcpus: int) -> dict[str, Any]:
     return doc
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        doc[key] = value
-    return doc
-
-
 def _parse(data: object, vcpus: int, irqchip: bool) -> MachineState:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise _fail("input", f"expected bytes, got {type(data).__name__}")
-    if len(data) > MAX_STATE_BYTES:
-        raise _fail("input", f"{len(data)} bytes, at most {MAX_STATE_BYTES}")
-    try:
-        text = bytes(data).decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise _fail("input", f"not UTF-8 (byte {exc.start})") from None
-    except RecursionError:
-        raise _fail("input", "JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, over-long integers, our hooks
-        raise _fail("input", f"not valid JSON: {str(exc).splitlines()[0][:120]}") from None
+    doc = _JSON.parse(data)
     top = _obj(doc, "top level", _TOP_KEYS)
     if top["format"] != FORMAT_NAME:
         raise _fail("format", f"expected {FORMAT_NAME!r}")

@@ -1,10 +1,15 @@
 """The destination: accept one migration stream, build the VM it describes, fill guest RAM
 straight from the socket, restore the machine state, confirm, and let the guest run.
 
-Every record is validated (StreamValidator) before it is applied; page data is
-received with recv_into directly into guest RAM, at offsets checked against the
-VM's slots first. Any error is a StreamError or ConnectionError with one line
-naming the problem; the caller ends the process with a non-zero exit code.
+Every record is validated (StreamValidator) before it is applied, and its checksum is
+compared before it is acted on; page data is received with recv_into directly into guest
+RAM, at offsets checked against the VM's slots first. Every record must arrive within its
+deadline (stream.py). Any error is a StreamError or ConnectionError with one line naming
+the problem; the caller ends the process with a non-zero exit code.
+
+A connection that ends, or stays silent for a whole deadline, before sending its first
+byte (a port scan, a health check, a load balancer's probe) is logged and the destination
+goes back to waiting: only a connection that sent something can fail the migration.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
 from pyvmm.machine.state import MachineState, restore
 from pyvmm.migration import transport
+from pyvmm.migration.pagecheck import PageChecker
 from pyvmm.migration.stream import (
     ITERATION,
+    PAGE_HASH_BYTES,
     RUN,
+    RUN_MAY_CHANGE,
     ZERO,
+    NothingReceived,
     RecordType,
     ReplyType,
     StreamConfig,
@@ -37,6 +46,7 @@ from pyvmm.migration.stream import (
     StreamReader,
     StreamValidator,
     StreamWriter,
+    record_deadline_s,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +64,7 @@ class IncomingResult:
     bytes_received: int
     pages_received: int
     zero_pages: int
+    changed_pages: int = 0  # pages that changed while they were sent (then sent again)
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -70,6 +81,12 @@ def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None
         pass
 
 
+def _peer_name(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return "a local process"  # unix sockets have no peer address
+
+
 def _mib(n: int) -> str:
     return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n} bytes"
 
@@ -84,6 +101,8 @@ class MigrationDestination:
         self._stop_reason = "stopped"
         self._sock: socket.socket | None = None  # the accepted connection
         self.config: StreamConfig | None = None
+        self.deadline_s = record_deadline_s()  # raises ValueError for a bad environment knob
+        self.stray_connections = 0  # connections that ended before sending anything
 
     def listen(self) -> transport.MigrationUri:
         self._listener = transport.listen(self.uri)
@@ -107,52 +126,70 @@ class MigrationDestination:
                 with contextlib.suppress(OSError):
                     os.unlink(self.uri.path)
 
-    def _accept(self) -> socket.socket:
+    def _accept(self) -> tuple[socket.socket, str]:
         assert self._listener is not None
         self._listener.settimeout(ACCEPT_POLL_S)
         while not self._stop.is_set():
             try:
-                sock, _ = self._listener.accept()
+                sock, address = self._listener.accept()
             except TimeoutError:
                 continue
             sock.settimeout(transport.IDLE_TIMEOUT_S)
             transport.tune(sock)
-            return sock
+            return sock, _peer_name(address)
         raise ConnectionError(f"{self._stop_reason} while waiting for the incoming migration")
 
     def receive(
         self, start_guest: StartGuest, on_active: Callable[[], None] | None = None
     ) -> IncomingResult:
         """Run one incoming migration to its end (blocking); start_guest(running) is called
-        on GO and returns whether the guest now runs (False under -S); on_active when a
-        source has connected."""
+        on GO and returns whether the guest now runs (False under -S); on_active once a
+        source has sent a valid preamble. Connections that send nothing are skipped."""
         if self._listener is None:
             self.listen()
-        sock = self._accept()
-        self._sock = sock
-        if self._stop.is_set():  # stop() came between accept and here
-            sock.close()
-            raise ConnectionError(f"{self._stop_reason} while waiting for the incoming migration")
-        if on_active is not None:
-            on_active()
         try:
-            return self.receive_from(sock, start_guest)
-        except TimeoutError:
-            raise ConnectionError(
-                f"the source sent nothing for {transport.IDLE_TIMEOUT_S:.0f} s"
-            ) from None
+            while True:
+                sock, peer = self._accept()
+                self._sock = sock
+                try:
+                    if self._stop.is_set():  # stop() came between accept and here
+                        raise ConnectionError(
+                            f"{self._stop_reason} while waiting for the incoming migration"
+                        )
+                    return self.receive_from(sock, start_guest, on_active)
+                except NothingReceived as exc:
+                    if self._stop.is_set():
+                        raise ConnectionError(
+                            f"{self._stop_reason} while waiting for the incoming migration"
+                        ) from None
+                    self.stray_connections += 1
+                    log.warning(
+                        "incoming migration: a connection from %s ended before sending "
+                        "anything (%s); still waiting for the source", peer, exc,
+                    )  # fmt: skip
+                except TimeoutError:
+                    raise ConnectionError(
+                        f"the source sent nothing for {transport.IDLE_TIMEOUT_S:.0f} s"
+                    ) from None
+                finally:
+                    self._sock = None
+                    sock.close()
         finally:
-            self._sock = None
-            sock.close()
             self.close()
 
-    def receive_from(self, sock: socket.socket, start_guest: StartGuest) -> IncomingResult:
+    def receive_from(
+        self, sock: socket.socket, start_guest: StartGuest,
+        on_active: Callable[[], None] | None = None,
+    ) -> IncomingResult:  # fmt: skip
         """Receive one stream from a connected socket (the fuzz tests feed it directly).
 
-        A failure of ours is told to the source in an ERROR reply before it is raised."""
-        writer = StreamWriter(sock)
+        A failure of ours is told to the source in an ERROR reply before it is raised;
+        NothingReceived (nobody to tell) is raised as it is."""
+        writer = StreamWriter(sock, checksum=False)  # the preamble says which
         try:
-            return self._receive(sock, writer, start_guest)
+            return self._receive(sock, writer, start_guest, on_active)
+        except NothingReceived:
+            raise
         except Exception as exc:  # a bug of ours too: the source must hear of it
             failure: Exception = exc
             if self._stop.is_set():
@@ -162,58 +199,119 @@ class MigrationDestination:
             raise failure from None
 
     def _receive(
-        self, sock: socket.socket, writer: StreamWriter, start_guest: StartGuest
-    ) -> IncomingResult:
-        reader = StreamReader(sock)
-        validator = StreamValidator()
+        self, sock: socket.socket, writer: StreamWriter, start_guest: StartGuest,
+        on_active: Callable[[], None] | None,
+    ) -> IncomingResult:  # fmt: skip
+        reader = StreamReader(sock, self.deadline_s)
         reader.preamble()
+        validator = StreamValidator(reader.checksum)
+        writer.checksum = reader.checksum  # replies follow the source's choice
+        if on_active is not None:
+            on_active()
         result = IncomingResult(False, 0, 0, 0, 0)
-        while True:
-            if self._stop.is_set():
-                raise ConnectionError(f"{self._stop_reason} during the incoming migration")
-            rtype, arg, length = reader.record()
-            validator.check_record(rtype, length)
-            if rtype is RecordType.HEADER:
-                config = StreamConfig.from_json(reader.read(length, "the HEADER record"))
-                self._build(config)
-                validator.config = config
-            elif rtype is RecordType.RAM_RUN:
-                slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
-                npages = (length - RUN.size) // PAGE_SIZE
-                validator.check_pages(slot, first, npages)
-                region = self._region(slot)
-                view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
-                reader.read_into(view, "page data")
-                result.pages_received += npages
-            elif rtype is RecordType.ZERO_RUN:
-                slot, _, first, npages = ZERO.unpack(reader.read(ZERO.size, "a ZERO_RUN record"))
-                validator.check_pages(slot, first, npages)
-                result.zero_pages += npages
-                self._zero(slot, first, npages)
-            elif rtype is RecordType.ITERATION:
-                (result.iterations,) = ITERATION.unpack(reader.read(length, "an ITERATION record"))
-            elif rtype is RecordType.STATE:
-                data = reader.read(length, "the STATE record")
-                assert self.config is not None
-                try:
-                    state = MachineState.from_bytes(
-                        data, vcpus=self.config.vcpus, irqchip=self.config.irqchip
-                    )
-                    restore(self.machine, state)
-                except MachineError as exc:
-                    raise StreamError(f"bad machine state in the stream: {exc}") from None
-            elif rtype is RecordType.ABANDON:
-                reason = reader.reason(length, "ABANDON")
-                raise StreamError(f"the source abandoned the migration: {reason}")
-            elif rtype is RecordType.SWITCHOVER:
-                result.guest_running = bool(arg & 1)
-                result.bytes_received = reader.bytes_received
-                writer.reply(ReplyType.LOADED)
-                self._await_go(reader)
-                self._go_received = True
-                running = start_guest(result.guest_running)
-                writer.reply(ReplyType.STARTED, int(running))
-                return result
+        checker: PageChecker | None = None  # with checksums, from the HEADER on
+        try:
+            while True:
+                if self._stop.is_set():
+                    raise ConnectionError(f"{self._stop_reason} during the incoming migration")
+                rtype, arg, length = reader.record()
+                validator.check_record(rtype, length)
+                if checker is not None:
+                    checker.raise_error()  # a page check that failed meanwhile
+                if rtype is RecordType.HEADER:
+                    data = reader.read(length, "the HEADER record")
+                    reader.end_record(rtype.name)
+                    config = StreamConfig.from_json(data)
+                    self._build(config)
+                    validator.config = config
+                    if reader.checksum:
+                        assert self.machine.memory is not None
+                        checker = PageChecker([r.array for r in self.machine.memory.regions])
+                elif rtype is RecordType.RAM_RUN:
+                    self._ram_run(reader, validator, checker, arg, length, result)
+                elif rtype is RecordType.ZERO_RUN:
+                    payload = reader.read(ZERO.size, "a ZERO_RUN record")
+                    reader.end_record(rtype.name)
+                    slot, _, first, npages = ZERO.unpack(payload)
+                    validator.check_pages(slot, first, npages)
+                    result.zero_pages += npages
+                    if checker is not None:
+                        checker.before_write(slot, first, npages)
+                    self._zero(slot, first, npages)
+                    if checker is not None:
+                        checker.zero_run(slot, first, npages)
+                elif rtype is RecordType.ITERATION:
+                    payload = reader.read(length, "an ITERATION record")
+                    reader.end_record(rtype.name)
+                    (result.iterations,) = ITERATION.unpack(payload)
+                elif rtype is RecordType.STATE:
+                    data = reader.read(length, "the STATE record")
+                    reader.end_record(rtype.name)
+                    if checker is not None:
+                        checker.finish()  # all of RAM is verified before the state loads
+                        result.changed_pages = checker.changed_pages
+                    if result.changed_pages:
+                        log.info(
+                            "%d pages changed while they were sent; all were sent again",
+                            result.changed_pages,
+                        )
+                    self._load_state(data)
+                elif rtype is RecordType.ABANDON:
+                    reason = reader.reason(length, "ABANDON")
+                    raise StreamError(f"the source abandoned the migration: {reason}")
+                elif rtype is RecordType.SWITCHOVER:
+                    reader.end_record(rtype.name)
+                    result.guest_running = bool(arg & 1)
+                    result.bytes_received = reader.bytes_received
+                    self._reply(writer, ReplyType.LOADED)
+                    self._await_go(reader)
+                    self._go_received = True
+                    running = start_guest(result.guest_running)
+                    self._reply(writer, ReplyType.STARTED, int(running))
+                    return result
+        except Exception:
+            found = checker.first_failure() if checker is not None else None
+            if found is not None:  # a page that failed its hash came first: report that
+                raise found from None
+            raise
+        finally:
+            if checker is not None:
+                checker.close()
+
+    def _ram_run(
+        self, reader: StreamReader, validator: StreamValidator, checker: PageChecker | None,
+        arg: int, length: int, result: IncomingResult,
+    ) -> None:  # fmt: skip
+        slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
+        npages = validator.run_pages(length)
+        table = reader.read(npages * PAGE_HASH_BYTES if reader.checksum else 0,
+                            "a page-hash table")  # fmt: skip
+        reader.end_record("RAM_RUN")  # the run header and the table: now trusted
+        validator.check_pages(slot, first, npages)
+        if checker is not None:
+            checker.before_write(slot, first, npages)
+        region = self._region(slot)
+        view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
+        reader.read_into(view, "page data", hashed=False)
+        if checker is not None:
+            may_change = bool(arg & RUN_MAY_CHANGE)
+            checker.ram_run(reader.record_index, slot, first, table, may_change)
+        result.pages_received += npages
+
+    def _load_state(self, data: bytearray) -> None:
+        assert self.config is not None
+        try:
+            state = MachineState.from_bytes(
+                data, vcpus=self.config.vcpus, irqchip=self.config.irqchip
+            )
+            restore(self.machine, state)
+        except MachineError as exc:
+            raise StreamError(f"bad machine state in the stream: {exc}") from None
+
+    @staticmethod
+    def _reply(writer: StreamWriter, reply: ReplyType, arg: int = 0) -> None:
+        writer.sock.settimeout(transport.IDLE_TIMEOUT_S)  # not what a record's read left
+        writer.reply(reply, arg)
 
     def _await_go(self, reader: StreamReader) -> None:
         """After LOADED: only GO starts the guest; ABANDON or silence end the migration."""
@@ -227,6 +325,7 @@ class MigrationDestination:
             )
         if rtype is not RecordType.GO or length:
             raise StreamError(f"{rtype.name} record where GO was expected")
+        reader.end_record("GO")
 
     def _build(self, config: StreamConfig) -> None:
         memory = self.machine.memory

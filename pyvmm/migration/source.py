@@ -38,12 +38,13 @@ from pyvmm.migration.stream import (
     StreamReader,
     StreamWriter,
 )
-from pyvmm.migration.switchover import Switchover
+from pyvmm.migration.switchover import REPLY_TIMEOUT_S, Switchover
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ABANDON_TIMEOUT_S = 2.0  # telling the destination we give up is best effort
+PEER_ERROR_WAIT_S = 0.2  # after a failure: is the destination's ERROR already there?
 
 
 def _direct(fn: Callable[[], T]) -> T:
@@ -77,6 +78,7 @@ class MigrationSource:
         self._cancel = threading.Event()
         self._sock: socket.socket | None = None
         self._writer: StreamWriter | None = None
+        self._reader: StreamReader | None = None  # the destination's replies
         self._view: DirtyView | None = None
         self.pages: DirtyPages | None = None
         self.precopy: Precopy | None = None
@@ -217,7 +219,9 @@ class MigrationSource:
         self._sock = transport.connect(uri)
         if self._cancel.is_set():
             raise MigrationCancelled
-        self._writer = StreamWriter(self._sock)
+        checksum = bool(self.settings.caps.get("x-record-checksum"))
+        self._writer = StreamWriter(self._sock, checksum)
+        self._reader = StreamReader(self._sock, REPLY_TIMEOUT_S, checksum, peer="destination")
         # Every page must be sent once: the view starts all dirty; the migration re-arms
         # tracking chunk by chunk just before it copies (get, clear, copy).
         self._view = self.tracker.open_view("migration", defer_clear=True, initially_dirty=True)
@@ -252,12 +256,12 @@ class MigrationSource:
 
     def _switch_over(self) -> None:
         assert self._sock is not None and self._writer is not None and self.precopy is not None
-        assert self.pages is not None
+        assert self.pages is not None and self._reader is not None
         bw = self.precopy.threshold_bytes() / max(self.settings["downtime-limit"], 1)
         pending = self.pages.remaining_bytes()
         expected_ms = pending / bw if bw > 0 else 0.0
         self.switchover = Switchover(
-            self.machine, self.precopy, self._sock, self._writer, StreamReader(self._sock),
+            self.machine, self.precopy, self._sock, self._writer, self._reader,
             self.clock, lambda: self._serialize(self._stop_guest),
             lambda: self._serialize(self._commit),
         )  # fmt: skip
@@ -314,12 +318,12 @@ class MigrationSource:
 
     def _peer_error(self) -> str | None:
         """An ERROR the destination sent before it closed, if one is waiting to be read."""
-        sock = self._sock
-        if sock is None:
+        reader = self._reader
+        if self._sock is None or reader is None:
             return None
         try:
-            sock.settimeout(0.2)
-            reply, _, reason = StreamReader(sock).reply()
+            reader.deadline_s = PEER_ERROR_WAIT_S
+            reply, _, reason = reader.reply()
         except (OSError, StreamError):
             return None
         return reason if reply is ReplyType.ERROR else None

@@ -120,9 +120,8 @@ class Switchover:
 
     def _expect(self, want: ReplyType, doing: str) -> int:
         """Wait for one reply; returns its arg. ERROR and anything else raise."""
-        self.sock.settimeout(REPLY_TIMEOUT_S)
         try:
-            reply, arg, reason = self.reader.reply()
+            reply, arg, reason = self.reader.reply()  # within the reader's REPLY_TIMEOUT_S
         except TimeoutError:
             raise ConnectionError(
                 f"the destination did not answer within {REPLY_TIMEOUT_S:.0f} s while {doing}"
