@@ -2,7 +2,7 @@
 
     source                                        destination
     stop the vCPUs (finish-migrate, status device)
-    final sync, the last dirty pages, STATE
+    capture the machine state; final sync, the last dirty pages, STATE
     SWITCHOVER  ----------------------------->    load the state
                 <-----------------------------    LOADED  (or ERROR: the source resumes)
     commit (on the control loop; a cancel that came first wins and resumes the source)
@@ -91,6 +91,11 @@ class Switchover:
         t = clock.now_ms()
         was_running = self._stop_guest()
         t, parts.stop_ms = self._lap(t)
+        # Capture before the final sync: capturing completes an I/O exit KVM left half done
+        # (machine/state.py, _complete_pending_io), and an IN string instruction then writes
+        # guest RAM. The final sync must see that write, or the page would never be sent.
+        state = capture(self.machine).to_bytes()
+        t, capture_ms = self._lap(t)
         precopy = self.precopy
         before = self.writer.bytes_sent
         with precopy.lock:
@@ -100,11 +105,11 @@ class Switchover:
                 pass
         parts.final_bytes = self.writer.bytes_sent - before
         t, parts.ram_ms = self._lap(t)
-        state = capture(self.machine).to_bytes()
         parts.state_bytes = len(state)
         self.writer.state(state)
         self.writer.switchover(was_running)
-        t, parts.state_ms = self._lap(t)
+        t, send_ms = self._lap(t)
+        parts.state_ms = capture_ms + send_ms
         self._expect(ReplyType.LOADED, "loading the state")
         t, parts.load_ms = self._lap(t)
         self._commit()
