@@ -129,6 +129,7 @@ def test_qemus_reaper_idles_while_a_limit_is_in_service(virtual: bool) -> None:
             tracker.reaper_tick(4.0)
             assert (tracker.reaper_skips, tracker.reaper_reaps) == (3, 1)
             [written] = tracker.vcpu_dirty_pages()
+            print(f"raw entries {tracker.entries_harvested[0]}, counted {written}")
             assert 3000 <= written <= 3000 + OWN_PAGES
             view.sync()
             assert tracker.vcpu_dirty_pages() == [written]  # nothing written since
