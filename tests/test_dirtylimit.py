@@ -432,6 +432,12 @@ def dirty_limited_migration(src: VmProc, uri: str, cancel_when_limited: bool) ->
                 if cancel_when_limited and info[THROTTLE_FIELD] > 0:
                     q.cmd("migrate_cancel")
             time.sleep(0.1)
+        # The source reports its final status before its policies' cleanup has run
+        # (migration/source.py: _end_completed, then _teardown): wait for the cleanup.
+        deadline = time.monotonic() + 5
+        while THROTTLE_FIELD in info and time.monotonic() < deadline:
+            time.sleep(0.05)
+            info = q.cmd("query-migrate")
         info["seen"], info["refusals"] = seen, refusals
         info["limits-after"] = q.cmd("query-vcpu-dirty-limit")
     return info
