@@ -26,6 +26,9 @@ __all__ = [
     "or_new_into",
     "page_hashes",
     "pages_to_runs",
+    "ring_entry_pages",
+    "ring_model_push",
+    "ring_model_reap",
     "set_pages",
     "take_and_clear",
     "zero_pages",
@@ -109,6 +112,39 @@ if TYPE_CHECKING:
         def intdigest(self) -> int:
             """The hash of everything given so far."""
 
+    def ring_entry_pages(
+        ring: RingBuffer,
+        nentries: int,
+        first_fetch: int,
+        count: int,
+        slot_first_page: U64Array,
+        slot_pages: U64Array,
+        out: U64Array,
+    ) -> int:
+        """Flat page numbers of ring entries [first_fetch, first_fetch + count) into out;
+        entries naming no known page are skipped; returns how many were written."""
+
+    def ring_model_push(
+        pages: U64Array,
+        armed: U64Array,
+        rings: U64Array,
+        fill: npt.NDArray[np.int64],
+        reaped: U64Array,
+        vcpu: int,
+        soft_limit: int,
+        reap_all_on_full: bool,
+    ) -> int:
+        """Push the entries a KVM ring would get for these writes; returns ring-full count."""
+
+    def ring_model_reap(
+        armed: U64Array,
+        rings: U64Array,
+        fill: npt.NDArray[np.int64],
+        reaped: U64Array,
+        vcpu: int,
+    ) -> int:
+        """Reap ring vcpu (-1: all); returns the entries reaped."""
+
 else:
     from pyvmm.dirty._scan import (
         KVM_DIRTY_GFN_F_DIRTY,
@@ -127,6 +163,9 @@ else:
         or_new_into,
         page_hashes,
         pages_to_runs,
+        ring_entry_pages,
+        ring_model_push,
+        ring_model_reap,
         set_pages,
         take_and_clear,
         zero_pages,

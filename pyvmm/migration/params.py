@@ -133,8 +133,10 @@ PARAMETERS: dict[str, Parameter] = {
         ),
         Parameter(
             "x-vcpu-dirty-limit-ring-size", "int", 4096,
-            _power_of_two_check("x-vcpu-dirty-limit-ring-size", 64, 65536),
-            "entries of the virtual dirty ring the dirty limit penalises per (pyvmm's own)",
+            # KVM's range: a ring is at least a page (256 entries), at most 65536 entries.
+            _power_of_two_check("x-vcpu-dirty-limit-ring-size", 256, 65536),
+            "entries of the virtual dirty ring that counts entries and that the dirty limit "
+            "penalises per, on hosts where a full real ring may lose entries (pyvmm's own)",
         ),
     ]
 }  # fmt: skip
