@@ -286,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the final query-migrate result as one JSON object",
     )
+    mig.add_argument(
+        "--trace",
+        metavar="FILE.json",
+        help="record pyvmm's own timeline during the migration (implies --wait) and write it "
+        "as a Trace Event Format file for ui.perfetto.dev",
+    )
+    mig.add_argument(
+        "--dest-qmp",
+        metavar="ADDR",
+        help="with --trace: the destination's QMP address, to record its timeline too",
+    )
     mig.set_defaults(func=cmd_migrate)
 
     rate = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate over QMP")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -100,6 +101,13 @@ class Timeline:
         self._metadata[("thread_name", pid, tid)] = {"name": name}
         if sort_index is not None:
             self._metadata[("thread_sort_index", pid, tid)] = {"sort_index": sort_index}
+
+    def thread_track(self, name: str | None = None, sort_index: int | None = None) -> int:
+        """The calling thread's track (its native id), named once: `name` or the thread's."""
+        tid = threading.get_native_id()
+        if ("thread_name", self.pid, tid) not in self._metadata:
+            self.name_track(tid, name or threading.current_thread().name, sort_index=sort_index)
+        return tid
 
     def new_track(self, name: str, pid: int | None = None, sort_index: int | None = None) -> int:
         """A track that is not a thread (say, "migration"); returns its tid."""
@@ -207,8 +215,10 @@ class Timeline:
         return len(data["traceEvents"])
 
 
-def _by_ts(event: tuple[str, str, str, float, Any, int, int, Any]) -> float:
-    return event[3]
+def _by_ts(event: tuple[str, str, str, float, Any, int, int, Any]) -> tuple[float, float]:
+    # At equal timestamps the longer span first: it encloses the shorter (a parent recorded
+    # after its children still comes before them, as viewers expect).
+    return event[3], -event[4] if event[0] == "X" else 0.0
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

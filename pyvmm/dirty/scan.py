@@ -17,6 +17,7 @@ __all__ = [
     "PAGE_SIZE",
     "and_not",
     "bitmap_to_pages",
+    "cell_counts",
     "count_set",
     "gather_pages",
     "harvest_ring",
@@ -53,6 +54,12 @@ if TYPE_CHECKING:
 
     def bitmap_to_pages(bitmap: U64Array, out: U64Array | None = None) -> U64Array:
         """Ascending page numbers of the set bits; fills and slices `out` if given."""
+
+    def cell_counts(
+        bitmap: U64Array, first_page: int, npages: int, pages_per_cell: int,
+        out: npt.NDArray[np.uint32],
+    ) -> int:  # fmt: skip
+        """out[(first_page + p) // pages_per_cell] += 1 per set bit p < npages; the count."""
 
     def count_set(bitmap: U64Array) -> int:
         """Number of set bits."""
@@ -107,6 +114,7 @@ else:
         PAGE_SIZE,
         and_not,
         bitmap_to_pages,
+        cell_counts,
         count_set,
         gather_pages,
         harvest_ring,
