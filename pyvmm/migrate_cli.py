@@ -75,10 +75,13 @@ def run_migrate(args: argparse.Namespace) -> int:
             print(f"pyvmm: error: {getattr(exc, 'desc', exc)}", file=sys.stderr)
             return 1
         if not args.wait and trace is None:
+            if args.cancel_after is not None:
+                print("pyvmm: error: --cancel-after needs --wait or --trace", file=sys.stderr)
+                return 1
             if args.json:
                 print(json.dumps(qmp.execute("query-migrate")))
             return 0
-        final = _follow(qmp)
+        final = _follow(qmp, args.cancel_after)
         if trace is not None:
             merged = merge(*(fetch_timeline(q) for q in recorded))
             write(trace, merged)
@@ -101,8 +104,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(qmp: SyncQmp) -> dict[str, Any]:
-    """Poll query-migrate until the end; Ctrl-C cancels the migration (and waits for it)."""
+def _follow(qmp: SyncQmp, cancel_after_s: float | None = None) -> dict[str, Any]:
+    """Poll query-migrate until the end; Ctrl-C, or `cancel_after_s` passing, cancels the
+    migration (and waits for it)."""
+    deadline = None if cancel_after_s is None else time.monotonic() + cancel_after_s
     interrupted = threading.Event()
     old = signal.signal(signal.SIGINT, lambda s, f: interrupted.set())
     progress = None
@@ -121,7 +126,8 @@ def _follow(qmp: SyncQmp) -> dict[str, Any]:
             status = info.get("status", "none")
             if status in FINAL:
                 return info
-            if interrupted.is_set() and not cancelled:
+            late = deadline is not None and time.monotonic() > deadline
+            if (interrupted.is_set() or late) and not cancelled:
                 qmp.execute("migrate_cancel")
                 cancelled = True
             if progress is not None:

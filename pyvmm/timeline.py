@@ -326,3 +326,47 @@ def _event_problems(event: Any) -> list[str]:
         elif name.endswith("_sort_index") and not isinstance((args or {}).get("sort_index"), int):
             problems.append(f"{name} without an integer args.sort_index")
     return problems
+
+
+# --- reading a trace back: a text summary (`pyvmm timeline show`) ---------------------------
+
+
+def summarize(trace: Mapping[str, Any], max_instants: int = 60) -> list[str]:
+    """Lines that say what a trace holds, process by process and track by track: the
+    spans of each name (count, total and longest duration), the instants in time order
+    and each counter's range. Times are seconds from the trace's first event."""
+    events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict)]
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}  # fmt: skip
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}  # fmt: skip
+    timed = [e for e in events if e.get("ph") != "M"]
+    if not timed:
+        return ["(no events)"]
+    t0 = min(e["ts"] for e in timed)
+    lines: list[str] = []
+    for pid in sorted({e["pid"] for e in timed}):
+        lines.append(processes.get(pid, f"process {pid}"))
+        mine = [e for e in timed if e["pid"] == pid]
+        spans: dict[int, dict[str, list[float]]] = {}
+        for e in mine:
+            if e["ph"] == "X":
+                spans.setdefault(e["tid"], {}).setdefault(e["name"], []).append(e["dur"])
+        for tid in sorted(spans, key=lambda t: names.get((pid, t), str(t))):
+            parts = [f"{name} x{len(d)} {sum(d) / 1e6:.3f} s (longest {max(d) / 1e3:.1f} ms)"
+                     for name, d in spans[tid].items()]  # fmt: skip
+            lines.append(f"  {names.get((pid, tid), f'thread {tid}')}: " + "; ".join(parts))
+        instants = [e for e in mine if e["ph"] in "iI"]
+        for e in instants[:max_instants]:
+            lines.append(f"  {(e['ts'] - t0) / 1e6:8.3f} s  {e['name']}")
+        if len(instants) > max_instants:
+            lines.append(f"  ... {len(instants) - max_instants} more instants")
+        counters: dict[str, list[float]] = {}
+        for e in mine:
+            if e["ph"] == "C":
+                for series, value in e.get("args", {}).items():
+                    counters.setdefault(f"{e['name']} [{series}]", []).append(value)
+        for name, values in sorted(counters.items()):
+            lines.append(f"  counter {name}: {len(values)} samples, min {min(values):g}, "
+                         f"max {max(values):g}, last {values[-1]:g}")  # fmt: skip
+    return lines
