@@ -40,6 +40,50 @@ class Sub:
     slow: bool = False
 
 
+QEMU_HELLO = (
+    "qemu-system-x86_64 -machine q35 -accel kvm -m 64 -nodefaults -no-user-config -display "
+    "none -serial stdio -device isa-debug-exit,iobase=0x501,iosize=4 -kernel $(pyvmm guests "
+    "| awk '$1 == \"hello\" {print $2}')"
+)
+LAB4_BENCH = (
+    "pyvmm bench --cpus 2 --mem 32 --stress-rate 12 --bandwidth 32 --downtime 50 --sleep 1 "
+    "--quiet --heatmap --trace lab4-trace.json --output lab4.json"
+)
+# Lab 5's generations: the parameters of the convergence fidelity work (issue 11).
+LAB5_PARAMS = ("params:x-auto-converge-legacy,x-auto-converge-sync,cpu-responsive-throttle,"
+               "cpu-throttle-responsive,cpu-periodic-throttle")  # fmt: skip
+
+
+def _lab5_migrate(name: str, limit: int, cap: bool = True) -> str:
+    caps = "--cap auto-converge=on " if cap else ""
+    trace = name if name in ("none", "default") else f"gen-{name}"
+    return (
+        f"pyvmm migrate unix:/tmp/l5-{name}.qmp unix:/tmp/l5-{name}.sock {caps}"
+        f"--set max-bandwidth=16777216 --trace {trace}.json --cancel-after {limit}; "
+        'echo "pyvmm migrate exited with $?"'
+    )
+
+
+LAB5_MIGRATES = [
+    (_lab5_migrate("none", 120, cap=False), 120, ()),
+    (_lab5_migrate("default", 180), 180, ()),
+    (_lab5_migrate("2013", 120), 120, (LAB5_PARAMS,)),
+    *[
+        (_lab5_migrate(n, 180), 180, (LAB5_PARAMS,))
+        for n in ("iteration", "timer", "background", "rfc")
+    ],
+]
+LAB5_SETS = [
+    f"pyvmm qmp unix:/tmp/l5-{name}.qmp migrate-set-parameters '{params}'"
+    for name, params in (
+        ("2013", '{"x-auto-converge-legacy": true}'),
+        ("iteration", '{"x-auto-converge-sync": "iteration"}'),
+        ("timer", '{"x-auto-converge-sync": "timer"}'),
+        ("background", '{"x-auto-converge-sync": "background", "cpu-responsive-throttle": true}'),
+        ("rfc", '{"cpu-periodic-throttle": true}'),
+    )
+]
+
 # Commands that a test cannot run as written. Keys are commands as the docs write them,
 # continuation lines joined and comments removed, spaces collapsed (see normalize).
 SLOW = {"slow": True}
@@ -191,6 +235,45 @@ SUBSTITUTIONS: dict[str, Sub] = {
         "the VM the page assumes is started first",
         needs=("socat",),
     ),
+    # --- docs/course/README.md ---
+    "pip install -e '.[test]'": Sub(
+        "python -c 'import pytest, hypothesis, ptrace'",
+        "the tests run in an installed tree: check the test extra is there",
+    ),
+    # --- docs/course/01-boot.md ---
+    **{
+        cmd: Sub(
+            cmd,
+            "QEMU needs about 30 s to run hello on this host",
+            needs=("qemu", "ptrace") if "trace" in cmd else ("qemu",),
+            slow=True,
+        )
+        for cmd in (
+            QEMU_HELLO + '; echo "QEMU exited with $?"',
+            "pyvmm trace --summary -- " + QEMU_HELLO + '; echo "pyvmm trace exited with $?"',
+        )
+    },
+    # --- docs/course/02-exits.md ---
+    "python tools/bench_core.py --quick": Sub(
+        "python tools/bench_core.py --quick", "about a minute, most of it QEMU's boot", slow=True
+    ),
+    # --- docs/course/04-precopy.md ---
+    LAB4_BENCH: Sub(LAB4_BENCH, "about 20 s", slow=True),
+    # --- docs/course/05-convergence.md: smaller --cancel-after, and the generations only
+    # where query-migrate-parameters lists their names ---
+    **{
+        cmd: Sub(
+            cmd.replace(f"--cancel-after {limit}", "--cancel-after 20"),
+            "cancelled after 20 s instead of " + str(limit),
+            needs=needs,
+            slow=True,
+        )
+        for cmd, limit, needs in LAB5_MIGRATES
+    },
+    **{
+        cmd: Sub(cmd, "the parameter names of the throttle generations", needs=(LAB5_PARAMS,))
+        for cmd in LAB5_SETS
+    },
 }
 
 
@@ -218,7 +301,15 @@ class Block:
 
     @property
     def needs(self) -> set[str]:
-        return {n for s in self.subs() for n in s.needs}
+        """From the substitutions, and from the commands: `pyvmm trace` needs python-ptrace,
+        QEMU needs QEMU, socat needs socat."""
+        found = {n for s in self.subs() for n in s.needs}
+        for c in self.commands:
+            words = c.text.split()
+            found |= {"ptrace"} if words[:2] == ["pyvmm", "trace"] else set()
+            found |= {"qemu"} if "qemu-system-x86_64" in words else set()
+            found |= {"socat"} if "socat" in words else set()
+        return found
 
     @property
     def slow(self) -> bool:

@@ -63,7 +63,36 @@ def _missing(need: str) -> str | None:
         except ImportError:
             return "python-ptrace is not installed (pip install -e '.[trace]')"
         return None
+    if need.startswith("params:"):
+        wanted = need.split(":", 1)[1].split(",")
+        missing = [name for name in wanted if name not in _migration_parameters()]
+        if missing:
+            return (
+                f"this pyvmm's query-migrate-parameters does not list {', '.join(missing)} "
+                "(the throttle generations' parameter names)"
+            )
+        return None
     raise AssertionError(f"unknown need {need!r}")
+
+
+_PARAMETERS: list[set[str]] = []
+
+
+def _migration_parameters() -> set[str]:
+    """What query-migrate-parameters lists, asked of a real pyvmm (once per session)."""
+    if not _PARAMETERS:
+        import tempfile
+
+        from helpers import pyvmm_process, wait_for_path
+        from pyvmm.monitor.client import SyncQmp
+
+        with tempfile.TemporaryDirectory() as work:
+            qmp = Path(work) / "p.qmp"
+            with pyvmm_process(["run", "hello", "-S", "--qmp", f"unix:{qmp}"]):
+                wait_for_path(qmp, 30)
+                with SyncQmp(f"unix:{qmp}", timeout_s=30) as q:
+                    _PARAMETERS.append(set(q.execute("query-migrate-parameters")))
+    return _PARAMETERS[0]
 
 
 def _free_port() -> int:
@@ -83,8 +112,9 @@ def _waits(text: str) -> list[str]:
     words = shlex.split(text, posix=True) if "'" in text or '"' in text else text.split()
     waits = []
     for flag, value in itertools.pairwise(words):
-        if flag not in ("--qmp", "--incoming"):
+        if flag not in ("--qmp", "--incoming", "-qmp", "-incoming"):  # pyvmm's and QEMU's
             continue
+        value = value.split(",")[0]  # QEMU's unix:PATH,server=on,wait=off
         if value.startswith("unix:"):
             waits.append(f"_wait_path {shlex.quote(value[5:])}")
         elif value.startswith("tcp:"):
