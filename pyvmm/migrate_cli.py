@@ -52,6 +52,8 @@ def run_migrate(args: argparse.Namespace) -> int:
         trace = Path(args.trace) if args.trace else None
         if args.dest_qmp and trace is None:
             raise MigrateError("--dest-qmp is only for --trace (the destination's timeline)")
+        if args.cancel_after is not None and not (args.wait or trace):
+            raise MigrateError("--cancel-after needs --wait or --trace")
         if trace is not None and not trace.parent.is_dir():
             raise MigrateError(f"--trace {trace}: no directory {trace.parent}")
     except (ParameterError, MigrateError) as exc:
@@ -75,9 +77,6 @@ def run_migrate(args: argparse.Namespace) -> int:
             print(f"pyvmm: error: {getattr(exc, 'desc', exc)}", file=sys.stderr)
             return 1
         if not args.wait and trace is None:
-            if args.cancel_after is not None:
-                print("pyvmm: error: --cancel-after needs --wait or --trace", file=sys.stderr)
-                return 1
             if args.json:
                 print(json.dumps(qmp.execute("query-migrate")))
             return 0

@@ -2,9 +2,10 @@
 
 The rule, for anyone writing docs (docs/README.md says it too): a fenced block tagged
 ```sh holds commands to run, one per line (a trailing backslash continues a line, `#`
-starts a comment, `&` runs in the background); a block tagged ```console is a transcript:
-lines starting with `$ ` are commands, the lines after each are what it printed. Any other
-block (untagged, ```text, ```json, ```python) is output, a listing or code, and is not run.
+starts a comment, `&` runs in the background, `& NAME=$!` too and keeps its pid); a block
+tagged ```console is a transcript: lines starting with `$ ` are commands, the lines after
+each are what it printed. Any other block (untagged, ```text, ```json, ```python) is
+output, a listing or code, and is not run.
 
 tests/test_docs_commands.py runs every block, in order, in a fresh directory, as bash
 would, with these rewrites so that blocks can run side by side and quickly:
@@ -48,6 +49,10 @@ QEMU_HELLO = (
 LAB4_BENCH = (
     "pyvmm bench --cpus 2 --mem 32 --stress-rate 12 --bandwidth 32 --downtime 50 --sleep 1 "
     "--quiet --heatmap --trace lab4-trace.json --output lab4.json"
+)
+LAB7_WAIT = (
+    "until awk -F'mib=' '/mib=/ { if ($2 + 0 >= 64) found = 1 } END { exit !found }' "
+    "/tmp/q-src.serial; do sleep 1; done"
 )
 # Lab 5's generations: the parameters of the convergence fidelity work (issue 11).
 LAB5_PARAMS = ("params:x-auto-converge-legacy,x-auto-converge-sync,cpu-responsive-throttle,"
@@ -257,6 +262,8 @@ SUBSTITUTIONS: dict[str, Sub] = {
     "python tools/bench_core.py --quick": Sub(
         "python tools/bench_core.py --quick", "about a minute, most of it QEMU's boot", slow=True
     ),
+    # --- docs/course/07-qemu.md ---
+    LAB7_WAIT: Sub(LAB7_WAIT, "QEMU needs about 30 s to start the guest here", slow=True),
     # --- docs/course/04-precopy.md ---
     LAB4_BENCH: Sub(LAB4_BENCH, "about 20 s", slow=True),
     # --- docs/course/05-convergence.md: smaller --cancel-after, and the generations only
@@ -282,6 +289,7 @@ class Command:
     text: str  # as written (continuations joined, comment removed)
     line: int
     background: bool = False
+    keep_pid: str = ""  # `NAME=$!` after the `&`
     expect_error: str | None = None  # console: the `pyvmm: error:` line it must print
 
 
@@ -350,10 +358,15 @@ def _joined(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return out
 
 
+BACKGROUND_PID = re.compile(r"\s&\s+(\w+=\$!)$")  # `cmd & NAME=$!`: keep the pid
+
+
 def _command(number: int, text: str) -> Command | None:
     text = strip_comment(text).strip()
     if not text:
         return None
+    if m := BACKGROUND_PID.search(text):
+        return Command(text[: m.start()].rstrip(), number, True, keep_pid=m.group(1))
     background = text.endswith("&") and not text.endswith("&&")
     if background:
         text = text[:-1].rstrip()

@@ -129,7 +129,7 @@ def script(block: Block, work: Path, port: int) -> str:
         text = _rewrite(sub.run if sub else cmd.text, work, port)
         where = f"{block.path.name}:{cmd.line}"
         if cmd.background:
-            lines.append(f"{text} &")
+            lines.append(f"{text} & {cmd.keep_pid}")
             lines.extend(_waits(text))
             continue
         want = sub.status if sub else 0
@@ -153,9 +153,9 @@ def _env(work: Path) -> dict[str, str]:
     wrapper = bin_dir / "pyvmm"
     wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pyvmm.cli "$@"\n')
     wrapper.chmod(0o755)
-    python = bin_dir / "python"
-    python.symlink_to(sys.executable)
     env = dict(os.environ)
+    # `python` is the one running the tests (its directory comes first: a venv's python is
+    # found there, so that its packages are too).
     env["PATH"] = f"{bin_dir}:{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
     env["GUESTS"] = str(ROOT / "pyvmm" / "guests")
@@ -223,6 +223,7 @@ def test_the_block_parser(tmp_path: Path) -> None:
         "pyvmm migrate x \\\n"
         "    y --wait\n"
         "echo '# not a comment'\n"
+        "pyvmm run b & B=$!\n"
         "```\n"
         "```\nnot run\n```\n"
         "```console\n"
@@ -233,9 +234,9 @@ def test_the_block_parser(tmp_path: Path) -> None:
         "```\n"
     )
     sh, console = doccmds.parse(page)
-    assert [(c.text, c.background, c.line) for c in sh.commands] == [
-        ("pyvmm run a", True, 2), ("pyvmm migrate x y --wait", False, 3),
-        ("echo '# not a comment'", False, 5),
+    assert [(c.text, c.background, c.keep_pid, c.line) for c in sh.commands] == [
+        ("pyvmm run a", True, "", 2), ("pyvmm migrate x y --wait", False, "", 3),
+        ("echo '# not a comment'", False, "", 5), ("pyvmm run b", True, "B=$!", 6),
     ]  # fmt: skip
     assert [(c.text, c.expect_error) for c in console.commands] == [
         ("pyvmm dirtyrate q --mode dirty-bitmap",

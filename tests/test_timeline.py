@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from vmproc import vm_process
 
-from helpers import run_pyvmm
+from helpers import one_line_error, run_pyvmm
 from pyvmm import timeline
 from pyvmm.dirty.heatmap import Heatmap, decode_cells
 from pyvmm.dirty.scan import cell_counts
@@ -379,12 +379,45 @@ def test_migrate_trace_writes_one_file_with_both_vmms(tmp_path: Path) -> None:
     assert "incoming: GO, vCPUs started" in dst_instants
 
 
+def test_cli_refusals_are_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["migrate", "unix:/nonexistent", "unix:/x", "--dest-qmp", "unix:/y"],
+         "--dest-qmp is only for --trace"),
+        (["migrate", "unix:/nonexistent", "unix:/x", "--trace", "/no/dir/t.json"],
+         "no directory /no/dir"),
+        (["migrate", "unix:/nonexistent", "unix:/x", "--cancel-after", "3"],
+         "--cancel-after needs --wait or --trace"),
+        (["timeline", "show", str(tmp_path / "absent.json")], "No such file or directory"),
+        (["timeline", "show", str(tmp_path / "bad.json")], "not JSON"),
+        (["timeline", "show", str(tmp_path / "odd.json")], "not a Trace Event Format file"),
+        (["timeline", "record", "unix:/nonexistent", "--output", "/no/dir/t.json"],
+         "no directory /no/dir"),
+    ]  # fmt: skip
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "odd.json").write_text('{"traceEvents": [{"ph": "Q"}]}')
+    for args, message in cases:
+        result = run_pyvmm(args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert message in one_line_error(result.stderr), (args, result.stderr)
+
+
 @pytest.mark.kvm
-def test_migrate_trace_refuses_what_cannot_work(tmp_path: Path) -> None:
-    result = run_pyvmm(["migrate", "unix:/nonexistent", "unix:/x", "--dest-qmp", "unix:/y"])
-    assert result.returncode == 1 and "--dest-qmp is only for --trace" in result.stderr
-    result = run_pyvmm(["migrate", "unix:/nonexistent", "unix:/x", "--trace", "/no/dir/t.json"])
-    assert result.returncode == 1 and "no directory /no/dir" in result.stderr
+def test_timeline_record_and_show(tmp_path: Path) -> None:
+    out = tmp_path / "vm.json"
+    with vm_process(tmp_path, "vm", ["memstress", "--append", "mb=4 rate=8"]) as vm:
+        result = run_pyvmm(["timeline", "record", vm.qmp_addr, "--seconds", "1",
+                            "--output", str(out)])  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        pid = vm.proc.pid
+    trace = check_trace_format(out)
+    assert _process_names(trace) == {pid: f"pyvmm VM (pid {pid})"}  # not migrating
+    shown = run_pyvmm(["timeline", "show", str(out)])
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"== {out}" and lines[1] == f"pyvmm VM (pid {pid})"
+    vcpu = next(line for line in lines if line.startswith("  vCPU 0: "))
+    assert "running x" in vcpu and "guest sleep x" in vcpu  # memstress paces with port 0x504
+    assert any(line.endswith("recording stopped") for line in lines)
 
 
 @pytest.mark.kvm

@@ -218,7 +218,10 @@ class Recording:
 
     def _name_tracks(self) -> None:
         vmm, tl = self.vmm, self.timeline
-        role = "destination" if vmm.options.incoming is not None else "source"
+        role = (
+            "destination" if vmm.options.incoming is not None
+            else "source" if vmm.migration is not None else "VM"
+        )  # fmt: skip
         tl.name_process(f"pyvmm {role} (pid {os.getpid()})",
                         sort_index=1 if role == "destination" else 0)  # fmt: skip
         tl.name_track(0, "process events", sort_index=300)
