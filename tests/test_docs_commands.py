@@ -196,6 +196,7 @@ def _params() -> list[object]:
     return out
 
 
+@pytest.mark.timeout(BLOCK_TIMEOUT_S + 60)  # the block's own limit ends it first
 @pytest.mark.parametrize("block", _params())
 def test_doc_block_runs(block: Block, tmp_path: Path) -> None:
     require(kvm_usable())

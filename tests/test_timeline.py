@@ -117,9 +117,12 @@ def test_the_log_recorder_sees_every_line_and_the_user_sees_what_they_saw_before
         level_before, propagate_before = logger.level, logger.propagate
         tl = timeline.Timeline(pid=1)
         rec = ConvergenceRecorder(tl)
+        other = ConvergenceRecorder(timeline.Timeline(pid=2))  # a second VMM in the process
         rec.install()
+        other.install()
         logger.debug(PERIOD)  # recorded, not shown: the user asked for INFO
-        logger.info(AUTO_CONVERGE)  # recorded and shown
+        other.remove()
+        logger.info(AUTO_CONVERGE)  # recorded and shown, once
         rec.remove()
         logger.info("after the recording")  # shown, not recorded
         assert (logger.level, logger.propagate) == (level_before, propagate_before)
@@ -127,6 +130,7 @@ def test_the_log_recorder_sees_every_line_and_the_user_sees_what_they_saw_before
         parent.removeHandler(catch)
         parent.setLevel(old_parent_level)
     assert seen == [AUTO_CONVERGE, "after the recording"]
+    assert [e["name"] for e in other.timeline.events() if e["ph"] == "i"] == ["trigger: no fire"]
     names = [e["name"] for e in tl.events() if e["ph"] == "i"]
     assert names == ["trigger: no fire", "throttle 20 -> 30 (dirty-rate)"]
     assert next(e for e in tl.events() if e["ph"] == "C")["args"] == {"throttle": 30}

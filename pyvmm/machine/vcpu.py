@@ -187,10 +187,6 @@ class Vcpu:
         self.timeline_enter(None)
         self.timeline = None
 
-    def flush_timeline(self) -> None:
-        """Close the open span at now and open it again, so that a read-out has it all."""
-        self.timeline_enter(self._tl_state)
-
     def timeline_enter(self, state: str | None, args: dict[str, int] | None = None) -> None:
         """End the current state's span (with `args`) and begin `state` (None: nothing)."""
         tl, thread = self.timeline, self.thread

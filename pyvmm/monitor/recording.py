@@ -95,37 +95,48 @@ class ConvergenceRecorder(logging.Handler):
     logger stops propagating and this handler forwards to the parent's handlers exactly the
     records the old level would have let through."""
 
+    # Recorders installed now (two VMMs in one process, in tests): the first saves the
+    # logger's state and the last gives it back; only the first forwards, so a line is
+    # shown once.
+    _installed: list[ConvergenceRecorder] = []
+    _saved: tuple[int, bool, int] = (logging.NOTSET, True, logging.WARNING)
+
     def __init__(self, timeline: Timeline) -> None:
         super().__init__(logging.DEBUG)
         self.timeline = timeline
         self.track = timeline.new_track("convergence policies", sort_index=200)
         self._logger = logging.getLogger(CONVERGENCE_LOGGER)
-        self._saved: tuple[int, bool] | None = None
-        self._forward_level = logging.WARNING
 
     def install(self) -> None:
-        logger = self._logger
-        self._saved = (logger.level, logger.propagate)
-        self._forward_level = logger.getEffectiveLevel()
+        logger, cls = self._logger, type(self)
+        if self in cls._installed:
+            return
+        if not cls._installed:
+            cls._saved = (logger.level, logger.propagate, logger.getEffectiveLevel())
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+        cls._installed.append(self)
         logger.addHandler(self)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
 
     def remove(self) -> None:
-        logger = self._logger
+        logger, cls = self._logger, type(self)
+        if self not in cls._installed:
+            return
         logger.removeHandler(self)
-        if self._saved is not None:
-            logger.setLevel(self._saved[0])
-            logger.propagate = self._saved[1]
-            self._saved = None
+        cls._installed.remove(self)
+        if not cls._installed:
+            logger.setLevel(cls._saved[0])
+            logger.propagate = cls._saved[1]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._record(record.getMessage())
         except Exception:  # a line we cannot read must not break the policy that logged it
             self.handleError(record)
-        saved = self._saved
-        if saved is not None and saved[1] and record.levelno >= self._forward_level:
+        cls = type(self)
+        _level, propagate, forward_from = cls._saved
+        first = bool(cls._installed) and cls._installed[0] is self
+        if first and propagate and record.levelno >= forward_from:
             parent = self._logger.parent
             if parent is not None:
                 parent.handle(record)
