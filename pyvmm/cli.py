@@ -175,6 +175,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyvmm.timeline_cli import TimelineError, record_timeline, show_timeline
+
+    try:
+        if args.action == "show":
+            return show_timeline([Path(f) for f in args.files])
+        return record_timeline(args.address, args.seconds, Path(args.output))
+    except TimelineError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyvmm.demo import run_demo
 
@@ -286,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the final query-migrate result as one JSON object",
     )
+    mig.add_argument(
+        "--trace",
+        metavar="FILE.json",
+        help="record pyvmm's own timeline during the migration (implies --wait) and write it "
+        "as a Trace Event Format file for ui.perfetto.dev",
+    )
+    mig.add_argument(
+        "--cancel-after",
+        type=positive_float,
+        metavar="S",
+        help="with --wait or --trace: send migrate_cancel if it has not ended after S seconds",
+    )
+    mig.add_argument(
+        "--dest-qmp",
+        metavar="ADDR",
+        help="with --trace: the destination's QMP address, to record its timeline too",
+    )
     mig.set_defaults(func=cmd_migrate)
 
     rate = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate over QMP")
@@ -329,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=positive_float, metavar="S", help="detach after S seconds"
     )
     trace.set_defaults(func=cmd_trace)
+
+    tl = sub.add_parser(
+        "timeline",
+        help="pyvmm's own timelines: record one from running VMs, or summarise files",
+        description="show FILE...: what a Trace Event Format file holds, track by track. "
+        "record ADDR... --seconds S --output FILE: record running pyvmm VMs' own timelines "
+        "for S seconds (docs/timeline.md).",
+    )
+    tl_sub = tl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tl_show = tl_sub.add_parser("show", help="summarise timeline files")
+    tl_show.add_argument("files", nargs="+", metavar="FILE.json")
+    tl_rec = tl_sub.add_parser("record", help="record running pyvmm VMs for a while")
+    tl_rec.add_argument("address", nargs="+", metavar="QMP_ADDR")
+    tl_rec.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")
+    tl_rec.add_argument("--output", required=True, metavar="FILE.json")
+    tl.set_defaults(func=cmd_timeline)
 
     demo = sub.add_parser("demo", help="the main job on embedded defaults")
     demo.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")

@@ -855,3 +855,46 @@ def ring_model_reap(uint64_t[::1] armed not None, uint64_t[:, ::1] rings not Non
         for v in range(nvcpus):
             after += reaped[v]
     return after - before
+
+# 11. Heatmaps: a dirty bitmap downsampled to cells of guest RAM
+# --------------------------------------------------------------------------------------------
+
+def cell_counts(const uint64_t[::1] bitmap not None, first_page, npages, pages_per_cell,
+                uint32_t[::1] out not None):
+    """Add each set bit p < npages of `bitmap` to out[(first_page + p) // pages_per_cell].
+
+    One heatmap row (docs/timeline.md): dirty pages per cell of guest RAM, slot after slot
+    (a slot's first_page is the number of pages in the slots before it). Returns the bits
+    counted. A cell of whole 64-page words, aligned, costs one popcount per word; any other
+    cell size costs one step per set bit.
+    """
+    cdef uint64_t first = _as_index(first_page, "first_page", 1 << 52)
+    cdef uint64_t n = _as_index(npages, "npages", <uint64_t>bitmap.shape[0] * 64 + 1)
+    cdef uint64_t ppc = _as_index(pages_per_cell, "pages_per_cell", 1 << 40)
+    if ppc == 0:
+        raise ValueError("pages_per_cell = 0: a cell holds at least one page")
+    cdef uint64_t cells_needed = (first + n + ppc - 1) // ppc if n else 0
+    if <uint64_t>out.shape[0] < cells_needed:
+        raise ValueError(f"out has {out.shape[0]} cells; these pages need {cells_needed}")
+    cdef Py_ssize_t w, nwords = <Py_ssize_t>((n + 63) >> 6)
+    cdef uint64_t word, page, total = 0
+    cdef int bit
+    with nogil:
+        for w in range(nwords):
+            word = bitmap[w]
+            if word == 0:
+                continue
+            page = <uint64_t>w << 6
+            if n - page < 64:  # the last, partial word
+                word &= ((<uint64_t>1) << (n - page)) - 1
+            if ppc % 64 == 0 and first % 64 == 0:
+                bit = scan_popcount64(word)
+                out[(first + page) // ppc] += bit
+                total += bit
+                continue
+            while word:
+                bit = scan_ctz64(word)
+                out[(first + page + bit) // ppc] += 1
+                total += 1
+                word &= word - 1
+    return total

@@ -18,6 +18,7 @@ __all__ = [
     "Xxh64",
     "and_not",
     "bitmap_to_pages",
+    "cell_counts",
     "count_set",
     "gather_pages",
     "harvest_ring",
@@ -57,6 +58,12 @@ if TYPE_CHECKING:
 
     def bitmap_to_pages(bitmap: U64Array, out: U64Array | None = None) -> U64Array:
         """Ascending page numbers of the set bits; fills and slices `out` if given."""
+
+    def cell_counts(
+        bitmap: U64Array, first_page: int, npages: int, pages_per_cell: int,
+        out: npt.NDArray[np.uint32],
+    ) -> int:  # fmt: skip
+        """out[(first_page + p) // pages_per_cell] += 1 per set bit p < npages; the count."""
 
     def count_set(bitmap: U64Array) -> int:
         """Number of set bits."""
@@ -155,6 +162,7 @@ else:
         Xxh64,
         and_not,
         bitmap_to_pages,
+        cell_counts,
         count_set,
         gather_pages,
         harvest_ring,

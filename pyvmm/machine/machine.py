@@ -32,6 +32,7 @@ from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
 from pyvmm.machine.vcpu import Vcpu, VcpuHost, VcpuRunState, install_kick_handler
+from pyvmm.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Machine:
         )
         self.ring_bytes = 0
         self.tsc_khz = 0
+        self.timeline: Timeline | None = None  # vCPUs created while it is set record on it
 
     # --- building ----------------------------------------------------------------------------
 
@@ -164,7 +166,10 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         for index in range(self.config.vcpus):
             fd = self.vm.create_vcpu(index)
-            self.vcpus.append(Vcpu(index, fd, self._vcpu_host))
+            vcpu = Vcpu(index, fd, self._vcpu_host)
+            if self.timeline is not None:
+                vcpu.start_timeline(self.timeline)
+            self.vcpus.append(vcpu)
             if index == 0:
                 self.tsc_khz = fd.get_tsc_khz()
             entries = cpuid.vcpu_cpuid(supported, index, self.config.vcpus, self.tsc_khz)

@@ -10,6 +10,10 @@ Every change of status or run state goes through `serialize`, which the VMM poin
 its control loop (monitor/control.py): a cancel, a `stop` and the migration's own
 commit are therefore ordered, never interleaved. The rule at the end: before the commit
 a failure resumes the source; after it the source never resumes (switchover.py).
+
+With `timeline` (and `heatmap`) set before start (monitor/recording.py sets them), each
+phase records itself: setup and switchover spans and status instants here, the pass
+loop's spans and counters in precopy.py, the handshake's steps in switchover.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pyvmm.dirty.heatmap import Heatmap
 from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.machine import Machine
 from pyvmm.migration import transport
@@ -29,7 +34,7 @@ from pyvmm.migration.dirtypages import DirtyPages
 from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.policy import SYNC_FORCED, ConvergencePolicy
-from pyvmm.migration.precopy import MigrationCancelled, Precopy
+from pyvmm.migration.precopy import MIGRATION_THREAD, MigrationCancelled, Precopy, migration_track
 from pyvmm.migration.stats import ACTIVE_STATES, MigrationStats
 from pyvmm.migration.stream import (
     ReplyType,
@@ -39,6 +44,7 @@ from pyvmm.migration.stream import (
     StreamWriter,
 )
 from pyvmm.migration.switchover import REPLY_TIMEOUT_S, Switchover
+from pyvmm.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,8 @@ class MigrationSource:
         self._in_downtime = False
         self._we_paused = False
         self.resume_state: str | None = None  # the run state to go back to before the commit
+        self.timeline: Timeline | None = None  # recording (docs/timeline.md)
+        self.heatmap: Heatmap | None = None
 
     # --- what QMP and the policies see --------------------------------------------------------
 
@@ -103,7 +111,9 @@ class MigrationSource:
         parsed = transport.parse_uri(uri)
         self.stats = MigrationStats(status="setup", start_ms=self.clock.now_ms())
         self._emit_status("setup")
-        self.thread = threading.Thread(target=self._run, args=(parsed,), name="live_migration")
+        if self.timeline is not None:
+            self.timeline.instant("status setup", 0, scope="p", cat="migration")
+        self.thread = threading.Thread(target=self._run, args=(parsed,), name=MIGRATION_THREAD)
         self.thread.daemon = True
         self.thread.start()
 
@@ -165,6 +175,9 @@ class MigrationSource:
     def _set_status(self, status: str) -> None:
         self.stats.status = status
         self._emit_status(status)
+        tl = self.timeline
+        if tl is not None:  # a line across the whole process
+            tl.instant(f"status {status}", 0, scope="p", cat="migration")
 
     def _status(self, status: str) -> None:
         self._serialize(lambda: self._set_status(status))
@@ -197,7 +210,12 @@ class MigrationSource:
         try:
             self._setup(uri)
             assert self.precopy is not None
+            tl = self.timeline
+            t0_us = tl.now_us() if tl is not None else 0.0
             self.precopy.run()
+            if tl is not None:
+                tl.complete("pre-copy", t0_us, tl.now_us() - t0_us,
+                            migration_track(tl), cat="migration")  # fmt: skip
             self._switch_over()
         except MigrationCancelled:
             self._end_failed("cancelled", None)
@@ -215,6 +233,8 @@ class MigrationSource:
     def _setup(self, uri: transport.MigrationUri) -> None:
         memory = self.machine.memory
         assert memory is not None
+        tl = self.timeline
+        t0_us = tl.now_us() if tl is not None else 0.0
         self.stats.ram.total = memory.size_bytes
         self._sock = transport.connect(uri)
         if self._cancel.is_set():
@@ -231,6 +251,7 @@ class MigrationSource:
             self.pages, page_writer, self._writer, self.stats, self.settings, self.clock,
             self._cancel, self.policies, self, self._emit,
         )  # fmt: skip
+        self.precopy.timeline, self.precopy.heatmap = self.timeline, self.heatmap
         self.precopy.sync()
         config = StreamConfig(
             memory.size_bytes,
@@ -247,6 +268,10 @@ class MigrationSource:
             policy.on_setup(self)
         self.precopy.start_periods()
         self.stats.setup_time_ms = self.clock.now_ms() - self.stats.start_ms
+        tl = self.timeline
+        if tl is not None:
+            tl.complete("setup", t0_us, tl.now_us() - t0_us, migration_track(tl),
+                        cat="migration")  # fmt: skip
         self._serialize(self._enter_active)
 
     def _enter_active(self) -> None:
@@ -265,9 +290,15 @@ class MigrationSource:
             self.clock, lambda: self._serialize(self._stop_guest),
             lambda: self._serialize(self._commit),
         )  # fmt: skip
+        tl = self.timeline
+        t0_us = tl.now_us() if tl is not None else 0.0
         start = self.clock.now_ms()
         self.switchover.run()
         end = self.clock.now_ms()
+        if tl is not None:
+            tl.complete("switchover", t0_us, tl.now_us() - t0_us,
+                        migration_track(tl), cat="switchover",
+                        args=self.switchover.parts.as_qmp())  # fmt: skip
         self._serialize(lambda: self._end_completed(start, end, expected_ms, bw, pending))
 
     def _end_completed(

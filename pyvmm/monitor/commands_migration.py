@@ -65,6 +65,7 @@ def register_migration_commands(vmm: Vmm) -> None:
             vmm.settings.set_parameters(args)
         except ParameterError as exc:
             raise _generic(exc) from None
+        vmm.record_event("migrate-set-parameters", args)
 
     def set_capabilities(args: dict[str, Any]) -> None:
         changes: dict[str, bool] = {}
@@ -88,6 +89,7 @@ def register_migration_commands(vmm: Vmm) -> None:
             vmm.settings.set_capabilities(changes, dirty_ring=ring)
         except ParameterError as exc:
             raise _generic(exc) from None
+        vmm.record_event("migrate-set-capabilities", changes)
 
     qmp.register(
         "migrate",

@@ -12,6 +12,7 @@ from pyvmm.monitor.commands_dirty import register_dirty_commands
 from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
 from pyvmm.monitor.commands_machine import register_machine_commands
 from pyvmm.monitor.commands_migration import register_migration_commands
+from pyvmm.monitor.commands_timeline import register_timeline_commands
 from pyvmm.monitor.control import ControlLoop
 from pyvmm.monitor.vmm import RunOptions, Vmm
 
@@ -21,6 +22,7 @@ def register_commands(vmm: Vmm) -> None:
     register_dirty_commands(vmm)
     register_migration_commands(vmm)
     register_dirtylimit_commands(vmm)
+    register_timeline_commands(vmm)
 
 
 def make_vmm(

@@ -37,6 +37,7 @@ from pyvmm.migration.source import MigrationSource
 from pyvmm.migration.stream import StreamError
 from pyvmm.migration.transport import MigrationUri
 from pyvmm.monitor.control import ControlLoop, LoopClosed
+from pyvmm.monitor.recording import Recording
 from pyvmm.monitor.server import QmpServer
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Vmm:
         self.ring_quirk: RingQuirk | None = None  # ring mode: does a full ring lose entries?
         self._dirty_rate: DirtyRateMonitor | None = None
         self._dirty_limit: DirtyLimitController | None = None
+        self.recording: Recording | None = None  # timeline recording (x-pyvmm-timeline-*)
         self.loop.on_signal = self.on_signal
 
     # --- life cycle --------------------------------------------------------------------------
@@ -188,6 +190,8 @@ class Vmm:
 
     def close(self) -> None:
         self._stopping = True
+        if self.recording is not None:
+            self.recording.stop()  # gives the convergence logger back
         if self.migration is not None:
             self.migration.cancel()
             self.migration.wait(10)
@@ -296,6 +300,7 @@ class Vmm:
     def _incoming_active(self) -> None:
         if self.incoming_status.status == "setup":
             self.incoming_status.status = "active"
+            self.record_event("incoming: the stream began (HEADER)")
 
     def _start_incoming_guest(self, running: bool) -> bool:
         """On GO, on the loop: start the vCPUs (held under -S); returns whether they run."""
@@ -307,12 +312,14 @@ class Vmm:
         self._set_state("running" if run else "paused")
         self.incoming_status.status = "completed"
         self.emit_event("RESUME" if run else "STOP")
+        self.record_event("incoming: GO, vCPUs " + ("started" if run else "held (-S)"))
         return run
 
     def _incoming_failed(self, message: str) -> None:
         status = self.incoming_status
         status.status, status.error_desc = "failed", message
         log.warning("incoming migration failed: %s", message)
+        self.record_event("incoming: failed", {"error": message})
         if self._stopping or self.machine is None:
             return
         if status.exit_on_error:
@@ -337,6 +344,8 @@ class Vmm:
             build_policies(self.settings.caps, self.dirty_limit_controller()),
             serialize=self.serialize,
         )
+        if self.recording is not None and self.recording.active:
+            self.recording.attach_migration(self.migration)
         self.migration.start(uri)
 
     def dirty_limit_controller(self) -> DirtyLimitController | None:
@@ -368,6 +377,11 @@ class Vmm:
         return self._dirty_rate
 
     # --- run states (on the loop) ------------------------------------------------------------
+
+    def record_event(self, name: str, args: dict[str, Any] | None = None) -> None:
+        """An instant on the timeline when one is being recorded (else nothing)."""
+        if self.recording is not None:
+            self.recording.event(name, args)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         if self.qmp is not None:
