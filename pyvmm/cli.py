@@ -79,7 +79,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         dirty_ring_reaper=args.x_dirty_ring_reaper != "off",
         incoming=args.incoming,
         start_paused=args.S,
+        serial2=args.serial2,
+        colo_compare=args.colo_compare,
     )
+    if args.serial2 is not None:
+        from pyvmm.machine.uartsock import parse_uart_address
+
+        try:
+            parse_uart_address(args.serial2)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    if args.colo_compare is not None and not args.colo_compare.startswith("unix:"):
+        raise CliError(f"invalid --colo-compare address {args.colo_compare!r}: use unix:PATH")
     if args.guest is None and args.incoming is None:
         raise CliError("GUEST is required unless --incoming is given")
     if args.dirty_ring is None and (args.dirty_ring_quirk or args.x_dirty_ring_reaper):
@@ -210,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="default 1")
     run.add_argument("--append", default="", metavar="CMDLINE", help="guest command line")
     run.add_argument("--serial", metavar="FILE", help="write the console here (default stdout)")
+    run.add_argument(
+        "--serial2",
+        metavar="ADDR",
+        help="COM2 (0x2f8), a two-way UART whose host side is a socket: unix:PATH or "
+        "tcp:HOST:PORT connects, with ,server appended it listens",
+    )
+    run.add_argument(
+        "--colo-compare",
+        metavar="unix:PATH",
+        help="COLO primary: the comparator's control socket (pyvmm colo-compare)",
+    )
     run.add_argument("--qmp", metavar="ADDR", help="QMP monitor at unix:PATH or tcp:HOST:PORT")
     run.add_argument(
         "--qmp-allow-remote", action="store_true", help="allow a non-loopback TCP QMP address"

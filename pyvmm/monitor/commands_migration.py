@@ -25,7 +25,7 @@ def register_migration_commands(vmm: Vmm) -> None:
             raise QmpError("GenericError", "need either 'uri' or 'channels' argument")
         if args.get("resume"):
             raise QmpError("GenericError", "Cannot resume: pyvmm has no postcopy")
-        if vmm.migration is not None and vmm.migration.active:
+        if vmm.migration is not None and (vmm.migration.active or vmm.migration.in_colo):
             raise QmpError("GenericError", "There's a migration process in progress")
         if vmm.run_state in ("inmigrate", "prelaunch") or vmm.machine is None:
             raise QmpError("GenericError", "Guest is waiting for an incoming migration")
@@ -81,7 +81,7 @@ def register_migration_commands(vmm: Vmm) -> None:
                 desc = f"Invalid parameter type for 'capabilities[{i}].state', expected: boolean"
                 raise QmpError("GenericError", desc)
             changes[item["capability"]] = item["state"]
-        if vmm.migration is not None and vmm.migration.active:
+        if vmm.migration is not None and (vmm.migration.active or vmm.migration.in_colo):
             raise QmpError("GenericError", "There's a migration process in progress")
         try:
             ring = vmm.machine is not None and vmm.machine.ring_bytes > 0
