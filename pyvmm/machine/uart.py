@@ -186,14 +186,6 @@ class ServiceUart:
         with self._lock:
             return {"tx": self.host_tx + len(self._tx), "sent": self.host_tx, "rx": self.host_rx}
 
-    def discard_tx(self) -> int:
-        """Drop the queued output (a COLO secondary after a checkpoint: the primary, whose
-        state it is, sends those bytes). Returns how many."""
-        with self._lock:
-            n = len(self._tx)
-            self._tx.clear()
-            return n
-
     # --- state ---------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:

@@ -105,8 +105,9 @@ class Checkpoint:
         state = capture(self.machine)  # completes pending I/O first: before the sync
         data = state.to_bytes()
         if self.link is not None:
-            pvm_tx, pvm_rx = self._positions(state.devices.get("serial2"))
-            self.link.checkpoint(number, PASSIVE if passive else COLO, pvm_tx, pvm_rx)
+            pvm_tx, pvm_sent, pvm_rx = self._positions(state.devices.get("serial2"))
+            mode = PASSIVE if passive else COLO
+            self.link.checkpoint(number, mode, pvm_tx, pvm_sent, pvm_rx)
         writer.record(RecordType.VMSTATE_SEND)
         self.page_writer.in_downtime = True
         self.pages.sync()
@@ -148,13 +149,15 @@ class Checkpoint:
             slot, numbers, _ = taken
             self.page_writer.send(slot, numbers)
 
-    def _positions(self, serial2: dict | None) -> tuple[int, int]:
+    def _positions(self, serial2: dict | None) -> tuple[int, int, int]:
         """The primary's COM2 stream positions at its stop: output (every byte its guest
-        wrote) and input (the end of the captured receive queue)."""
+        wrote), the part of it already handed to the socket, and input (the end of the
+        captured receive queue)."""
         uart = self.machine.serial2
         if uart is None or serial2 is None:
-            return 0, 0
-        return uart.stream_positions()["tx"], int(serial2["rx_end"])
+            return 0, 0, 0
+        pos = uart.stream_positions()
+        return pos["tx"], pos["sent"], int(serial2["rx_end"])
 
     def _expect(self, want: ReplyType, doing: str) -> int:
         try:

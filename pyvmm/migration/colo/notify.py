@@ -9,15 +9,18 @@ this socket (`pyvmm run --colo-compare unix:PATH`; the comparator listens there)
     primary -> comparator                               comparator -> primary
     {"hello": "pyvmm-colo", "version": 1}
     {"checkpoint": N, "mode": M, "pvm-tx": X,   --->
-     "pvm-rx": B}  (the primary has stopped)    <---    {"ack": N}
+     "pvm-sent": S, "pvm-rx": B}                <---    {"ack": N}
+     (the primary has stopped)
     {"release": N, "svm-tx": Y}  (after the     --->    releases what checkpoint N commits
      secondary's VMSTATE_RECEIVED)              <---    {"released": N}
     {"exit": "request" | "error"}  (COLO ends)
                                                 <---    {"request": "miscompare" |
                                                          "timeout", "epoch": N}
 
-X is how many bytes the primary's guest had written to COM2 when it stopped, B how many
-it had received; Y the same output count of the secondary when it stopped. With them
+X is how many bytes the primary's guest had written to COM2 when it stopped, S how many
+of them its host side had taken to send (the rest wait in its queue, part of the state,
+and go out after it resumes), B how many it had received; Y the secondary's S at its
+stop. With them
 the comparator knows exactly which answers a checkpoint commits and where the
 secondary's output starts again (docs/colo.md, "The comparator"). `epoch` is the number
 of the last checkpoint the comparator saw released: a request for an older epoch came
@@ -153,12 +156,11 @@ class CompareLink:
         if reply.get(answer) != number:
             raise LinkError(f"COLO link: expected {answer} {number}, got {reply}")
 
-    def checkpoint(self, number: int, mode: str, pvm_tx: int, pvm_rx: int) -> None:
+    def checkpoint(self, number: int, mode: str, pvm_tx: int, pvm_sent: int, pvm_rx: int) -> None:
         """The primary has stopped for checkpoint `number`; returns once acknowledged."""
-        self._call(
-            {"checkpoint": number, "mode": mode, "pvm-tx": pvm_tx, "pvm-rx": pvm_rx},
-            "ack", number,
-        )  # fmt: skip
+        message = {"checkpoint": number, "mode": mode, "pvm-tx": pvm_tx, "pvm-sent": pvm_sent,
+                   "pvm-rx": pvm_rx}  # fmt: skip
+        self._call(message, "ack", number)
 
     def release(self, number: int, svm_tx: int) -> None:
         """The secondary holds checkpoint `number`: its answers may go out."""

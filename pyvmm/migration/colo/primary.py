@@ -191,8 +191,8 @@ class ColoPrimary:
         if self.link is not None:
             self.link.connect()
             uart = self.machine.serial2
-            pos = uart.stream_positions() if uart is not None else {"tx": 0, "rx": 0}
-            self.link.checkpoint(0, COLO, pos["tx"], pos["rx"])
+            pos = uart.stream_positions() if uart is not None else {"tx": 0, "sent": 0, "rx": 0}
+            self.link.checkpoint(0, COLO, pos["tx"], pos["sent"], pos["rx"])
 
     def run(self, was_running: bool) -> None:
         """Until failover; never raises (an error ends COLO and waits for failover)."""

@@ -11,8 +11,9 @@ itself are the ones a checkpoint must put back. Then, per checkpoint:
 3. VMSTATE_SIZE and STATE: the machine state, buffered whole and parsed;
 4. VMSTATE_RECEIVED(its COM2 output position at the stop): everything is here;
 5. apply: finish half-done I/O, then copy from the cache every page the checkpoint
-   brought or the secondary dirtied, then restore the vCPUs and devices, then drop its
-   queued COM2 output (the primary sends it);
+   brought or the secondary dirtied, then restore the vCPUs and devices (its COM2 output
+   queue becomes the primary's: both send those bytes after they resume, so both
+   output streams go on alike);
 6. VMSTATE_LOADED(its vCPU time, us), and run again unless the checkpoint was passive.
 
 A checkpoint cut off before step 4 changes nothing: the secondary stays where it was (its
@@ -272,8 +273,6 @@ class ColoSecondary:
                 bitmap.fill(np.uint64(0))
         restored = self.cache.apply(own)
         restore(machine, state)
-        if machine.serial2 is not None:
-            machine.serial2.discard_tx()
         return restored
 
     def _finish(self) -> None:
