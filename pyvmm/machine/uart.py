@@ -13,12 +13,15 @@ What makes it more than a port-I/O toy is that its state is part of the machine 
 (state.py, "serial2"), so a checkpoint or a migration carries the bytes queued in both
 directions, and a checkpoint can be rolled back. Two stream positions make that exact:
 
-- rx_end: the offset, in the host's byte stream, of the end of the receive FIFO. Every
-  VM that is fed the same stream (COLO's primary and secondary get the same requests)
-  numbers it the same way, so a FIFO restored from another VM lines up with this one's
-  socket: bytes this side read beyond rx_end are taken again from `_log` (kept since the
-  last restore), and bytes it has not read yet up to rx_end are skipped when they come.
+- rx_end: the offset, in the host's byte stream, of the end of the receive FIFO;
 - tx_end: how many bytes the guest has written, in the same sense.
+
+When two VMs are fed the same stream (COLO's primary and secondary get the same
+requests; `aligned` is set on the secondary), both number it the same way, so a FIFO
+restored from the other VM lines up with this one's socket: bytes this side read
+beyond rx_end are taken again from `_log` (kept since the last restore), and bytes it
+has not read yet up to rx_end are skipped when they come. A migration's destination
+(not aligned) has a stream of its own: its restored FIFO simply continues with it.
 
 The host side sends only while the machine runs (`set_running`): bytes a stopped guest
 wrote stay queued, in the state. A migration's source, stopped for good after its commit,
@@ -72,6 +75,7 @@ class ServiceUart:
         self._skip_until = 0  # stream offset: drop received bytes below it
         self._log = bytearray()  # received bytes from _log_base on
         self._log_base = 0
+        self.aligned = False  # fed the same stream as the VM states come from (COLO)
         self.wake: Callable[[], None] = lambda: None  # the machine wakes sleeping vCPUs
 
     # --- the guest's side (vCPU threads) -------------------------------------------------------
@@ -140,7 +144,10 @@ class ServiceUart:
             data = data[: FIFO_MAX_BYTES - len(self._rx)]
             start = self.host_rx
             self.host_rx += len(data)
-            self._log += data
+            if self.aligned:  # only an aligned side ever takes bytes back from the log
+                self._log += data
+            else:
+                self._log_base = self.host_rx
             if len(self._log) > LOG_MAX_BYTES:
                 drop = len(self._log) - LOG_MAX_BYTES
                 del self._log[:drop]
@@ -150,7 +157,7 @@ class ServiceUart:
                 keep = data[min(len(data), self._skip_until - start) :]
             if keep:
                 self._rx += keep
-                self.rx_end = self.host_rx
+                self.rx_end += len(keep)
         if keep:
             self.wake()
         return len(data)
@@ -199,15 +206,15 @@ class ServiceUart:
             }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Load a captured state (checked by state.py), then line the receive FIFO up with
-        this side's own host stream: the state's FIFO ends at rx_end; bytes this process
-        read beyond that are appended from the log, and bytes it has yet to read up to
-        rx_end will be dropped when they arrive (both VMs read the same stream)."""
+        """Load a captured state (checked by state.py). When aligned, line the receive
+        FIFO up with this side's own host stream: the state's FIFO ends at rx_end; bytes
+        this process read beyond that are appended from the log, and bytes it has yet to
+        read up to rx_end will be dropped when they arrive (both VMs read one stream)."""
         with self._lock:
             rx = bytearray.fromhex(state["rx"])
             end = int(state["rx_end"])
             here = self.host_rx
-            if here > end:
+            if self.aligned and here > end:
                 if end < self._log_base:
                     raise MachineError(
                         f"COM2: the restored state ends at byte {end} of the host stream, "
@@ -215,9 +222,9 @@ class ServiceUart:
                     )
                 rx += self._log[end - self._log_base : here - self._log_base]
                 end = here
-            else:
+            elif self.aligned:
                 self._skip_until = end
-            floor = min(int(state["rx_end"]), here)
+            floor = min(int(state["rx_end"]), here) if self.aligned else here
             if floor > self._log_base:  # later restores never go back before this one
                 del self._log[: floor - self._log_base]
                 self._log_base = floor

@@ -269,6 +269,7 @@ class MigrationDestination:
                     if self.colo is None:
                         raise StreamError("the source asks for COLO, which this VM cannot do")
                     self.colo_enabled = True
+                    self.colo.expect()
                 elif rtype is RecordType.SWITCHOVER:
                     reader.end_record(rtype.name)
                     result.guest_running = bool(arg & 1)

@@ -109,6 +109,13 @@ class ColoSecondary:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
+    def expect(self) -> None:
+        """COLO_ENABLE arrived, before the migration's state: the comparator feeds this
+        VM's COM2 the same stream as the primary's, so restored queues line up with it
+        (machine/uart.py)."""
+        if self.machine.serial2 is not None:
+            self.machine.serial2.aligned = True
+
     def prepare(self) -> None:
         """After the migration's state is loaded, before the guest first runs."""
         memory = self.machine.memory
