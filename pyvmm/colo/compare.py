@@ -143,7 +143,9 @@ class Comparator:
         self._svm = LineParser()
         self._svm_raw = bytearray()  # unread secondary output (during a checkpoint)
         self._svm_raw_base = 0
-        self._svm_frozen = False
+        # Until COLO's first release the secondary's output is not read either: it may
+        # start before the comparator hears of checkpoint 0.
+        self._svm_frozen = True
         self._svm_answers: dict[int, bytes] = {}
         self._next_deliver = 1
         self._ready: dict[int, bytes] = {}  # gid -> text, decided, waiting for its turn
@@ -295,9 +297,10 @@ class Comparator:
         """The primary has stopped for checkpoint `number`. From here the secondary's
         output is kept unread until the release says where its past ends."""
         self.pending = _Pending(number, mode, pvm_tx, pvm_sent, pvm_rx)
-        self._svm_frozen = True
-        self._svm_raw_base = self._svm.position
-        self._svm_raw.clear()
+        if not self._svm_frozen:
+            self._svm_frozen = True
+            self._svm_raw_base = self._svm.position
+            self._svm_raw.clear()
 
     @property
     def primary_position(self) -> int:

@@ -100,6 +100,7 @@ class ColoSecondary:
         self._sock: socket.socket | None = None
         self.running = False
         self.error: str | None = None
+        self._start_tx = 0  # its COM2 output position when it first ran
 
     def lost_heartbeat(self) -> None:
         """x-colo-lost-heartbeat (on the control loop): unblock the loop. A checkpoint
@@ -123,6 +124,7 @@ class ColoSecondary:
         self.status.enter(SECONDARY)
         self.stats.role = SECONDARY
         self.cache = RamCache(memory)
+        self._start_tx = self._output_position()
         self._view = self.tracker().open_view("colo-secondary")
         # A fresh dirty log reads all dirty (KVM_DIRTY_LOG_INITIALLY_SET): take that now,
         # while the guest has not run, so only its own writes count from here on.
@@ -142,7 +144,9 @@ class ColoSecondary:
         self.stats.set_mode(COLO, time.monotonic())
         try:
             self.hooks.set_status("colo")
-            writer.value(ReplyType.CHECKPOINT_READY, self._output_position())
+            # Where its output stood when it started from the primary's state: the
+            # comparator reads what follows as the primary's, from the switchover on.
+            writer.value(ReplyType.CHECKPOINT_READY, self._start_tx)
             self._loop(sock, reader, writer, config)
         except Exception as exc:  # every failure ends COLO the same way
             if not self.status.requested.is_set():
