@@ -21,6 +21,7 @@ import pytest
 from mitm import CUT, FORWARD, Mitm, Seen
 from vmproc import VmProc, vm_process
 
+from helpers import one_line_error, run_pyvmm
 from pyvmm.colo.client import INC, TIME, LoadClient
 from pyvmm.colo.proxy import CompareProxy, ProxyConfig
 from pyvmm.migration.stream import RecordType
@@ -45,6 +46,7 @@ class Colo:
 def colo(
     tmp_path: Path, params: dict, guest: str = "colosvc", append: str = "mb=1",
     compare: bool = True, vcpus: int = 1, cut: Mitm | None = None, rate: float = 50.0,
+    checksum: bool = False,
 ) -> Iterator[Colo]:  # fmt: skip
     """A primary migrated with x-colo to a secondary, COLO running. compare: with the
     comparator and a load client (deterministic requests at `rate` a second)."""
@@ -70,8 +72,10 @@ def colo(
             if proxy is not None:
                 client = LoadClient(*proxy.client_address, INC, depth=4, rate_per_s=rate)
                 client.start()
-            pvm.cmd("migrate-set-capabilities",
-                    capabilities=[{"capability": "x-colo", "state": True}])  # fmt: skip
+            caps = [{"capability": "x-colo", "state": True}]
+            if checksum:
+                caps.append({"capability": "x-record-checksum", "state": True})
+            pvm.cmd("migrate-set-capabilities", capabilities=caps)
             pvm.cmd("migrate-set-parameters", **{"max-bandwidth": 0, **params})
             uri = f"unix:{work}/mig.sock"
             if cut is not None:
@@ -329,3 +333,49 @@ def test_a_checkpoint_cut_mid_way_leaves_the_secondary_at_the_previous_one(
             assert not env.svm.lines("CORRUPT")
     finally:
         mitm.close()
+
+
+def test_pre_send_above_the_threshold_with_checksums(tmp_path: Path) -> None:
+    """x-colo-migrate-ram-threshold 0: every checkpoint sends the dirty RAM once with the
+    primary running, then what it dirtied meanwhile; with x-record-checksum the pages
+    read while it ran may differ from their hashes, and are sent again after the stop.
+    The secondary's memverify then finds every page right."""
+    params = {"x-checkpoint-delay": 300, "x-colo-migrate-ram-threshold": 0}
+    with colo(tmp_path, params, guest="memverify", append="mb=4", compare=False,
+              checksum=True) as env:  # fmt: skip
+        wait_for("3 checkpoints", lambda: env.stats(env.pvm)["checkpoints"] >= 3, 20)
+        recent = env.stats(env.pvm)["recent"]
+        assert all(r["presend-bytes"] > 0 for r in recent), recent
+        before = progress(env.svm)
+        env.pvm.proc.kill()
+        env.pvm.proc.wait(10)
+        env.svm.cmd("x-colo-lost-heartbeat")
+        wait_for("the secondary's guest to go on", lambda: progress(env.svm) > before + 1, 15)
+        assert not env.svm.lines("CORRUPT")
+
+
+def test_shutdown_of_both_sides_during_colo_is_prompt(tmp_path: Path) -> None:
+    with colo(tmp_path, {"x-colo-max-time": 10000}, guest="memverify", append="mb=2",
+              compare=False) as env:  # fmt: skip
+        env.stats(env.pvm)
+        for vm in (env.pvm, env.svm):
+            t = time.monotonic()
+            vm.proc.terminate()
+            assert vm.proc.wait(10) == 0
+            assert time.monotonic() - t < 5, vm.name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "hello", "--serial2", "com2"], "invalid --serial2 address 'com2'"),
+        (["run", "hello", "--colo-compare", "tcp:1.2.3.4:5"], "invalid --colo-compare address"),
+        (["run", "hello", "--serial2", "unix:/nonexistent/x.sock"], "--serial2 unix:/nonexistent"),
+        (["colo-compare", "--primary", "p", "--secondary", "unix:/tmp/s", "--control",
+          "unix:/tmp/c"], "invalid primary address 'p': use unix:PATH"),
+    ],
+)  # fmt: skip
+def test_bad_colo_command_lines_are_one_line_errors(args: list[str], message: str) -> None:
+    result = run_pyvmm(args, timeout_s=60)
+    assert result.returncode != 0
+    assert message in one_line_error(result.stderr)

@@ -95,6 +95,13 @@ class _Vm:
             return q.execute(name, args or None)
 
 
+def _rate(prev: Sample | None, s: Sample) -> float:
+    """Checkpoints per second between two samples."""
+    if prev is None or s.t <= prev.t or s.checkpoints < prev.checkpoints:
+        return 0.0
+    return (s.checkpoints - prev.checkpoints) / (s.t - prev.t)
+
+
 class _View:
     """A live table on a terminal (rich), plain lines otherwise."""
 
@@ -114,15 +121,16 @@ class _View:
             print(text, flush=True)
 
     def sample(self, s: Sample) -> None:
+        prev = self.samples[-1] if self.samples else None
         self.samples.append(s)
         if self.live is not None:
             self.live.update(self._table())
         else:
             print(
-                f"{s.t:6.1f} s  {s.phase:<12} mode {s.mode:<14} checkpoints {s.checkpoints:<4}"
-                f" miscompares {s.miscompares:<4} primary CPU {s.pvm_cpu_pct:5.1f}%"
-                f"  secondary CPU {s.svm_cpu_pct:5.1f}%  answers {s.answered:<6}"
-                f" errors {s.errors}",
+                f"{s.t:6.1f} s  {s.phase:<12} mode {s.mode:<14} checkpoints/s "
+                f"{_rate(prev, s):4.1f}  miscompares {s.miscompares:<4} primary CPU "
+                f"{s.pvm_cpu_pct:5.1f}%  secondary CPU {s.svm_cpu_pct:5.1f}%  answers "
+                f"{s.answered:<6} errors {s.errors}",
                 flush=True,
             )
 
@@ -135,11 +143,8 @@ class _View:
             table.add_column(name, justify="right")
         rows = self.samples[-12:]
         for prev, s in zip([None, *rows[:-1]], rows, strict=True):
-            rate = 0.0
-            if prev is not None and s.t > prev.t:
-                rate = (s.checkpoints - prev.checkpoints) / (s.t - prev.t)
             table.add_row(
-                f"{s.t:.0f} s", s.phase, s.mode, f"{rate:.1f}", str(s.miscompares),
+                f"{s.t:.0f} s", s.phase, s.mode, f"{_rate(prev, s):.1f}", str(s.miscompares),
                 f"{s.pvm_cpu_pct:.0f}%", f"{s.svm_cpu_pct:.0f}%", str(s.answered),
                 str(s.errors),
             )  # fmt: skip

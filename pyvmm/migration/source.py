@@ -296,7 +296,9 @@ class MigrationSource:
         assert setup is not None and self._sock is not None
         assert self._writer is not None and self._reader is not None
         self._end_policies()
-        hooks = PrimaryHooks(setup.stop, setup.resume, self._emit, self._status, setup.closing)
+        hooks = PrimaryHooks(
+            setup.stop, setup.resume, self._emit, self._status, setup.closing, setup.serialize
+        )
         self.colo = ColoPrimary(
             self.machine, self.tracker, self._sock, self._writer, self._reader, self.settings,
             self.clock, hooks, setup.status, setup.stats, setup.compare_path,

@@ -205,6 +205,8 @@ class Vmm:
 
     def close(self) -> None:
         self._stopping = True
+        if self.colo_session is not None:  # a COLO loop waits for checkpoints or failover
+            self.colo_session.wake()
         if self.migration is not None:
             self.migration.cancel()
             self.migration.wait(10)
@@ -373,7 +375,7 @@ class Vmm:
             self.colo_status, self.colo_stats, self._compare_path(),
             lambda: self.serialize(self._colo_stop),
             lambda running: self.serialize(lambda: self._colo_resume(running)),
-            lambda: self._stopping, self._set_colo_session,
+            lambda: self._stopping, self._set_colo_session, self.serialize,
         )  # fmt: skip
 
     def _compare_path(self) -> str | None:
@@ -412,6 +414,7 @@ class Vmm:
             self.emit_event,
             lambda status: self.serialize(lambda: set_status(status)),
             lambda: self._stopping,
+            self.serialize,
         )
 
     def dirty_limit_controller(self) -> DirtyLimitController | None:

@@ -133,11 +133,11 @@ class Checkpoint:
         is dirty, send it with the guest running, so less is left for the stop."""
         sent = 0
         for _ in range(PRESEND_ITERATIONS):
-            if self.pages.view.dirty_pages() * 4096 <= threshold_bytes:
+            self.pages.sync()  # what is left stays queued for the stop
+            if self.pages.remaining_bytes() <= threshold_bytes:
                 break
             before = self.writer.bytes_sent
             self.page_writer.in_downtime = False
-            self.pages.sync()
             self._send_all()
             sent += self.writer.bytes_sent - before
         return sent

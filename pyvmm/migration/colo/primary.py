@@ -59,6 +59,7 @@ class ColoSetup:
     resume: Callable[[bool], None]
     closing: Callable[[], bool]
     on_session: Callable[[ColoPrimary | None], None]  # the VMM's handle for failover
+    serialize: Callable[[Callable[[], Any]], Any] = lambda fn: fn()  # the control loop
 
 
 @dataclass
@@ -70,6 +71,7 @@ class PrimaryHooks:
     emit: Callable[[str, dict[str, Any] | None], None]
     set_status: Callable[[str], None]  # the migration's status: colo, completed
     closing: Callable[[], bool] = lambda: False  # the process is shutting down
+    serialize: Callable[[Callable[[], Any]], Any] = lambda fn: fn()  # the control loop
 
 
 class Triggers:
@@ -159,6 +161,12 @@ class ColoPrimary:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
+    def wake(self) -> None:
+        """The VMM is shutting down: stop waiting (the loop sees hooks.closing())."""
+        self.triggers.wake()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def _link_lost(self, why: str) -> None:
         self.link_lost = why
         self.triggers.wake()
@@ -175,7 +183,7 @@ class ColoPrimary:
     def start(self) -> None:
         """While the primary is stopped after the switchover: its own dirty view, and the
         comparator told that the secondary holds this state (checkpoint 0)."""
-        self.status.enter(PRIMARY)
+        self.hooks.serialize(lambda: self.status.enter(PRIMARY))
         self.stats.role = PRIMARY
         self.open_view()
         assert self._view is not None
@@ -218,7 +226,7 @@ class ColoPrimary:
         self._finish()
 
     def _interrupted(self) -> bool:
-        return self.status.requested.is_set() or self.link_lost is not None
+        return self.status.requested.is_set() or self.link_lost is not None or self.hooks.closing()
 
     def _expect_ready(self) -> int:
         try:
@@ -250,6 +258,8 @@ class ColoPrimary:
                 raise FailoverRequested
             if self.link_lost is not None:
                 raise ConnectionError(self.link_lost)
+            if self.hooks.closing():
+                raise ConnectionError("the VMM is shutting down")
             length = clock.now_ms() - checkpoint_time
             if trigger == "miscompare":
                 stats.miscompares += 1
@@ -289,7 +299,7 @@ class ColoPrimary:
         while not status.requested.wait(EXIT_POLL_S):
             if hooks.closing():
                 break
-        status.set_failover(FailoverState.REQUIRE, FailoverState.ACTIVE)
+        hooks.serialize(lambda: status.set_failover(FailoverState.REQUIRE, FailoverState.ACTIVE))
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         checkpoint = self.checkpoint
@@ -303,7 +313,11 @@ class ColoPrimary:
             self.link.close()
         if self._view is not None:
             self._view.close()
-        status.set_failover(FailoverState.ACTIVE, FailoverState.COMPLETED)
-        status.leave()
+
+        def done() -> None:
+            status.set_failover(FailoverState.ACTIVE, FailoverState.COMPLETED)
+            status.leave()
+
+        hooks.serialize(done)
         hooks.set_status("completed")
         log.info("colo failover done on the primary: it serves alone")

@@ -70,6 +70,7 @@ class SecondaryHooks:
     emit: Callable[[str, dict[str, Any] | None], None]
     set_status: Callable[[str], None]  # the incoming migration's status: colo, completed
     closing: Callable[[], bool] = lambda: False
+    serialize: Callable[[Callable[[], Any]], Any] = lambda fn: fn()  # the control loop
 
 
 def vcpu_seconds(machine: Machine) -> float:
@@ -117,11 +118,15 @@ class ColoSecondary:
         if self.machine.serial2 is not None:
             self.machine.serial2.aligned = True
 
+    def wake(self) -> None:
+        """The VMM is shutting down: unblock the loop."""
+        self.lost_heartbeat()
+
     def prepare(self) -> None:
         """After the migration's state is loaded, before the guest first runs."""
         memory = self.machine.memory
         assert memory is not None
-        self.status.enter(SECONDARY)
+        self.hooks.serialize(lambda: self.status.enter(SECONDARY))
         self.stats.role = SECONDARY
         self.cache = RamCache(memory)
         self._start_tx = self._output_position()
@@ -295,7 +300,7 @@ class ColoSecondary:
         while not status.requested.wait(EXIT_POLL_S):
             if hooks.closing():
                 break
-        status.set_failover(FailoverState.REQUIRE, FailoverState.ACTIVE)
+        hooks.serialize(lambda: status.set_failover(FailoverState.REQUIRE, FailoverState.ACTIVE))
         self.lost_heartbeat()
         if self._view is not None:
             self._view.close()
@@ -303,7 +308,11 @@ class ColoSecondary:
         if not self.running and not hooks.closing():
             hooks.start()  # QEMU: "-S" is ignored on the secondary side
             self.running = True
-        status.set_failover(FailoverState.ACTIVE, FailoverState.COMPLETED)
-        status.leave()
+
+        def done() -> None:
+            status.set_failover(FailoverState.ACTIVE, FailoverState.COMPLETED)
+            status.leave()
+
+        hooks.serialize(done)
         hooks.set_status("completed")
         log.info("colo failover done on the secondary: it serves now")
