@@ -379,3 +379,12 @@ def test_bad_colo_command_lines_are_one_line_errors(args: list[str], message: st
     result = run_pyvmm(args, timeout_s=60)
     assert result.returncode != 0
     assert message in one_line_error(result.stderr)
+
+
+def test_migrate_with_x_colo_refuses_an_unreachable_comparator(tmp_path: Path) -> None:
+    args = ["hello", "-S", "--colo-compare", f"unix:{tmp_path}/nobody.ctl"]
+    with vm_process(tmp_path, "vm", args) as vm, SyncQmp(vm.qmp_addr) as q:
+        q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
+        with pytest.raises(QmpCommandError, match="COLO comparator at unix:.* does not answer"):
+            q.cmd("migrate", uri=f"unix:{tmp_path}/mig.sock")
+        assert q.cmd("query-migrate") == {}

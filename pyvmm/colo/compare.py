@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 PRIMARY_ONLY, COLO, PASSIVE, SECONDARY_ONLY = "primary-only", "colo", "passive", "secondary-only"
 MAX_LINE_BYTES = 4096  # a longer line from a VM is cut there
+MAX_LOG_BYTES = 64 << 20  # requests kept for a replay; older ones are dropped beyond this
 DEFAULT_TIMEOUT_MS = 3000  # colo-compare's DEFAULT_TIME_OUT_MS
 
 
@@ -186,6 +187,9 @@ class Comparator:
         failover, or just the newest request (`newest` bytes of it, not a replay)."""
         if self.svm_sent >= self.total_in:
             return []
+        if self.svm_sent < self._log_base:  # beyond MAX_LOG_BYTES: what is left
+            self.stats.failovers.append(f"replay lost {self._log_base - self.svm_sent} bytes")
+            self.svm_sent = self._log_base
         data = bytes(self._log[self.svm_sent - self._log_base :])
         self.stats.replayed_bytes += len(data) - newest
         self.svm_sent = self.total_in
@@ -195,6 +199,7 @@ class Comparator:
         """Keep the stream from the oldest position anyone may still need: what the
         secondary was not sent, and what the last commit's state had not received."""
         keep = self.svm_sent if self.secondary_alive else self.total_in
+        keep = max(keep, self.total_in - MAX_LOG_BYTES)  # a secondary that never comes
         drop = keep - self._log_base
         if drop > 0:
             del self._log[:drop]

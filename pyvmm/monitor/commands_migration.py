@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.migration.params import QMP_PARAMETERS, ParameterError
 from pyvmm.migration.transport import parse_uri
 from pyvmm.monitor.schema import ArgSpec, QmpError
+from pyvmm.unixsocket import socket_is_live
 
 if TYPE_CHECKING:
     from pyvmm.monitor.vmm import Vmm
@@ -36,6 +37,9 @@ def register_migration_commands(vmm: Vmm) -> None:
             vmm.settings.check_migrate()
         except ValueError as exc:  # ParameterError is one
             raise _generic(exc) from None
+        compare = vmm.options.colo_compare
+        if vmm.settings.caps.get("x-colo") and compare and not socket_is_live(compare[5:]):
+            raise QmpError("GenericError", f"the COLO comparator at {compare} does not answer")
         vmm.start_migration(args["uri"])
 
     def migrate_cancel(args: dict[str, Any]) -> None:
