@@ -385,6 +385,6 @@ def test_migrate_with_x_colo_refuses_an_unreachable_comparator(tmp_path: Path) -
     args = ["hello", "-S", "--colo-compare", f"unix:{tmp_path}/nobody.ctl"]
     with vm_process(tmp_path, "vm", args) as vm, SyncQmp(vm.qmp_addr) as q:
         q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
-        with pytest.raises(QmpCommandError, match="COLO comparator at unix:.* does not answer"):
+        with pytest.raises(QmpCommandError, match=r"COLO comparator at unix:.* does not answer"):
             q.cmd("migrate", uri=f"unix:{tmp_path}/mig.sock")
         assert q.cmd("query-migrate") == {}
