@@ -31,6 +31,7 @@ from pyvmm.machine.dirty_ring_setup import enable_dirty_ring, max_ring_entries
 from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.uart import COM2_BASE, PORTS, ServiceUart
 from pyvmm.machine.vcpu import Vcpu, VcpuHost, VcpuRunState, install_kick_handler
 from pyvmm.timeline import Timeline
 
@@ -114,6 +115,7 @@ class Machine:
         control = ControlPort(self._guest_exit)
         self.bus.register(EXIT_PORT, 1, control)
         self.bus.register(SLEEP_PORT, 1, control)
+        self.serial2: ServiceUart | None = None  # COM2, when attached (attach_serial2)
         self.irqchip = False
         self.started = False
         # How the VM ended: the first entry wins. list.append is atomic, so request_exit
@@ -178,6 +180,17 @@ class Machine:
             if self.ring_bytes:
                 fd.map_dirty_ring(self.ring_bytes)
 
+    def attach_serial2(self, uart: ServiceUart) -> None:
+        """COM2 at 0x2f8 (uart.py): data for the guest wakes its sleeping vCPUs."""
+        self.serial2 = uart
+        self.bus.register(COM2_BASE, PORTS, uart)
+        uart.wake = self._wake_vcpus
+        uart.set_running(False)  # until start(): a stopped guest's output stays queued
+
+    def _wake_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.wake()
+
     def _enable_dirty_ring(self, entries: int) -> None:
         self.ring_bytes = enable_dirty_ring(self.kvm, self.vm, entries)
 
@@ -201,6 +214,8 @@ class Machine:
             if paused:
                 vcpu.request_pause()
             vcpu.start()
+        if self.serial2 is not None:
+            self.serial2.set_running(not paused)
 
     def wait(self, timeout_s: float | None = None) -> MachineExit | None:
         """Block until the VM ends (or timeout); returns why, or None on timeout."""
@@ -255,6 +270,8 @@ class Machine:
 
     def pause(self) -> None:
         """Stop every vCPU outside KVM_RUN; returns when all are parked."""
+        if self.serial2 is not None:
+            self.serial2.set_running(False)
         for vcpu in self.vcpus:
             vcpu.request_pause()
         for vcpu in self.vcpus:
@@ -264,6 +281,8 @@ class Machine:
     def resume(self) -> None:
         for vcpu in self.vcpus:
             vcpu.resume()
+        if self.serial2 is not None:
+            self.serial2.set_running(True)
 
     def stats(self) -> MachineStats:
         return MachineStats([v.exits for v in self.vcpus])

@@ -30,6 +30,7 @@ from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.machine import Machine
 from pyvmm.migration import transport
 from pyvmm.migration.clock import WALL_CLOCK, Clock
+from pyvmm.migration.colo.primary import ColoPrimary, ColoSetup, PrimaryHooks
 from pyvmm.migration.dirtypages import DirtyPages
 from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.params import MigrationSettings
@@ -37,6 +38,7 @@ from pyvmm.migration.policy import SYNC_FORCED, ConvergencePolicy
 from pyvmm.migration.precopy import MIGRATION_THREAD, MigrationCancelled, Precopy, migration_track
 from pyvmm.migration.stats import ACTIVE_STATES, MigrationStats
 from pyvmm.migration.stream import (
+    RecordType,
     ReplyType,
     StreamConfig,
     StreamError,
@@ -69,6 +71,7 @@ class MigrationSource:
         policies: list[ConvergencePolicy] | None = None,
         serialize: Callable[[Callable[[], Any]], Any] = _direct,
         clock: Clock = WALL_CLOCK,
+        colo: ColoSetup | None = None,
     ) -> None:
         self.machine = machine
         self.tracker = tracker
@@ -95,6 +98,8 @@ class MigrationSource:
         self.resume_state: str | None = None  # the run state to go back to before the commit
         self.timeline: Timeline | None = None  # recording (docs/timeline.md)
         self.heatmap: Heatmap | None = None
+        self.colo_setup = colo  # with the x-colo capability: COLO follows the switchover
+        self.colo: ColoPrimary | None = None
 
     # --- what QMP and the policies see --------------------------------------------------------
 
@@ -105,6 +110,15 @@ class MigrationSource:
     @property
     def in_downtime(self) -> bool:
         return self._in_downtime
+
+    @property
+    def in_colo(self) -> bool:
+        """The switchover is done and COLO runs (QEMU's MIGRATION_STATUS_COLO)."""
+        return self.stats.status == "colo"
+
+    @property
+    def wants_colo(self) -> bool:
+        return self.colo_setup is not None and bool(self.settings.caps.get("x-colo"))
 
     def start(self, uri: str) -> None:
         """Begin migrating to `uri` in a background thread (returns at once)."""
@@ -217,6 +231,8 @@ class MigrationSource:
                 tl.complete("pre-copy", t0_us, tl.now_us() - t0_us,
                             migration_track(tl), cat="migration")  # fmt: skip
             self._switch_over()
+            if self.wants_colo:
+                self._run_colo()
         except MigrationCancelled:
             self._end_failed("cancelled", None)
         except Exception as exc:  # any failure: the source keeps running (if not committed)
@@ -263,6 +279,8 @@ class MigrationSource:
         )
         self._writer.preamble()
         self._writer.header(config)
+        if self.wants_colo:  # QEMU sends ENABLE_COLO right after its header too
+            self._writer.record(RecordType.COLO_ENABLE)
         self.precopy.header_sent = True
         for policy in self.policies:
             policy.on_setup(self)
@@ -301,6 +319,31 @@ class MigrationSource:
                         args=self.switchover.parts.as_qmp())  # fmt: skip
         self._serialize(lambda: self._end_completed(start, end, expected_ms, bw, pending))
 
+    def _run_colo(self) -> None:
+        """COLO on this connection, from the stopped primary on (colo/primary.py). The
+        migration's own view and its convergence policies end here: COLO has its own
+        view, and a throttle must not outlive the migration."""
+        setup = self.colo_setup
+        assert setup is not None and self._sock is not None
+        assert self._writer is not None and self._reader is not None
+        self._end_policies()
+        hooks = PrimaryHooks(
+            setup.stop, setup.resume, self._emit, self._status, setup.closing, setup.serialize
+        )
+        self.colo = ColoPrimary(
+            self.machine, self.tracker, self._sock, self._writer, self._reader, self.settings,
+            self.clock, hooks, setup.status, setup.stats, setup.compare_path,
+        )  # fmt: skip
+        self.colo.open_view()
+        if self._view is not None:
+            self._view.close()
+            self._view = None
+        setup.on_session(self.colo)
+        try:
+            self.colo.run(self.resume_state == "running")
+        finally:
+            setup.on_session(None)
+
     def _end_completed(
         self, start_ms: float, end_ms: float, expected_ms: float, bw_bytes_per_ms: float,
         pending_bytes: int,
@@ -322,6 +365,10 @@ class MigrationSource:
             **parts.as_qmp(),
         }
         self._we_paused = False  # the guest lives on at the destination now
+        if self.wants_colo:  # both go on: COLO resumes this side (colo/primary.py)
+            self._set_run_state("colo")
+            self._set_status("colo")
+            return
         self._set_run_state("postmigrate")
         self._set_status("completed")
         log.info(
@@ -383,13 +430,17 @@ class MigrationSource:
 
         self._serialize(end)
 
-    def _teardown(self) -> None:
-        self._in_downtime = False
-        for policy in self.policies:
+    def _end_policies(self) -> None:
+        policies, self.policies = self.policies, []
+        for policy in policies:
             try:
                 policy.on_end(self)
             except Exception:
                 log.exception("convergence policy cleanup failed")
+
+    def _teardown(self) -> None:
+        self._in_downtime = False
+        self._end_policies()
         if self._view is not None:
             self._view.close()
         if self._sock is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import IO
 
 from pyvmm.machine.machine import MachineExit
+from pyvmm.monitor.commands_colo import register_colo_commands
 from pyvmm.monitor.commands_dirty import register_dirty_commands
 from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
 from pyvmm.monitor.commands_machine import register_machine_commands
@@ -23,6 +24,7 @@ def register_commands(vmm: Vmm) -> None:
     register_migration_commands(vmm)
     register_dirtylimit_commands(vmm)
     register_timeline_commands(vmm)
+    register_colo_commands(vmm)
 
 
 def make_vmm(
