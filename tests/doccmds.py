@@ -122,17 +122,17 @@ SUBSTITUTIONS: dict[str, Sub] = {
         slow=True,
     ),
     "pyvmm bench --binary qemu-system-x86_64 --mem 256 --bandwidth 32 --auto-converge "
-    "--periodic-sync off --output qemu.json": Sub(
+    "--sync iteration --output qemu.json": Sub(
         "pyvmm bench --binary qemu-system-x86_64 --mem 32 --bandwidth 32 --auto-converge "
-        "--periodic-sync off --sleep 0.5 --max-time 20 --quiet --output qemu.json",
+        "--sync iteration --sleep 0.5 --max-time 20 --quiet --output qemu.json",
         "32 MiB instead of 256, capped at 20 s",
         needs=("qemu",),
         slow=True,
     ),
-    "pyvmm bench batch convergence --repeat 3 --output results --summary results.md": Sub(
-        "pyvmm bench batch convergence --filter 'convergence/light-no-throttle' --max-time 3 "
+    "pyvmm bench batch series-2024 --repeat 3 --output results --summary results.md": Sub(
+        "pyvmm bench batch series-2024 --filter 'series-2024/light-original' --max-time 3 "
         "--sleep 0.5 --quiet --output results --summary results.md",
-        "one run of one scenario, cut at 3 s, instead of 18 scenarios x 3",
+        "one run of one scenario, cut at 3 s, instead of 21 scenarios x 3",
         slow=True,
     ),
     "pyvmm trace --summary --duration 5 PID": Sub(
@@ -142,10 +142,10 @@ SUBSTITUTIONS: dict[str, Sub] = {
         needs=("ptrace",),
     ),
     # --- docs/bench.md ---
-    "pyvmm bench batch convergence --repeat 3 --binary qemu-system-x86_64 --output results": Sub(
+    "pyvmm bench batch series-2024 --repeat 3 --binary qemu-system-x86_64 --output results": Sub(
         "pyvmm bench batch qemu-reference --binary qemu-system-x86_64 --max-time 3 --sleep 0.5 "
         "--quiet --output results",
-        "the one-vCPU QEMU comparison, cut at 3 s per run, instead of 18 scenarios x 3 x 2",
+        "the one-vCPU QEMU comparison, cut at 3 s per run, instead of every series row x 3 x 2",
         needs=("qemu",),
         slow=True,
     ),
@@ -157,9 +157,9 @@ SUBSTITUTIONS: dict[str, Sub] = {
         slow=True,
     ),
     # --- docs/convergence.md ---
-    "pyvmm bench batch qemu-reference convergence --repeat 3 --binary qemu-system-x86_64 "
+    "pyvmm bench batch series-2024 qemu-reference --repeat 3 --binary qemu-system-x86_64 "
     "--output docs/results --summary docs/results.md --sleep 3": Sub(
-        "pyvmm bench batch qemu-reference convergence --filter '*/light-ac-9.2' "
+        "pyvmm bench batch series-2024 qemu-reference --filter '*/light-timer-9.2' "
         "--binary qemu-system-x86_64 --max-time 3 --sleep 0.5 --quiet --output results "
         "--summary results.md",
         "one scenario cut at 3 s, written beside the block, instead of two hours into docs/",
