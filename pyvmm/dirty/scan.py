@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = [
+    "CHUNK_PAGES",
     "KVM_DIRTY_GFN_F_DIRTY",
     "KVM_DIRTY_GFN_F_RESET",
     "KVM_DIRTY_GFN_SIZE",
@@ -19,6 +20,7 @@ __all__ = [
     "and_not",
     "bitmap_to_pages",
     "count_set",
+    "dirty_window",
     "gather_pages",
     "harvest_ring",
     "is_zero_page",
@@ -28,7 +30,10 @@ __all__ = [
     "pages_to_runs",
     "set_pages",
     "take_and_clear",
+    "take_new",
+    "walk_runs",
     "zero_pages",
+    "zero_range",
 ]
 
 if TYPE_CHECKING:
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
 
     PAGE_SIZE: int
     PAGE_SHIFT: int
+    CHUNK_PAGES: int
     KVM_DIRTY_GFN_F_DIRTY: int
     KVM_DIRTY_GFN_F_RESET: int
     KVM_DIRTY_GFN_SIZE: int
@@ -99,6 +105,40 @@ if TYPE_CHECKING:
     def pages_to_runs(pages: U64Array, starts: U64Array, lengths: U64Array) -> int:
         """Coalesce ascending pages into (start, length) runs; returns the run count."""
 
+    def dirty_window(
+        bitmap: U64Array, from_word: int, limit_word: int, max_pages: int
+    ) -> tuple[int, int, int]:
+        """(start, stop, pages): the first dirty word from from_word, and the word after the
+        one where max_pages set bits are reached (both at most limit_word)."""
+
+    def walk_runs(
+        bitmap: U64Array,
+        start_word: int,
+        stop_word: int,
+        mem: ReadableBuffer | None,
+        populated: U8Array | None,
+        populated_first_chunk: int,
+        max_pages: int,
+        max_run_pages: int,
+        run_first: U64Array,
+        run_pages: U64Array,
+        run_zero: U8Array,
+    ) -> tuple[int, int, int, int, int]:
+        """Take words [start_word, stop_word) into runs; returns (nruns, next_word, pages,
+        zero_pages, read_pages)."""
+
+    def zero_range(
+        mem: WritableBytes,
+        first: int,
+        npages: int,
+        populated: U8Array | None,
+        populated_first_chunk: int,
+    ) -> tuple[int, int]:
+        """Zero pages [first, first + npages) that are not zero; returns (read, written)."""
+
+    def take_new(bitmap: U64Array, old: U64Array, held: U64Array) -> int:
+        """held |= bitmap & ~old; bitmap = old; returns the bits moved."""
+
     class Xxh64:
         """Streaming xxHash64 of the concatenation of the buffers given to update()."""
 
@@ -111,6 +151,7 @@ if TYPE_CHECKING:
 
 else:
     from pyvmm.dirty._scan import (
+        CHUNK_PAGES,
         KVM_DIRTY_GFN_F_DIRTY,
         KVM_DIRTY_GFN_F_RESET,
         KVM_DIRTY_GFN_SIZE,
@@ -120,6 +161,7 @@ else:
         and_not,
         bitmap_to_pages,
         count_set,
+        dirty_window,
         gather_pages,
         harvest_ring,
         is_zero_page,
@@ -129,5 +171,8 @@ else:
         pages_to_runs,
         set_pages,
         take_and_clear,
+        take_new,
+        walk_runs,
         zero_pages,
+        zero_range,
     )
