@@ -8,19 +8,26 @@ TSS, the identity map and (one day) device MMIO. So a VM has one slot, or two.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
+import resource
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pyvmm.machine.errors import GuestMemoryError
+from pyvmm.machine.populated import CHUNK_PAGES, PopulatedChunks
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 LOW_RAM_END = 3 << 30
 HIGH_RAM_START = 4 << 30
+# Python's mmap module has MAP_NORESERVE only from 3.13 on; the value is Linux's (x86-64).
+# Without it, overcommit heuristics refuse a guest larger than RAM + swap (vm.overcommit_memory
+# 0) although it will never touch most of it.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class GuestMemory:
     def __init__(self, size_bytes: int) -> None:
         self.size_bytes = size_bytes
         self.regions: list[MemoryRegion] = []
+        self._populated: PopulatedChunks | None = None  # opened on the first query
         for slot, (gpa, size) in enumerate(layout(size_bytes)):
             # Private anonymous memory, as QEMU uses: reading a page the guest never
             # touched maps the kernel's shared zero page instead of allocating (with
@@ -76,12 +84,16 @@ class GuestMemory:
             # guest for migration took 12 s instead of a fraction of a second).
             # MAP_NORESERVE: untouched pages cost nothing. DONTFORK: a subprocess's fork
             # must not copy-on-write guest RAM. HUGEPAGE: fewer faults, as QEMU does.
-            mm = mmap.mmap(
-                -1,
-                size,
-                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            )
+            try:
+                mm = mmap.mmap(
+                    -1,
+                    size,
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                )
+            except OSError as exc:
+                self.close()
+                raise GuestMemoryError(map_failure(size_bytes, exc)) from None
             for advice in ("MADV_DONTFORK", "MADV_HUGEPAGE"):
                 if hasattr(mmap, advice):
                     mm.madvise(getattr(mmap, advice))
@@ -92,8 +104,31 @@ class GuestMemory:
             self.regions.append(MemoryRegion(slot, gpa, size, mm, array, host_addr))
         self.vmm_dirty = [np.zeros(r.bitmap_words(), dtype=np.uint64) for r in self.regions]
 
+    def populated_chunks(
+        self, slot: int, first_page: int, npages: int
+    ) -> tuple[np.ndarray | None, int]:
+        """Which 2 MiB chunks (CHUNK_PAGES pages, counted from the slot's start) covering
+        pages [first_page, first_page + npages) of a slot the host kernel ever populated:
+        (mask, first chunk), one byte per chunk, 0 = never populated, so all zero and not
+        worth reading. The mask is None when the kernel cannot tell (docs/dirty-tracking.md,
+        "Never-populated memory": what this guarantees)."""
+        region = self.regions[slot]
+        first_chunk = first_page // CHUNK_PAGES
+        end_chunk = -(-min(first_page + npages, region.pages) // CHUNK_PAGES)
+        if self._populated is None:
+            self._populated = PopulatedChunks()
+        mask = self._populated.chunks(
+            region.host_addr + first_chunk * CHUNK_PAGES * PAGE_SIZE,
+            max(end_chunk - first_chunk, 0),
+            region.host_addr + region.size_bytes,
+        )
+        return mask, first_chunk
+
     def close(self) -> None:
         """Unmap guest RAM. Only valid once KVM no longer maps it (VM fd closed)."""
+        if self._populated is not None:
+            self._populated.close()
+            self._populated = None
         regions, self.regions = self.regions, []
         for region in regions:
             region.array = np.empty(0, dtype=np.uint8)
@@ -148,3 +183,55 @@ class GuestMemory:
         last = (gpa - region.gpa + length - 1) // PAGE_SIZE
         pages = np.arange(first, last + 1, dtype=np.uint64)
         np.bitwise_or.at(self.vmm_dirty[region.slot], pages >> 6, np.uint64(1) << (pages & 63))
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def _size(n: int) -> str:
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"
+
+
+OVERCOMMIT = {
+    0: "0 (heuristic: MAP_NORESERVE memory is not counted)",
+    1: "1 (always overcommit)",
+    2: "2 (never overcommit: MAP_NORESERVE is ignored and all of guest RAM counts against "
+    "CommitLimit)",
+}
+
+
+def map_failure(size_bytes: int, exc: OSError) -> str:
+    """One line for a failed mmap of guest RAM: the size asked, the host's memory, the
+    overcommit setting, and the address-space limit when one is set."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            overcommit = int(f.read())
+    except (OSError, ValueError):
+        overcommit = -1
+    parts = [
+        f"host RAM {_gib(info.get('MemTotal', 0))} ({_gib(info.get('MemAvailable', 0))} "
+        f"available), swap {_gib(info.get('SwapTotal', 0))}",
+        f"vm.overcommit_memory={OVERCOMMIT.get(overcommit, overcommit)}",
+    ]
+    if overcommit == 2:
+        parts.append(
+            f"CommitLimit {_gib(info.get('CommitLimit', 0))}, "
+            f"{_gib(info.get('Committed_AS', 0))} committed"
+        )
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        parts.append(f"address-space limit (ulimit -v) {_gib(limit)}")
+    reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+    return f"cannot map {_size(size_bytes)} of guest RAM: {reason}; " + "; ".join(parts)
