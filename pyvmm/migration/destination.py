@@ -23,9 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from pyvmm.dirty.scan import zero_pages
+from pyvmm.dirty.scan import zero_range
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
@@ -65,6 +63,8 @@ class IncomingResult:
     pages_received: int
     zero_pages: int
     changed_pages: int = 0  # pages that changed while they were sent (then sent again)
+    zero_pages_read: int = 0  # pages of ZERO_RUNs that had to be read (populated here)
+    zero_pages_written: int = 0  # ... and written (they were not zero)
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -237,7 +237,7 @@ class MigrationDestination:
                     result.zero_pages += npages
                     if checker is not None:
                         checker.before_write(slot, first, npages)
-                    self._zero(slot, first, npages)
+                    self._zero(slot, first, npages, result)
                     if checker is not None:
                         checker.zero_run(slot, first, npages)
                 elif rtype is RecordType.ITERATION:
@@ -357,13 +357,15 @@ class MigrationDestination:
         assert self.machine.memory is not None
         return self.machine.memory.regions[slot]
 
-    def _zero(self, slot: int, first: int, npages: int) -> None:
-        """Zero the pages that are not zero already: untouched memory stays untouched."""
-        region = self._region(slot)
-        pages = np.arange(first, first + npages, dtype=np.uint64)
-        is_zero = np.empty(npages, np.uint8)
-        if zero_pages(region.array, pages, is_zero) == npages:
-            return
-        for page in pages[is_zero == 0]:
-            start = int(page) * PAGE_SIZE
-            region.array[start : start + PAGE_SIZE] = 0
+    def _zero(self, slot: int, first: int, npages: int, result: IncomingResult) -> None:
+        """Zero the pages that are not zero already: untouched memory stays untouched.
+        Chunks this process never populated are zero without a look (a fresh destination's
+        RAM is all such chunks, so a ZERO_RUN over never-written memory costs one pagemap
+        query and nothing per page); the others are read, and written only where not
+        zero (zero_range, docs/scan.md)."""
+        memory = self.machine.memory
+        assert memory is not None
+        populated, first_chunk = memory.populated_chunks(slot, first, npages)
+        read, written = zero_range(memory.regions[slot].mm, first, npages, populated, first_chunk)
+        result.zero_pages_read += read
+        result.zero_pages_written += written

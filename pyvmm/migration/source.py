@@ -225,7 +225,7 @@ class MigrationSource:
         # Every page must be sent once: the view starts all dirty; the migration re-arms
         # tracking chunk by chunk just before it copies (get, clear, copy).
         self._view = self.tracker.open_view("migration", defer_clear=True, initially_dirty=True)
-        self.pages = DirtyPages(self._view)
+        self.pages = DirtyPages(self._view, memory)
         page_writer = PageWriter(memory, self._writer, self.stats.ram)
         self.precopy = Precopy(
             self.pages, page_writer, self._writer, self.stats, self.settings, self.clock,

@@ -224,20 +224,20 @@ class StreamWriter:
     def send(self, parts: list[bytes | memoryview]) -> None:
         """Send every buffer in order, resuming after partial sends."""
         views = [memoryview(p).cast("B") for p in parts]
-        while views:
-            batch = views[: self._iov_max]
-            sent = self.sock.sendmsg(batch)
+        i, n = 0, len(views)  # an index, not pop(0): a step can have thousands of parts
+        while i < n:
+            sent = self.sock.sendmsg(views[i : i + self._iov_max])
             self.bytes_sent += sent
-            # Drop what went out, keep the rest (including a partly sent buffer).
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
+            # Skip what went out, keep the rest (including a partly sent buffer).
+            while sent and i < n:
+                if sent >= len(views[i]):
+                    sent -= len(views[i])
+                    i += 1
                 else:
-                    views[0] = views[0][sent:]
+                    views[i] = views[i][sent:]
                     sent = 0
-            while views and len(views[0]) == 0:
-                views.pop(0)
+            while i < n and len(views[i]) == 0:
+                i += 1
 
     def preamble(self) -> None:
         flags = FLAG_CHECKSUM if self.checksum else 0
