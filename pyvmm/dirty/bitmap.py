@@ -33,7 +33,7 @@ import logging
 
 import numpy as np
 
-from pyvmm.dirty.scan import and_not, count_set, or_into
+from pyvmm.dirty.scan import and_not, count_set, or_into, take_and_clear
 from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
@@ -121,10 +121,9 @@ class BitmapTracker(DirtyTracker):
         while page < end:
             n = min(CLEAR_CHUNK_PAGES, total - page)  # a chunk may end only at the slot's end
             words = stale[page // 64 : (page + n + 63) // 64]
-            if words.any():
-                chunk = self._clear_scratch[: len(words)]
-                chunk[:] = words
+            chunk = self._clear_scratch[: len(words)]
+            chunk.fill(0)
+            if take_and_clear(words, chunk):  # the chunk's stale bits, moved out in one pass
                 self.machine.vm.clear_dirty_log(slot, page, n, chunk.ctypes.data)
                 self.clears += 1
-                words.fill(0)
             page += n
