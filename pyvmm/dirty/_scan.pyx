@@ -828,7 +828,8 @@ def walk_runs(uint64_t[::1] bitmap not None, Py_ssize_t start_word, Py_ssize_t s
     the kernel never populated: its pages are zero pages and are not read.
     Writes runs r = 0 .. nruns - 1 as (run_first[r], run_pages[r], run_zero[r]); data runs
     are at most max_run_pages long. Stops at stop_word, before a word once max_pages pages
-    are taken, or before a word whose pages might not fit in the run arrays.
+    are taken (pages of never-populated chunks do not count: they cost nothing to read or
+    send), or before a word whose pages might not fit in the run arrays.
 
     Returns (nruns, next_word, pages, zero_pages, read_pages): next_word is where the next
     walk should resume (the words before it are taken); read_pages counts pages whose
@@ -836,7 +837,7 @@ def walk_runs(uint64_t[::1] bitmap not None, Py_ssize_t start_word, Py_ssize_t s
     """
     cdef Py_ssize_t nwords = bitmap.shape[0], pos, cap, pop_len = 0
     cdef uint64_t *words
-    cdef uint64_t w, rest, span, page, end, taken = 0, zeros = 0, reads = 0
+    cdef uint64_t w, rest, span, page, end, taken = 0, zeros = 0, reads = 0, used = 0
     cdef uint64_t mem_pages = 0, bad_page = 0, chunk, p
     cdef bint has_mem = mem is not None
     cdef const uint8_t[::1] mem_view
@@ -887,11 +888,13 @@ def walk_runs(uint64_t[::1] bitmap not None, Py_ssize_t start_word, Py_ssize_t s
             if pos >= stop_word:
                 break
             w = words[pos]
-            if taken >= max_pages or runs.count + scan_popcount64(w) > cap:
+            if used >= max_pages or runs.count + scan_popcount64(w) > cap:
                 break
             # A word never straddles a chunk (a chunk is 8 whole words).
             chunk = (<uint64_t>pos) >> _CHUNK_WORD_SHIFT
             z = pop != NULL and pop[chunk - populated_first_chunk] == 0
+            if not z:
+                used += scan_popcount64(w)  # never-populated pages cost nothing to send
             if has_mem and not z:
                 # Every set bit must name a page inside mem (a slot's last word may be partial).
                 end = ((<uint64_t>pos) << 6) + 63 - <uint64_t>scan_clz64(w)  # highest page

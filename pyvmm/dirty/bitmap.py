@@ -109,6 +109,9 @@ class BitmapTracker(DirtyTracker):
     def _before_copy(self, slot: int, first_page: int, npages: int) -> None:
         if self.manual_protect:
             with self._lock:
+                stale = self._stale[slot]
+                if not count_set(stale[first_page // 64 : (first_page + npages + 63) // 64]):
+                    return  # these pages are armed already (their chunk was cleared)
                 start = first_page - first_page % CLEAR_CHUNK_PAGES
                 self._clear(slot, start, first_page + npages - start)
 
@@ -121,9 +124,10 @@ class BitmapTracker(DirtyTracker):
         while page < end:
             n = min(CLEAR_CHUNK_PAGES, total - page)  # a chunk may end only at the slot's end
             words = stale[page // 64 : (page + n + 63) // 64]
-            chunk = self._clear_scratch[: len(words)]
-            chunk.fill(0)
-            if take_and_clear(words, chunk):  # the chunk's stale bits, moved out in one pass
+            if count_set(words):
+                chunk = self._clear_scratch[: len(words)]
+                chunk.fill(0)
+                take_and_clear(words, chunk)  # the chunk's stale bits, moved out in one pass
                 self.machine.vm.clear_dirty_log(slot, page, n, chunk.ctypes.data)
                 self.clears += 1
             page += n

@@ -32,6 +32,9 @@ from pyvmm.migration.stream import MAX_RUN_PAGES
 
 STEP_PAGES = 4096  # dirty pages per take at most (16 MiB, one RAM_RUN's worth)
 WINDOW_WORDS = 16384  # bitmap words one take looks at, at most (4 GiB of pages)
+# First pass: the window a populated query covers (1 GiB, the chunk the bitmap tracker
+# re-arms at once anyway, so asking ahead costs no earlier write protection).
+POPULATED_WINDOW_WORDS = 4096
 
 
 class DirtyPages:
@@ -91,13 +94,15 @@ class DirtyPages:
 
     def take(self, max_pages: int = STEP_PAGES) -> RangeTable | None:
         """The next dirty pages from the cursor on, about max_pages of them (the walk stops
-        at the first whole word past it), as a RangeTable of one slot.
+        at the first whole word past it; never-populated pages do not count), as a
+        RangeTable of one slot.
 
         In order: find the window, re-arm tracking for it (view.before_copy: get, clear,
-        copy), ask which of its chunks were ever populated (first pass only), then take
-        the bits and test the pages in one pass, under the view's lock (another user's
-        sync ORs into our bitmap, and a bit landing between the read and the clear would
-        be lost). None when a whole lap of the bitmap found nothing."""
+        copy), then under the view's lock ask which of its chunks were ever populated
+        (first pass only) and take the bits and test the pages in one pass. The lock keeps
+        another user's sync from ORing a bit into our bitmap between the read and the
+        clear, and from merging a write that a populated answer did not see into a bit
+        the walk is about to take. None when a whole lap of the bitmap found nothing."""
         max_pages = max(1, max_pages)
         walked = 0
         slot, word = self._slot, self._word
@@ -109,12 +114,17 @@ class DirtyPages:
                 slot, word = (slot + 1) % len(self.bitmaps), 0
                 continue
             limit = min(len(bitmap), word + WINDOW_WORDS)
-            start, stop, _ = dirty_window(bitmap, word, limit, max_pages)
+            ask = self.memory is not None and self.laps == 0
+            # In the first pass the window is a populated query's (never-populated pages
+            # are free); after it, the window ends where max_pages dirty pages do.
+            start, stop, _ = dirty_window(bitmap, word, limit, 0 if ask else max_pages)
             walked += start - word
             word = start
             if start == limit:
                 continue
-            table = self._walk(slot, bitmap, start, stop, max_pages)
+            if ask:
+                stop = min(limit, start + POPULATED_WINDOW_WORDS)
+            table = self._walk(slot, bitmap, start, stop, max_pages, ask)
             walked += table.words
             word += table.words
             if table.count == 0:
@@ -126,21 +136,21 @@ class DirtyPages:
         return None
 
     def _walk(
-        self, slot: int, bitmap: np.ndarray, start: int, stop: int, max_pages: int
+        self, slot: int, bitmap: np.ndarray, start: int, stop: int, max_pages: int, ask: bool
     ) -> RangeTable:
         """One take over words [start, stop) of a slot's bitmap."""
         self.view.before_copy(slot, start * 64, (stop - start) * 64)
         memory = self.memory
-        mem = populated = None
+        mem = memory.regions[slot].mm if memory is not None else None
+        populated = None
         first_chunk = 0
-        if memory is not None:
-            mem = memory.regions[slot].mm
-            if self.laps == 0:  # the first pass: never-populated memory is not read
+        table = RangeTable.empty(slot, max_pages + 64)
+        with self.view.lock:
+            if ask:
+                assert memory is not None
                 populated, first_chunk = memory.populated_chunks(
                     slot, start * 64, (stop - start) * 64
                 )
-        table = RangeTable.empty(slot, max_pages + 64)
-        with self.view.lock:
             count, next_word, pages, zeros, reads = walk_runs(
                 bitmap, start, stop, mem, populated, first_chunk, max_pages, MAX_RUN_PAGES,
                 table.first, table.npages, table.zero,
