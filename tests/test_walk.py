@@ -377,3 +377,81 @@ def test_first_pass_reads_only_populated_chunks() -> None:
         assert table is not None and table.read_pages == table.pages
     finally:
         memory.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Block summaries: a sync's passes touch only the blocks that hold bits (ring mode)
+# ------------------------------------------------------------------------------------------
+
+BLOCK_WORDS = scan.BLOCK_PAGES // 64
+
+
+@st.composite
+def blocked_bitmaps(draw: st.DrawFn) -> tuple[U64Array, U64Array]:
+    """(bitmap, summary): bits only inside the flagged blocks, the last block partial."""
+    nwords = draw(st.integers(1, 5 * BLOCK_WORDS))
+    nblocks = -(-nwords // BLOCK_WORDS)
+    flagged = draw(st.lists(st.booleans(), min_size=nblocks, max_size=nblocks))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    bitmap = rng.integers(0, 2**64, nwords, dtype=U64, endpoint=False)
+    bitmap &= rng.integers(0, 2**64, nwords, dtype=U64, endpoint=False)  # sparser
+    summary = np.zeros(scan.block_summary_words(nwords), U64)
+    for b, on in enumerate(flagged):
+        if on:
+            summary[b // 64] |= U64(1 << (b % 64))
+        else:
+            bitmap[b * BLOCK_WORDS : (b + 1) * BLOCK_WORDS] = 0
+    return bitmap, summary
+
+
+@FAST
+@given(blocked_bitmaps(), st.data())
+def test_block_summaries_limit_the_passes_to_their_blocks(
+    case: tuple[U64Array, U64Array], data: st.DataObject
+) -> None:
+    src, summary = case
+    n = len(src)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    dst0 = rng.integers(0, 2**64, n, dtype=U64, endpoint=False)
+    # or_new_into and take_and_clear over the blocks give what the full passes give.
+    dst = dst0.copy()
+    assert scan.or_new_into(dst, src, summary) == int(np.bitwise_count(src & ~dst0).sum())
+    np.testing.assert_array_equal(dst, dst0 | src)
+    taken, dst = src.copy(), dst0.copy()
+    assert scan.take_and_clear(taken, dst, summary) == int(np.bitwise_count(src).sum())
+    np.testing.assert_array_equal(dst, dst0 | src)
+    assert not taken.any()
+    # clear_blocks zeroes the flagged blocks and nothing else.
+    cleared = dst0.copy()
+    scan.clear_blocks(cleared, summary)
+    flagged_words = np.zeros(n, bool)
+    for b in range(-(-n // BLOCK_WORDS)):
+        if int(summary[b // 64]) >> (b % 64) & 1:
+            flagged_words[b * BLOCK_WORDS : (b + 1) * BLOCK_WORDS] = True
+    np.testing.assert_array_equal(cleared, np.where(flagged_words, U64(0), dst0))
+    # Bits outside the flagged blocks are not looked at (the caller promises none).
+    outside = src.copy()
+    outside[~flagged_words] = U64(1)
+    dst = np.zeros(n, U64)
+    scan.or_new_into(dst, outside, summary)
+    assert not dst[~flagged_words].any()
+    with pytest.raises(ValueError, match="blocks has"):
+        scan.or_new_into(dst, src, np.zeros(0, U64))
+
+
+def test_harvest_ring_flags_the_block_of_every_page() -> None:
+    gfn = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+    ring = np.zeros(8, gfn)
+    offsets = [0, 4095, 4096, 64 * 4096 + 7, 70 * 4096, 9]
+    ring["offset"][: len(offsets)] = offsets
+    ring["flags"][: len(offsets)] = 1
+    pages = 80 * 4096
+    bitmap = np.zeros(pages // 64, U64)
+    blocks = np.zeros(scan.block_summary_words(len(bitmap)), U64)
+    _, harvested, invalid = scan.harvest_ring(
+        ring, 8, 0, [bitmap], np.array([pages], U64), None, [blocks]
+    )
+    assert (harvested, invalid) == (len(offsets), 0)
+    flagged = {b for b in range(len(blocks) * 64) if int(blocks[b // 64]) >> (b % 64) & 1}
+    assert flagged == {0, 1, 64, 70}
+    np.testing.assert_array_equal(ref_pages(bitmap), sorted(offsets))

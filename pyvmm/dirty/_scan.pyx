@@ -254,15 +254,72 @@ def or_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None):
             dst[i] |= src[i]
 
 
-def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None):
-    """dst |= src, then src = 0; returns the number of bits taken (popcount of src)."""
-    cdef Py_ssize_t i
-    cdef uint64_t w, moved = 0
+# A block summary says which parts of a bitmap may hold bits: bit b of word k stands for
+# block 64 k + b, bitmap words [64 (64 k + b), 64 (64 k + b) + 64), 4096 pages (16 MiB).
+# Functions given one touch only those blocks, so that work follows the dirty pages rather
+# than the size of the guest (ring mode: docs/dirty-tracking.md, "What a sync costs").
+BLOCK_PAGES = 4096
+
+cdef enum:
+    _BLOCK_WORDS = 64
+    _BLOCK_SHIFT = 12       # pages per block: 1 << 12
+
+
+cdef inline Py_ssize_t _summary_words(Py_ssize_t nwords) noexcept nogil:
+    return (nwords + 64 * _BLOCK_WORDS - 1) // (64 * _BLOCK_WORDS)
+
+
+cdef int _check_blocks(Py_ssize_t nwords, Py_ssize_t nsummary) except -1:
+    if nsummary < _summary_words(nwords):
+        raise ValueError(
+            f"blocks has {nsummary} words; a bitmap of {nwords} words needs "
+            f"{_summary_words(nwords)}"
+        )
+    return 0
+
+
+cdef inline Py_ssize_t _next_block(const uint64_t *summary, Py_ssize_t nsummary,
+                                   Py_ssize_t *k, uint64_t *word) noexcept nogil:
+    """The next block flagged in summary (state in *k, *word), or -1."""
+    cdef int b
+    while word[0] == 0:
+        k[0] += 1
+        if k[0] >= nsummary:
+            return -1
+        word[0] = summary[k[0]]
+    b = scan_ctz64(word[0])
+    word[0] &= word[0] - 1
+    return k[0] * 64 + b
+
+
+def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None, blocks=None):
+    """dst |= src, then src = 0; returns the number of bits taken (popcount of src).
+    blocks: a block summary of src; only its blocks are read (the rest must be zero)."""
+    cdef Py_ssize_t i, n = src.shape[0], k = -1, blk, end
+    cdef uint64_t w, moved = 0, cur = 0
+    cdef const uint64_t[::1] summary
     _check_same_length(src.shape[0], dst.shape[0], "src and dst")
     if &src[0] == &dst[0] and src.shape[0] > 0:
         raise ValueError("src and dst are the same buffer; take_and_clear would lose every bit")
+    if blocks is not None:
+        summary = blocks
+        _check_blocks(n, summary.shape[0])
+        if summary.shape[0] == 0:
+            return 0
+        with nogil:
+            while True:
+                blk = _next_block(&summary[0], summary.shape[0], &k, &cur)
+                if blk < 0 or blk * _BLOCK_WORDS >= n:
+                    break
+                end = min(n, (blk + 1) * _BLOCK_WORDS)
+                for i in range(blk * _BLOCK_WORDS, end):
+                    w = src[i]
+                    moved += scan_popcount64(w)
+                    dst[i] |= w
+                    src[i] = 0
+        return moved
     with nogil:
-        for i in range(src.shape[0]):
+        for i in range(n):
             w = src[i]
             moved += scan_popcount64(w)
             dst[i] |= w
@@ -270,20 +327,59 @@ def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None):
     return moved
 
 
-def or_new_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None):
+def or_new_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None, blocks=None):
     """dst |= src; returns how many bits were clear in dst and set in src (newly set pages).
 
     The fan-out of a sync into one user's view: the count is what that user has not seen yet.
+    blocks: a block summary of src; only its blocks are read (the rest must be zero).
     """
-    cdef Py_ssize_t i
-    cdef uint64_t w, fresh = 0
+    cdef Py_ssize_t i, n = dst.shape[0], k = -1, blk, end
+    cdef uint64_t w, fresh = 0, cur = 0
+    cdef const uint64_t[::1] summary
     _check_same_length(dst.shape[0], src.shape[0], "dst and src")
+    if blocks is not None:
+        summary = blocks
+        _check_blocks(n, summary.shape[0])
+        if summary.shape[0] == 0:
+            return 0
+        with nogil:
+            while True:
+                blk = _next_block(&summary[0], summary.shape[0], &k, &cur)
+                if blk < 0 or blk * _BLOCK_WORDS >= n:
+                    break
+                end = min(n, (blk + 1) * _BLOCK_WORDS)
+                for i in range(blk * _BLOCK_WORDS, end):
+                    w = src[i] & ~dst[i]
+                    fresh += scan_popcount64(w)
+                    dst[i] |= w
+        return fresh
     with nogil:
-        for i in range(dst.shape[0]):
+        for i in range(n):
             w = src[i] & ~dst[i]
             fresh += scan_popcount64(w)
             dst[i] |= w
     return fresh
+
+
+def clear_blocks(uint64_t[::1] bitmap not None, const uint64_t[::1] blocks not None):
+    """Zero the words of the blocks flagged in the summary `blocks`."""
+    cdef Py_ssize_t n = bitmap.shape[0], k = -1, blk
+    cdef uint64_t cur = 0
+    _check_blocks(n, blocks.shape[0])
+    if blocks.shape[0] == 0:
+        return
+    with nogil:
+        while True:
+            blk = _next_block(&blocks[0], blocks.shape[0], &k, &cur)
+            if blk < 0 or blk * _BLOCK_WORDS >= n:
+                break
+            memset(&bitmap[blk * _BLOCK_WORDS], 0,
+                   (min(n, (blk + 1) * _BLOCK_WORDS) - blk * _BLOCK_WORDS) * 8)
+
+
+def block_summary_words(Py_ssize_t nwords):
+    """Words of a block summary for a bitmap of nwords words."""
+    return _summary_words(nwords)
 
 
 def and_not(uint64_t[::1] dst not None, const uint64_t[::1] src not None,
@@ -423,7 +519,8 @@ def page_hashes(const uint8_t[::1] mem not None, const uint64_t[::1] pages not N
 # --------------------------------------------------------------------------------------------
 
 def harvest_ring(ring, nentries, fetch_index, bitmaps,
-                 const uint64_t[::1] slot_pages not None, uint64_t[::1] newly_set=None):
+                 const uint64_t[::1] slot_pages not None, uint64_t[::1] newly_set=None,
+                 blocks=None):
     """Harvest one vCPU's KVM dirty ring into per-slot dirty bitmaps.
 
     ring:        writable buffer (the vCPU fd's ring mmap) of nentries 16-byte kvm_dirty_gfn.
@@ -438,6 +535,8 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
     KVM_RESET_DIRTY_RINGS so the kernel re-protects those pages and can reuse the entries.
     newly_set: optional 1-element array; the number of bits this call set that were clear
     before (distinct newly dirty pages) is added to newly_set[0].
+    blocks: optional sequence, like bitmaps, of block summaries (see take_and_clear): each
+    page recorded also flags its block, so later passes touch only those blocks.
     """
     cdef Py_ssize_t nslots, s
     cdef uint8_t[::1] ring_view
@@ -448,7 +547,9 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
     cdef kvm_dirty_gfn *entries
     cdef kvm_dirty_gfn *e
     cdef uint64_t **bm_ptrs = NULL
+    cdef uint64_t **sum_ptrs = NULL
     cdef uint64_t *bm_limits = NULL
+    cdef uint64_t[::1] sum_view
 
     # ---- validation and pointer collection, with the GIL ----
     n = _as_index(nentries, "nentries", 1 << 32)
@@ -474,16 +575,21 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
         )
     # The views stay referenced by `keep` so their buffers cannot go away under the nogil loop.
     keep = []
+    if blocks is not None and len(blocks) != nslots:
+        raise ValueError(f"blocks has {len(blocks)} entries but bitmaps has {nslots}")
     bm_ptrs = <uint64_t **>malloc((nslots + 1) * sizeof(uint64_t *))
+    sum_ptrs = <uint64_t **>malloc((nslots + 1) * sizeof(uint64_t *))
     bm_limits = <uint64_t *>malloc((nslots + 1) * sizeof(uint64_t))
-    if bm_ptrs == NULL or bm_limits == NULL:
+    if bm_ptrs == NULL or bm_limits == NULL or sum_ptrs == NULL:
         free(bm_ptrs)
+        free(sum_ptrs)
         free(bm_limits)
         raise MemoryError("harvest_ring: cannot allocate the slot table")
     try:
         for s in range(nslots):
             bm = bitmaps[s]
             bm_ptrs[s] = NULL
+            sum_ptrs[s] = NULL
             bm_limits[s] = 0          # limit 0: every offset in this slot counts as invalid
             if bm is None:
                 continue
@@ -497,6 +603,11 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
             if bm_view.shape[0] > 0:
                 bm_ptrs[s] = &bm_view[0]
                 bm_limits[s] = slot_pages[s]
+            if blocks is not None and blocks[s] is not None and bm_view.shape[0] > 0:
+                sum_view = blocks[s]
+                _check_blocks(bm_view.shape[0], sum_view.shape[0])
+                keep.append(sum_view)
+                sum_ptrs[s] = &sum_view[0]
 
         # ---- the harvest itself, without the GIL ----
         mask = n - 1
@@ -524,6 +635,8 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
                     if word[0] & bit == 0:
                         fresh += 1
                     word[0] |= bit
+                    if sum_ptrs[slot_id] != NULL:
+                        sum_ptrs[slot_id][offset >> 18] |= (<uint64_t>1) << ((offset >> 12) & 63)
                 else:
                     invalid += 1
                 # Release: pairs with the kernel's acquire load of flags in
@@ -534,6 +647,7 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
                 harvested += 1
     finally:
         free(bm_ptrs)
+        free(sum_ptrs)
         free(bm_limits)
     if newly_set is not None and newly_set.shape[0] > 0:
         newly_set[0] += fresh

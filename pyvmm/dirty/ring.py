@@ -41,8 +41,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pyvmm.dirty.scan import harvest_ring, take_and_clear
-from pyvmm.dirty.tracker import DirtyTracker, set_every_page
+from pyvmm.dirty.scan import block_summary_words, clear_blocks, harvest_ring, take_and_clear
+from pyvmm.dirty.tracker import ALL_ONES, DirtyTracker, set_every_page
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpu import Vcpu
@@ -74,6 +74,10 @@ class RingTracker(DirtyTracker):
         self._empty_full_exits = [0] * len(machine.vcpus)
         self._ring_locks = [threading.Lock() for _ in machine.vcpus]
         self._acc = self.new_bitmaps()  # harvested since the last sync
+        # Block summaries (scan.py): where _acc and the last sync's report may hold bits,
+        # so that a sync costs what was harvested, not the size of the guest.
+        self._acc_blocks = self.new_block_summaries()
+        self._sync_blocks = self.new_block_summaries()
         self._acc_lock = threading.Lock()
         self._fresh = np.zeros(1, np.uint64)  # harvest_ring's count of newly set bits
         self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
@@ -91,6 +95,13 @@ class RingTracker(DirtyTracker):
         self._reaper: threading.Thread | None = None
         for vcpu in machine.vcpus:
             vcpu.on_dirty_ring_full = self._ring_full_exit
+
+    def new_block_summaries(self) -> list[np.ndarray]:
+        """Zeroed per-slot block summaries (one bit per BLOCK_PAGES pages)."""
+        return [
+            np.zeros(block_summary_words(r.bitmap_words()), np.uint64)
+            for r in self.memory.regions
+        ]
 
     # --- logging on/off ----------------------------------------------------------------------
 
@@ -152,8 +163,9 @@ class RingTracker(DirtyTracker):
             fresh = self._fresh
             fresh[0] = 0
             fetch, harvested, invalid = harvest_ring(
-                ring, self.entries, self._fetch[index], self._acc, self._slot_pages, fresh
-            )
+                ring, self.entries, self._fetch[index], self._acc, self._slot_pages, fresh,
+                self._acc_blocks,
+            )  # fmt: skip
             self._fetch[index] = fetch
             self._harvested[index] += int(fresh[0])
             self.entries_harvested[index] += harvested
@@ -165,6 +177,8 @@ class RingTracker(DirtyTracker):
                     # Correctness first: treat every page as dirty for this round.
                     self.resends += 1
                     set_every_page(self._acc, self.memory.regions)
+                    for blocks in self._acc_blocks:
+                        blocks.fill(ALL_ONES)
                     log.warning(
                         "vCPU %d: dirty ring held %d of %d entries at harvest; this host may "
                         "lose entries at ring-full (quirk), marking all pages dirty",
@@ -184,16 +198,24 @@ class RingTracker(DirtyTracker):
             self.machine.vm.reset_dirty_rings()
         if discard:
             with self._acc_lock:
-                for acc in self._acc:
+                for acc, blocks in zip(self._acc, self._acc_blocks, strict=True):
                     acc.fill(0)
+                    blocks.fill(0)
         return total
 
     def _harvest(self, into: list[np.ndarray]) -> None:
         self._reap_all()
         with self._acc_lock:
-            for acc, target in zip(self._acc, into, strict=True):
-                target.fill(0)
-                take_and_clear(acc, target)
+            for acc, target, acc_blocks, sync_blocks in zip(
+                self._acc, into, self._acc_blocks, self._sync_blocks, strict=True
+            ):
+                clear_blocks(target, sync_blocks)  # what the last report held, only
+                np.copyto(sync_blocks, acc_blocks)
+                take_and_clear(acc, target, acc_blocks)
+                acc_blocks.fill(0)
+
+    def _report_blocks(self, slot: int) -> np.ndarray:
+        return self._sync_blocks[slot]
 
     def _ring_full_exit(self, vcpu: Vcpu) -> None:
         """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = [
+    "BLOCK_PAGES",
     "CHUNK_PAGES",
     "KVM_DIRTY_GFN_F_DIRTY",
     "KVM_DIRTY_GFN_F_RESET",
@@ -19,6 +20,8 @@ __all__ = [
     "Xxh64",
     "and_not",
     "bitmap_to_pages",
+    "block_summary_words",
+    "clear_blocks",
     "count_set",
     "dirty_window",
     "gather_pages",
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
     PAGE_SIZE: int
     PAGE_SHIFT: int
     CHUNK_PAGES: int
+    BLOCK_PAGES: int
     KVM_DIRTY_GFN_F_DIRTY: int
     KVM_DIRTY_GFN_F_RESET: int
     KVM_DIRTY_GFN_SIZE: int
@@ -70,14 +74,21 @@ if TYPE_CHECKING:
     def or_into(dst: U64Array, src: U64Array) -> None:
         """dst |= src."""
 
-    def or_new_into(dst: U64Array, src: U64Array) -> int:
-        """dst |= src; returns the number of bits that were clear in dst and set in src."""
+    def or_new_into(dst: U64Array, src: U64Array, blocks: U64Array | None = None) -> int:
+        """dst |= src; returns the number of bits that were clear in dst and set in src.
+        blocks: a block summary of src; only its blocks are read."""
 
     def and_not(dst: U64Array, src: U64Array, mask: U64Array) -> None:
         """dst = src & ~mask (dst may be src or mask)."""
 
-    def take_and_clear(src: U64Array, dst: U64Array) -> int:
-        """dst |= src; src = 0; returns popcount(src)."""
+    def take_and_clear(src: U64Array, dst: U64Array, blocks: U64Array | None = None) -> int:
+        """dst |= src; src = 0; returns popcount(src). blocks: a block summary of src."""
+
+    def clear_blocks(bitmap: U64Array, blocks: U64Array) -> None:
+        """Zero the words of the blocks flagged in a block summary."""
+
+    def block_summary_words(nwords: int) -> int:
+        """Words of a block summary (one bit per BLOCK_PAGES pages) for nwords words."""
 
     def zero_pages(mem: ReadableBuffer, pages: U64Array, out: U8Array) -> int:
         """out[k] = page pages[k] is all zero; returns how many are."""
@@ -95,9 +106,11 @@ if TYPE_CHECKING:
         bitmaps: Sequence[U64Array | None],
         slot_pages: U64Array,
         newly_set: U64Array | None = None,
+        blocks: Sequence[U64Array | None] | None = None,
     ) -> tuple[int, int, int]:
         """Harvest a vCPU dirty ring; returns (new_fetch_index, harvested, invalid).
-        newly_set[0] (optional) grows by the number of bits that were clear before."""
+        newly_set[0] (optional) grows by the number of bits that were clear before;
+        blocks (optional, per slot) get the block of every recorded page flagged."""
 
     def gather_pages(mem: ReadableBuffer, pages: U64Array, out: WritableBytes) -> int:
         """Copy the listed pages back to back into out; returns bytes written."""
@@ -151,6 +164,7 @@ if TYPE_CHECKING:
 
 else:
     from pyvmm.dirty._scan import (
+        BLOCK_PAGES,
         CHUNK_PAGES,
         KVM_DIRTY_GFN_F_DIRTY,
         KVM_DIRTY_GFN_F_RESET,
@@ -160,6 +174,8 @@ else:
         Xxh64,
         and_not,
         bitmap_to_pages,
+        block_summary_words,
+        clear_blocks,
         count_set,
         dirty_window,
         gather_pages,

@@ -28,7 +28,7 @@ from types import TracebackType
 
 import numpy as np
 
-from pyvmm.dirty.scan import count_set, or_new_into, take_and_clear
+from pyvmm.dirty.scan import count_set, or_into, or_new_into, take_and_clear
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import MemoryRegion
 
@@ -91,10 +91,11 @@ class DirtyView:
         """Detach; dirty logging stops when the last view closes. Idempotent."""
         self.tracker._close_view(self)
 
-    def _merge(self, slot: int, new: np.ndarray) -> None:
-        """OR a sync's pages into this view (the tracker holds its own lock)."""
+    def _merge(self, slot: int, new: np.ndarray, blocks: np.ndarray | None = None) -> None:
+        """OR a sync's pages into this view (the tracker holds its own lock); blocks: the
+        block summary of `new` (scan.py), or None to look at all of it."""
         with self.lock:
-            self._new_pages += or_new_into(self.bitmaps[slot], new)
+            self._new_pages += or_new_into(self.bitmaps[slot], new, blocks)
 
     def __enter__(self) -> DirtyView:
         return self
@@ -184,9 +185,13 @@ class DirtyTracker:
             self.syncs += 1
             for slot, reported in enumerate(report):
                 new = self._new_to_views(slot, reported)
-                take_and_clear(self.memory.vmm_dirty[slot], new)  # pyvmm's own writes
+                blocks = self._report_blocks(slot)  # None: bits may be anywhere
+                vmm_blocks = self.memory.take_vmm_blocks(slot)
+                take_and_clear(self.memory.vmm_dirty[slot], new, vmm_blocks)  # pyvmm's writes
+                if blocks is not None:
+                    or_into(blocks, vmm_blocks)
                 for view in self._views:
-                    view._merge(slot, new)
+                    view._merge(slot, new, blocks)
             self._after_fan_out()
 
     def _close_view(self, view: DirtyView) -> None:
@@ -214,6 +219,12 @@ class DirtyTracker:
     def _new_to_views(self, slot: int, reported: np.ndarray) -> np.ndarray:
         """Of a slot's report, the bits to hand to every view (may be `reported` itself)."""
         return reported
+
+    def _report_blocks(self, slot: int) -> np.ndarray | None:
+        """The block summary of what _new_to_views returned for the slot, if the mode keeps
+        one (ring mode: a sync then costs what was dirtied, not what the guest has); the
+        tracker ORs into it the blocks of pyvmm's own writes that it adds."""
+        return None
 
     def _join(self, view: DirtyView) -> None:
         """A view opens while others are open: give it what it must not miss."""

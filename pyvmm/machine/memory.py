@@ -53,6 +53,14 @@ class MemoryRegion:
         return (self.pages + 63) // 64
 
 
+VMM_BLOCK_SHIFT = 12  # 4096 pages per block, the dirty tracker's BLOCK_PAGES
+
+
+def vmm_block_words(region: MemoryRegion) -> int:
+    """Words of a block summary (one bit per 4096 pages) of a region's dirty bitmap."""
+    return -(-region.pages // (64 << VMM_BLOCK_SHIFT))
+
+
 def layout(size_bytes: int) -> list[tuple[int, int]]:
     """(gpa, size) of each slot for a VM with size_bytes of RAM."""
     if size_bytes <= 0 or size_bytes % PAGE_SIZE:
@@ -103,6 +111,10 @@ class GuestMemory:
             del anchor  # keep no export of the mmap beyond the numpy view, so close() can unmap
             self.regions.append(MemoryRegion(slot, gpa, size, mm, array, host_addr))
         self.vmm_dirty = [np.zeros(r.bitmap_words(), dtype=np.uint64) for r in self.regions]
+        # Which blocks of VMM_BLOCK_PAGES pages vmm_dirty may hold bits in (the dirty
+        # tracker's block summaries, dirty/scan.py): a sync then looks at those only.
+        self._vmm_blocks = [np.zeros(vmm_block_words(r), np.uint64) for r in self.regions]
+        self._vmm_blocks_taken = [np.zeros_like(b) for b in self._vmm_blocks]
 
     def populated_chunks(
         self, slot: int, first_page: int, npages: int
@@ -183,6 +195,20 @@ class GuestMemory:
         last = (gpa - region.gpa + length - 1) // PAGE_SIZE
         pages = np.arange(first, last + 1, dtype=np.uint64)
         np.bitwise_or.at(self.vmm_dirty[region.slot], pages >> 6, np.uint64(1) << (pages & 63))
+        # The bits first, then their blocks: take_vmm_blocks runs on another thread.
+        blocks = np.unique(pages >> np.uint64(VMM_BLOCK_SHIFT))
+        np.bitwise_or.at(
+            self._vmm_blocks[region.slot], blocks >> 6, np.uint64(1) << (blocks & 63)
+        )
+
+    def take_vmm_blocks(self, slot: int) -> np.ndarray:
+        """The blocks of vmm_dirty[slot] marked since the last call (a summary the caller
+        may read until its next call); the marks are cleared first, so a write that lands
+        meanwhile is marked again and found next time."""
+        taken, marks = self._vmm_blocks_taken[slot], self._vmm_blocks[slot]
+        np.copyto(taken, marks)
+        marks.fill(0)
+        return taken
 
 
 def _gib(n: int) -> str:
