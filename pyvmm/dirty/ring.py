@@ -99,8 +99,7 @@ class RingTracker(DirtyTracker):
     def new_block_summaries(self) -> list[np.ndarray]:
         """Zeroed per-slot block summaries (one bit per BLOCK_PAGES pages)."""
         return [
-            np.zeros(block_summary_words(r.bitmap_words()), np.uint64)
-            for r in self.memory.regions
+            np.zeros(block_summary_words(r.bitmap_words()), np.uint64) for r in self.memory.regions
         ]
 
     # --- logging on/off ----------------------------------------------------------------------
