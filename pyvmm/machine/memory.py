@@ -1,4 +1,6 @@
-"""Guest RAM: private anonymous mmaps exposed as numpy arrays, one per KVM memory slot.
+"""Guest RAM: private anonymous mmaps, one per KVM memory slot, seen as numpy arrays by the
+code that wants them (the array is made on first use: a VM that never migrates, measures or
+hashes its memory never imports numpy).
 
 Layout (what QEMU's pc machine does too): RAM fills guest-physical addresses from
 0 up to 3 GiB; the rest lives from 4 GiB upward, leaving the 3-4 GiB hole for the
@@ -13,17 +15,21 @@ import logging
 import mmap
 import resource
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from pyvmm.machine.errors import GuestMemoryError
-from pyvmm.machine.populated import CHUNK_PAGES, PopulatedChunks
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pyvmm.machine.populated import PopulatedChunks
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 LOW_RAM_END = 3 << 30
 HIGH_RAM_START = 4 << 30
+CHUNK_PAGES = 512  # 2 MiB: the unit of populated_chunks (machine/populated.py)
 # Python's mmap module has MAP_NORESERVE only from 3.13 on; the value is Linux's (x86-64).
 # Without it, overcommit heuristics refuse a guest larger than RAM + swap (vm.overcommit_memory
 # 0) although it will never touch most of it.
@@ -38,8 +44,17 @@ class MemoryRegion:
     gpa: int
     size_bytes: int
     mm: mmap.mmap = field(repr=False)
-    array: np.ndarray = field(repr=False)  # uint8 view of the whole region
     host_addr: int = 0
+    _array: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        """A numpy uint8 view of the whole region, made on first use."""
+        if self._array is None:
+            import numpy as np
+
+            self._array = np.frombuffer(self.mm, dtype=np.uint8)
+        return self._array
 
     @property
     def pages(self) -> int:
@@ -105,16 +120,31 @@ class GuestMemory:
             for advice in ("MADV_DONTFORK", "MADV_HUGEPAGE"):
                 if hasattr(mmap, advice):
                     mm.madvise(getattr(mmap, advice))
-            array = np.frombuffer(mm, dtype=np.uint8)
             anchor = ctypes.c_char.from_buffer(mm)
             host_addr = ctypes.addressof(anchor)
-            del anchor  # keep no export of the mmap beyond the numpy view, so close() can unmap
-            self.regions.append(MemoryRegion(slot, gpa, size, mm, array, host_addr))
-        self.vmm_dirty = [np.zeros(r.bitmap_words(), dtype=np.uint64) for r in self.regions]
-        # Which blocks of VMM_BLOCK_PAGES pages vmm_dirty may hold bits in (the dirty
-        # tracker's block summaries, dirty/scan.py): a sync then looks at those only.
-        self._vmm_blocks = [np.zeros(vmm_block_words(r), np.uint64) for r in self.regions]
-        self._vmm_blocks_taken = [np.zeros_like(b) for b in self._vmm_blocks]
+            del anchor  # keep no export of the mmap, so that close() can unmap
+            self.regions.append(MemoryRegion(slot, gpa, size, mm, host_addr))
+        # pyvmm's own writes, one bitmap per slot in KVM's layout, as bytes until a numpy
+        # user (the dirty tracker) asks for vmm_dirty; mark_dirty writes 64-bit words.
+        self._vmm_raw = [bytearray(r.bitmap_words() * 8) for r in self.regions]
+        self._vmm_words = [memoryview(raw).cast("Q") for raw in self._vmm_raw]
+        self._vmm_dirty: list[np.ndarray] | None = None
+        # Which blocks of 4096 pages vmm_dirty may hold bits in (the dirty tracker's block
+        # summaries, dirty/scan.py): a sync then looks at those only.
+        self._vmm_blocks = [memoryview(bytearray(vmm_block_words(r) * 8)).cast("Q")
+                            for r in self.regions]  # fmt: skip
+        self._vmm_blocks_taken = [memoryview(bytearray(len(b) * 8)).cast("Q")
+                                  for b in self._vmm_blocks]  # fmt: skip
+
+    @property
+    def vmm_dirty(self) -> list[np.ndarray]:
+        """Per slot, the pages pyvmm itself wrote, as numpy uint64 bitmaps (KVM's layout)
+        sharing memory with what mark_dirty writes."""
+        if self._vmm_dirty is None:
+            import numpy as np
+
+            self._vmm_dirty = [np.frombuffer(raw, dtype=np.uint64) for raw in self._vmm_raw]
+        return self._vmm_dirty
 
     def populated_chunks(
         self, slot: int, first_page: int, npages: int
@@ -128,6 +158,8 @@ class GuestMemory:
         first_chunk = first_page // CHUNK_PAGES
         end_chunk = -(-min(first_page + npages, region.pages) // CHUNK_PAGES)
         if self._populated is None:
+            from pyvmm.machine.populated import PopulatedChunks  # numpy, for migrations only
+
             self._populated = PopulatedChunks()
         mask = self._populated.chunks(
             region.host_addr + first_chunk * CHUNK_PAGES * PAGE_SIZE,
@@ -143,7 +175,7 @@ class GuestMemory:
             self._populated = None
         regions, self.regions = self.regions, []
         for region in regions:
-            region.array = np.empty(0, dtype=np.uint8)
+            region._array = None
             try:
                 region.mm.close()
             except BufferError:  # someone still holds a view; the GC unmaps it later
@@ -175,16 +207,21 @@ class GuestMemory:
         return region.array[start : start + length]
 
     def read(self, gpa: int, length: int) -> bytes:
-        return self.view(gpa, length).tobytes()
+        region = self.region_of(gpa, length)
+        start = gpa - region.gpa
+        return region.mm[start : start + length]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Write into guest RAM and mark the pages dirty for migration."""
-        buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
-        self.view(gpa, len(buf))[:] = buf
+        buf = memoryview(data).cast("B")
+        region = self.region_of(gpa, len(buf))
+        start = gpa - region.gpa
+        region.mm[start : start + len(buf)] = buf
         self.mark_dirty(gpa, len(buf))
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
-        self.view(gpa, length)[:] = value
+        region = self.region_of(gpa, length)
+        ctypes.memset(region.host_addr + gpa - region.gpa, value, length)
         self.mark_dirty(gpa, length)
 
     def mark_dirty(self, gpa: int, length: int) -> None:
@@ -193,21 +230,23 @@ class GuestMemory:
         region = self.region_of(gpa, length)
         first = (gpa - region.gpa) // PAGE_SIZE
         last = (gpa - region.gpa + length - 1) // PAGE_SIZE
-        pages = np.arange(first, last + 1, dtype=np.uint64)
-        np.bitwise_or.at(self.vmm_dirty[region.slot], pages >> 6, np.uint64(1) << (pages & 63))
+        words = self._vmm_words[region.slot]
+        for w in range(first >> 6, (last >> 6) + 1):  # whole words at a time
+            lo = max(first, w << 6) & 63
+            hi = min(last, (w << 6) + 63) & 63
+            words[w] |= ((1 << (hi - lo + 1)) - 1) << lo
         # The bits first, then their blocks: take_vmm_blocks runs on another thread.
-        blocks = np.unique(pages >> np.uint64(VMM_BLOCK_SHIFT))
-        np.bitwise_or.at(
-            self._vmm_blocks[region.slot], blocks >> 6, np.uint64(1) << (blocks & 63)
-        )
+        blocks = self._vmm_blocks[region.slot]
+        for b in range(first >> VMM_BLOCK_SHIFT, (last >> VMM_BLOCK_SHIFT) + 1):
+            blocks[b >> 6] |= 1 << (b & 63)
 
-    def take_vmm_blocks(self, slot: int) -> np.ndarray:
+    def take_vmm_blocks(self, slot: int) -> memoryview:
         """The blocks of vmm_dirty[slot] marked since the last call (a summary the caller
         may read until its next call); the marks are cleared first, so a write that lands
         meanwhile is marked again and found next time."""
         taken, marks = self._vmm_blocks_taken[slot], self._vmm_blocks[slot]
-        np.copyto(taken, marks)
-        marks.fill(0)
+        taken[:] = marks
+        marks.cast("B")[:] = bytes(len(marks) * 8)
         return taken
 
 
