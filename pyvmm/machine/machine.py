@@ -16,6 +16,7 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvmm.kvm import Kvm, KvmError, abi
@@ -144,6 +145,9 @@ class Machine:
         )
         self.ring_bytes = 0
         self.tsc_khz = 0
+        # Called once, by request_exit's winner, after the VM has ended: a waiter's wake-up
+        # (the VMM's control loop). Must take no lock: it may run in a signal handler.
+        self.on_exit: Callable[[], None] | None = None
 
     # --- building ----------------------------------------------------------------------------
 
@@ -239,6 +243,9 @@ class Machine:
         if self._exits[0] is candidate:  # exactly one caller gets here
             log.info("VM ends: %s (exit code %d)", reason, code)
             self._done.release()
+            on_exit = self.on_exit
+            if on_exit is not None:
+                on_exit()
 
     def fail(self, message: str) -> None:
         self.request_exit(1, message, error=True)

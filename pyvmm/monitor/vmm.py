@@ -17,27 +17,29 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from pyvmm.dirty.factory import make_tracker
-from pyvmm.dirty.rate import DirtyRateMonitor
-from pyvmm.dirty.ring_quirk import RingQuirk, decide_ring_quirk
-from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
 from pyvmm.machine.vcpu import install_kick_handler
-from pyvmm.migration.convergence import build_policies
-from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
-from pyvmm.migration.destination import MigrationDestination
 from pyvmm.migration.params import MigrationSettings
-from pyvmm.migration.source import MigrationSource
-from pyvmm.migration.stream import StreamError
-from pyvmm.migration.transport import MigrationUri
 from pyvmm.monitor.control import ControlLoop, LoopClosed
-from pyvmm.monitor.server import QmpServer
+
+# Dirty tracking, migrations and their numpy are imported where they are first used, so
+# that a VM that never migrates or measures starts without them (docs/machine.md,
+# "Start-up").
+if TYPE_CHECKING:
+    from pyvmm.dirty.rate import DirtyRateMonitor
+    from pyvmm.dirty.ring_quirk import RingQuirk
+    from pyvmm.dirty.tracker import DirtyTracker
+    from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
+    from pyvmm.migration.destination import MigrationDestination
+    from pyvmm.migration.source import MigrationSource
+    from pyvmm.migration.transport import MigrationUri
+    from pyvmm.monitor.server import QmpServer
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ class Vmm:
             self.machine = Machine(config, serial)  # it opens and owns /dev/kvm
             ring = self.machine.config.dirty_ring_entries  # 0 resolved to KVM's largest
             if ring:
+                from pyvmm.dirty.ring_quirk import decide_ring_quirk
+
                 self.ring_quirk = decide_ring_quirk(ring, opts.dirty_ring_quirk)
             if opts.incoming is None:
                 if opts.image is None:
@@ -140,6 +144,8 @@ class Vmm:
             elif opts.incoming != "defer":
                 self.listen_incoming(opts.incoming)
             if opts.qmp:
+                from pyvmm.monitor.server import QmpServer
+
                 self.qmp = QmpServer(
                     opts.qmp, allow_remote=opts.qmp_allow_remote, executor=self.serialize
                 )
@@ -167,6 +173,7 @@ class Vmm:
                 self._set_state("paused" if self.options.start_paused else "running")
             machine = self.machine
             limit_s = self.options.time_limit_s
+            machine.on_exit = self.loop.stop  # the loop ends at once, not at its next poll
             ended = self.loop.run(lambda: machine.exit_status is not None, limit_s)
             if not ended:
                 self._shutdown_reason = "host-signal"
@@ -257,6 +264,8 @@ class Vmm:
     def listen_incoming(self, uri: str, exit_on_error: bool = True) -> str:
         """Start listening (at build time, or for QMP migrate-incoming); returns the URI."""
         assert self.machine is not None
+        from pyvmm.migration.destination import MigrationDestination
+
         self.incoming = MigrationDestination(self.machine, uri)
         bound = self.incoming.listen()
         self.incoming_status = IncomingStatus("setup", exit_on_error=exit_on_error, uri=bound)
@@ -274,6 +283,8 @@ class Vmm:
     def _receive_incoming(self) -> None:
         """The incoming thread: receive, then report to the loop."""
         assert self.incoming is not None
+        from pyvmm.migration.stream import StreamError
+
         try:
             result = self.incoming.receive(
                 lambda running: self.serialize(lambda: self._start_incoming_guest(running)),
@@ -327,6 +338,9 @@ class Vmm:
 
     def start_migration(self, uri: str) -> None:
         assert self.machine is not None
+        from pyvmm.migration.convergence import build_policies
+        from pyvmm.migration.source import MigrationSource
+
         self.migration = MigrationSource(
             self.machine,
             self.dirty_tracker,
@@ -344,6 +358,8 @@ class Vmm:
         machine = self.machine
         if self._dirty_limit is None and machine and machine.ring_bytes and machine.vcpus:
             # Created on first use, once the vCPUs (and their rings) exist; ring mode only.
+            from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
+
             self._dirty_limit = DirtyLimitController(
                 machine, self.dirty_tracker, self.settings, lambda: self.migration
             )
@@ -355,6 +371,8 @@ class Vmm:
     def dirty_tracker(self) -> DirtyTracker:
         if self._tracker is None:
             assert self.machine is not None
+            from pyvmm.dirty.factory import make_tracker
+
             self._tracker = make_tracker(
                 self.machine, self.ring_quirk, ring_reaper=self.options.dirty_ring_reaper
             )
@@ -364,6 +382,8 @@ class Vmm:
     def dirty_rate(self) -> DirtyRateMonitor:
         if self._dirty_rate is None:
             assert self.machine is not None and self.machine.memory is not None
+            from pyvmm.dirty.rate import DirtyRateMonitor
+
             self._dirty_rate = DirtyRateMonitor(self.machine.memory, self.dirty_tracker)
         return self._dirty_rate
 
