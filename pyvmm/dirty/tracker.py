@@ -35,6 +35,8 @@ from pyvmm.machine.memory import MemoryRegion
 log = logging.getLogger(__name__)
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+# (mask, first chunk): one byte per 2 MiB chunk, 0 = never populated (populated_chunks)
+Unpopulated = tuple[np.ndarray | None, int]
 
 
 def set_every_page(bitmaps: list[np.ndarray], regions: list[MemoryRegion]) -> None:
@@ -77,10 +79,15 @@ class DirtyView:
             new, self._new_pages = self._new_pages, 0
         return new
 
-    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
-        """Call after reading and clearing these pages' bits and before reading their
-        contents: get, clear, copy. Re-arms tracking for them if that was deferred."""
-        self.tracker._before_copy(slot, first_page, npages)
+    def before_copy(
+        self, slot: int, first_page: int, npages: int, unpopulated: Unpopulated | None = None
+    ) -> None:
+        """Call before reading these pages' contents: get, clear, copy. Re-arms tracking
+        for them if that was deferred. unpopulated: (mask, first chunk) of 2 MiB chunks of
+        the range the kernel never populated (GuestMemory.populated_chunks); the bitmap
+        tracker may watch those through pagemap instead of re-arming them in KVM
+        (docs/dirty-tracking.md, "Never-populated memory")."""
+        self.tracker._before_copy(slot, first_page, npages, unpopulated)
 
     def dirty_pages(self) -> int:
         """Pages currently set in this view's bitmaps."""
@@ -232,5 +239,7 @@ class DirtyTracker:
     def _after_fan_out(self) -> None:
         """After every view got this sync's pages (bitmap mode: eager re-arming)."""
 
-    def _before_copy(self, slot: int, first_page: int, npages: int) -> None:
+    def _before_copy(
+        self, slot: int, first_page: int, npages: int, unpopulated: Unpopulated | None = None
+    ) -> None:
         """Re-arm tracking for pages about to be copied, if that was deferred."""

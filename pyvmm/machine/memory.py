@@ -14,6 +14,7 @@ import errno
 import logging
 import mmap
 import resource
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,7 @@ class GuestMemory:
         self.size_bytes = size_bytes
         self.regions: list[MemoryRegion] = []
         self._populated: PopulatedChunks | None = None  # opened on the first query
+        self._populated_lock = threading.Lock()
         for slot, (gpa, size) in enumerate(layout(size_bytes)):
             # Private anonymous memory, as QEMU uses: reading a page the guest never
             # touched maps the kernel's shared zero page instead of allocating (with
@@ -157,11 +159,15 @@ class GuestMemory:
         region = self.regions[slot]
         first_chunk = first_page // CHUNK_PAGES
         end_chunk = -(-min(first_page + npages, region.pages) // CHUNK_PAGES)
-        if self._populated is None:
+        populated = self._populated
+        if populated is None:
             from pyvmm.machine.populated import PopulatedChunks  # numpy, for migrations only
 
-            self._populated = PopulatedChunks()
-        mask = self._populated.chunks(
+            with self._populated_lock:
+                if self._populated is None:
+                    self._populated = PopulatedChunks()
+                populated = self._populated
+        mask = populated.chunks(
             region.host_addr + first_chunk * CHUNK_PAGES * PAGE_SIZE,
             max(end_chunk - first_chunk, 0),
             region.host_addr + region.size_bytes,

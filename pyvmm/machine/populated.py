@@ -15,7 +15,9 @@ read every page, as before.
 
 from __future__ import annotations
 
+import errno
 import logging
+import threading
 
 import numpy as np
 
@@ -44,6 +46,9 @@ class PopulatedChunks:
     """Answers populated-chunk queries for this process's mappings."""
 
     def __init__(self) -> None:
+        # One query at a time: the scan buffers are shared, and a sync on another thread
+        # (the bitmap tracker's parked pages) asks while the migration thread walks.
+        self._lock = threading.Lock()
         self._pagemap: PagemapFd | None = None
         self._unavailable = False
         self._scan = True  # PAGEMAP_SCAN until the kernel says it has none
@@ -51,9 +56,10 @@ class PopulatedChunks:
         self.queries = 0
 
     def close(self) -> None:
-        if self._pagemap is not None:
-            self._pagemap.close()
-            self._pagemap = None
+        with self._lock:
+            if self._pagemap is not None:
+                self._pagemap.close()
+                self._pagemap = None
 
     def _fd(self) -> PagemapFd | None:
         if self._pagemap is None and not self._unavailable:
@@ -70,6 +76,10 @@ class PopulatedChunks:
     def chunks(self, addr: int, nchunks: int, limit: int) -> np.ndarray | None:
         """One byte per 2 MiB chunk from host address addr on (nchunks of them, the last
         ending at limit at the latest): 1 if populated, 0 if not; None if unknown."""
+        with self._lock:
+            return self._chunks(addr, nchunks, limit)
+
+    def _chunks(self, addr: int, nchunks: int, limit: int) -> np.ndarray | None:
         pagemap = self._fd()
         if pagemap is None:
             return None
@@ -97,12 +107,14 @@ class PopulatedChunks:
             )
             if count:
                 regions = np.frombuffer(vec, np.uint64, count * 3).reshape(count, 3)
+                if regions[:, 0].min() < addr or regions[:, 1].max() > end:
+                    raise KvmError("PAGEMAP_SCAN", errno.EIO, "a region outside the range")
                 first = (regions[:, 0] - np.uint64(addr)) // np.uint64(CHUNK_BYTES)
                 last = (regions[:, 1] - np.uint64(addr + 1)) // np.uint64(CHUNK_BYTES)
                 np.add.at(delta, first.astype(np.intp), 1)
                 np.add.at(delta, last.astype(np.intp) + 1, -1)
             if walk_end <= start:  # no progress: never loop forever on a surprise
-                raise KvmError("PAGEMAP_SCAN", 5, f"no progress at 0x{start:x}")
+                raise KvmError("PAGEMAP_SCAN", errno.EIO, f"no progress at 0x{start:x}")
             start = walk_end
         return (np.cumsum(delta[:nchunks]) > 0).astype(np.uint8)
 

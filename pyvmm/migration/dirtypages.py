@@ -32,8 +32,9 @@ from pyvmm.migration.stream import MAX_RUN_PAGES
 
 STEP_PAGES = 4096  # dirty pages per take at most (16 MiB, one RAM_RUN's worth)
 WINDOW_WORDS = 16384  # bitmap words one take looks at, at most (4 GiB of pages)
-# First pass: the window a populated query covers (1 GiB, the chunk the bitmap tracker
-# re-arms at once anyway, so asking ahead costs no earlier write protection).
+# First pass: the window a populated query covers, to the end of its aligned 1 GiB (the
+# chunk the bitmap tracker re-arms at once anyway, so asking ahead costs no earlier write
+# protection, and its never-populated pages can be watched instead of re-armed).
 POPULATED_WINDOW_WORDS = 4096
 
 
@@ -122,8 +123,10 @@ class DirtyPages:
             word = start
             if start == limit:
                 continue
-            if ask:
-                stop = min(limit, start + POPULATED_WINDOW_WORDS)
+            if ask:  # to the end of its aligned 1 GiB: the bitmap tracker's CLEAR chunk
+                stop = min(
+                    len(bitmap), (start // POPULATED_WINDOW_WORDS + 1) * POPULATED_WINDOW_WORDS
+                )
             table = self._walk(slot, bitmap, start, stop, max_pages, ask)
             walked += table.words
             word += table.words
@@ -139,8 +142,15 @@ class DirtyPages:
         self, slot: int, bitmap: np.ndarray, start: int, stop: int, max_pages: int, ask: bool
     ) -> RangeTable:
         """One take over words [start, stop) of a slot's bitmap."""
-        self.view.before_copy(slot, start * 64, (stop - start) * 64)
         memory = self.memory
+        unpopulated = None
+        if ask:  # the tracker may watch never-populated chunks rather than re-arm them
+            assert memory is not None
+            unpopulated = memory.populated_chunks(slot, start * 64, (stop - start) * 64)
+        if unpopulated is None:
+            self.view.before_copy(slot, start * 64, (stop - start) * 64)
+        else:
+            self.view.before_copy(slot, start * 64, (stop - start) * 64, unpopulated)
         mem = memory.regions[slot].mm if memory is not None else None
         populated = None
         first_chunk = 0
