@@ -198,13 +198,16 @@ def test_walk_runs_on_an_mmap_and_its_errors() -> None:
 @given(walk_cases())
 def test_dirty_window(case: dict) -> None:
     bitmap, start, stop, max_pages = case["bitmap"], case["start"], case["stop"], case["max_pages"]
-    first, end, pages = scan.dirty_window(bitmap, start, stop, max_pages)
+    populated = case["populated"]
+    first, end, pages = scan.dirty_window(bitmap, start, stop, max_pages, populated, 0)
     nonzero = np.flatnonzero(bitmap[start:stop])
     assert first == (start + int(nonzero[0]) if len(nonzero) else stop)
-    counts = np.cumsum(np.bitwise_count(bitmap[first:stop]).astype(np.int64))
-    reach = np.flatnonzero(counts >= max_pages)
+    counts = np.bitwise_count(bitmap[first:stop]).astype(np.int64)
+    if populated is not None:  # never-populated chunks are free, as in walk_runs
+        counts[populated[np.arange(first, stop) // 8] == 0] = 0
+    reach = np.flatnonzero(np.cumsum(counts) >= max_pages)
     assert end == (first + int(reach[0]) + 1 if len(reach) else stop)
-    assert pages == int(np.bitwise_count(bitmap[first:end]).sum())
+    assert pages == int(counts[: end - first].sum())
 
 
 # ------------------------------------------------------------------------------------------

@@ -909,22 +909,42 @@ cdef int _check_window(Py_ssize_t nwords, Py_ssize_t start, Py_ssize_t stop) exc
 
 
 def dirty_window(const uint64_t[::1] bitmap not None, Py_ssize_t from_word, Py_ssize_t limit_word,
-                 uint64_t max_pages):
+                 uint64_t max_pages, populated=None, Py_ssize_t populated_first_chunk=0):
     """Where the next take should go: (start, stop, pages).
 
     start: the first word in [from_word, limit_word) with a set bit (limit_word if none).
     stop: the word after the one at which the set bits counted from start reach max_pages,
-    or limit_word. pages: the set bits in [start, stop). The caller re-arms dirty tracking
-    for exactly those pages before walk_runs reads them (get, clear, copy)."""
-    cdef Py_ssize_t start, stop
+    or limit_word. pages: the bits counted in [start, stop). populated (optional, as in
+    walk_runs): bits in never-populated chunks are not counted, as walk_runs does not
+    count them against its max_pages. The caller re-arms dirty tracking for exactly those
+    pages before walk_runs reads them (get, clear, copy)."""
+    cdef Py_ssize_t start, stop, pop_len = 0
     cdef uint64_t pages = 0
     cdef const uint64_t *words = &bitmap[0] if bitmap.shape[0] else NULL
+    cdef const uint8_t[::1] pop_view
+    cdef const uint8_t *pop = NULL
     _check_window(bitmap.shape[0], from_word, limit_word)
+    if populated is not None:
+        pop_view = populated
+        pop_len = pop_view.shape[0]
+        if from_word < limit_word and (
+            populated_first_chunk < 0
+            or populated_first_chunk > (from_word >> _CHUNK_WORD_SHIFT)
+            or populated_first_chunk + pop_len < ((limit_word + 7) >> _CHUNK_WORD_SHIFT)
+        ):
+            raise ValueError(
+                f"populated covers chunks [{populated_first_chunk}, "
+                f"{populated_first_chunk + pop_len}) but words [{from_word}, {limit_word}) "
+                f"need chunks [{from_word >> 3}, {(limit_word + 7) >> 3})"
+            )
+        if pop_len:
+            pop = &pop_view[0]
     with nogil:
         start = _next_set_word(words, from_word, limit_word) if words != NULL else limit_word
         stop = start
         while stop < limit_word and pages < max_pages:
-            pages += scan_popcount64(words[stop])
+            if pop == NULL or pop[(stop >> _CHUNK_WORD_SHIFT) - populated_first_chunk] != 0:
+                pages += scan_popcount64(words[stop])
             stop += 1
     return start, stop, pages
 

@@ -119,10 +119,16 @@ if TYPE_CHECKING:
         """Coalesce ascending pages into (start, length) runs; returns the run count."""
 
     def dirty_window(
-        bitmap: U64Array, from_word: int, limit_word: int, max_pages: int
+        bitmap: U64Array,
+        from_word: int,
+        limit_word: int,
+        max_pages: int,
+        populated: U8Array | None = None,
+        populated_first_chunk: int = 0,
     ) -> tuple[int, int, int]:
         """(start, stop, pages): the first dirty word from from_word, and the word after the
-        one where max_pages set bits are reached (both at most limit_word)."""
+        one where max_pages set bits are reached (both at most limit_word); with populated,
+        bits of never-populated chunks do not count."""
 
     def walk_runs(
         bitmap: U64Array,

@@ -32,10 +32,9 @@ from pyvmm.migration.stream import MAX_RUN_PAGES
 
 STEP_PAGES = 4096  # dirty pages per take at most (16 MiB, one RAM_RUN's worth)
 WINDOW_WORDS = 16384  # bitmap words one take looks at, at most (4 GiB of pages)
-# First pass: the window a populated query covers, to the end of its aligned 1 GiB (the
-# chunk the bitmap tracker re-arms at once anyway, so asking ahead costs no earlier write
-# protection, and its never-populated pages can be watched instead of re-armed).
-POPULATED_WINDOW_WORDS = 4096
+# First pass: a take looks no further than the end of its aligned 1 GiB (the chunk the
+# bitmap tracker re-arms at once anyway), and asks which of its chunks were populated.
+WINDOW_1G_WORDS = 4096
 
 
 class DirtyPages:
@@ -51,6 +50,7 @@ class DirtyPages:
         self.laps = 0  # times the walk went past the end of guest RAM
         self.held: list[np.ndarray] | None = None  # pages background syncs found, not queued
         self._before: list[np.ndarray] | None = None  # a background sync's copy of the bitmap
+        self._hint: tuple[int, int, int, tuple[np.ndarray | None, int]] | None = None
 
     def sync(self, background: bool = False) -> int:
         """Sync the migration's view; returns the pages that became dirty and were not
@@ -114,20 +114,25 @@ class DirtyPages:
                     self.laps += 1
                 slot, word = (slot + 1) % len(self.bitmaps), 0
                 continue
-            limit = min(len(bitmap), word + WINDOW_WORDS)
             ask = self.memory is not None and self.laps == 0
-            # In the first pass the window is a populated query's (never-populated pages
-            # are free); after it, the window ends where max_pages dirty pages do.
-            start, stop, _ = dirty_window(bitmap, word, limit, 0 if ask else max_pages)
+            hint = None
+            if ask:  # up to the end of its aligned 1 GiB, the bitmap tracker's CLEAR chunk
+                limit = min(len(bitmap), (word // WINDOW_1G_WORDS + 1) * WINDOW_1G_WORDS)
+                start, _, _ = dirty_window(bitmap, word, limit, 0)
+                if start < limit:
+                    # Which chunks look never populated: only a hint (how far to go, what
+                    # the tracker may watch instead of re-arm), asked once per 1 GiB. The
+                    # answer the walk relies on is asked again, under the lock, below.
+                    hint = self._populated_hint(slot, start, limit)
+                    start, stop, _ = dirty_window(bitmap, start, limit, max_pages, *hint)
+            else:
+                limit = min(len(bitmap), word + WINDOW_WORDS)
+                start, stop, _ = dirty_window(bitmap, word, limit, max_pages)
             walked += start - word
             word = start
             if start == limit:
                 continue
-            if ask:  # to the end of its aligned 1 GiB: the bitmap tracker's CLEAR chunk
-                stop = min(
-                    len(bitmap), (start // POPULATED_WINDOW_WORDS + 1) * POPULATED_WINDOW_WORDS
-                )
-            table = self._walk(slot, bitmap, start, stop, max_pages, ask)
+            table = self._walk(slot, bitmap, start, stop, max_pages, hint)
             walked += table.words
             word += table.words
             if table.count == 0:
@@ -138,25 +143,35 @@ class DirtyPages:
         self._slot, self._word = slot, word
         return None
 
+    def _populated_hint(self, slot: int, start: int, limit: int) -> tuple[np.ndarray | None, int]:
+        """The populated chunks of the 1 GiB window [start, limit) (words), cached for the
+        takes that follow in the same window. Stale answers are safe here: a chunk
+        populated after the question is re-armed or woken up by the tracker, and the walk
+        asks again for what it reads."""
+        cached = self._hint
+        if cached is not None and cached[0] == slot and cached[1] <= start and limit <= cached[2]:
+            return cached[3]
+        assert self.memory is not None
+        answer = self.memory.populated_chunks(slot, start * 64, (limit - start) * 64)
+        self._hint = (slot, start, limit, answer)
+        return answer
+
     def _walk(
-        self, slot: int, bitmap: np.ndarray, start: int, stop: int, max_pages: int, ask: bool
-    ) -> RangeTable:
+        self, slot: int, bitmap: np.ndarray, start: int, stop: int, max_pages: int,
+        hint: tuple[np.ndarray | None, int] | None,
+    ) -> RangeTable:  # fmt: skip
         """One take over words [start, stop) of a slot's bitmap."""
         memory = self.memory
-        unpopulated = None
-        if ask:  # the tracker may watch never-populated chunks rather than re-arm them
-            assert memory is not None
-            unpopulated = memory.populated_chunks(slot, start * 64, (stop - start) * 64)
-        if unpopulated is None:
+        if hint is None or hint[0] is None:
             self.view.before_copy(slot, start * 64, (stop - start) * 64)
-        else:
-            self.view.before_copy(slot, start * 64, (stop - start) * 64, unpopulated)
+        else:  # the tracker may watch never-populated chunks rather than re-arm them
+            self.view.before_copy(slot, start * 64, (stop - start) * 64, hint)
         mem = memory.regions[slot].mm if memory is not None else None
         populated = None
         first_chunk = 0
         table = RangeTable.empty(slot, max_pages + 64)
         with self.view.lock:
-            if ask:
+            if hint is not None:
                 assert memory is not None
                 populated, first_chunk = memory.populated_chunks(
                     slot, start * 64, (stop - start) * 64
