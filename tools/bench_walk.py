@@ -11,8 +11,9 @@ memory-bandwidth bound, measured in the same run.
    655 MiB of RAM), and the walk tests each for zeros. This machine cannot populate 64 GiB,
    so 100 % is bitmap only. Goal (issue 13): the real walk within 2x of the kernel at 1 %.
 2. A 16 GiB guest whose memory is all populated (zeros): the first pass of the real walk,
-   which must read every page, against zero_pages over the same 16 GiB in one call (the
-   zero test at memory bandwidth). Goal: within 1.2x.
+   which must read every page, against zero_pages and walk_runs over the same 16 GiB in
+   one call each (the zero test at memory bandwidth: the faster of the two is the bound).
+   Goal: within 1.2x.
 
 Best of --rounds rounds; each round dirties the bitmap again, untimed.
 Usage: python tools/bench_walk.py [--rounds 5] [--quick] [--skip-populated]
@@ -256,11 +257,14 @@ def part_16g(rounds: int, quick: bool) -> None:
             real = min(real, seconds)
             assert writer.read == sum(r.pages for r in bench.memory.regions)
         gb = size / 1e9
-        for label, t in (("zero_pages over all of it (the bound)", bound),
+        for label, t in (("zero_pages over all of it", bound),
                          ("walk_runs with the zero test", kernel),
                          ("the real first pass (DirtyPages)", real)):  # fmt: skip
             print(f"   {label:<38} {t * 1e3:8.1f} ms  {gb / t:5.1f} GB/s")
-        print(f"   the real first pass is {real / bound:.2f}x the bound (goal: 1.2x)")
+        # Both isolated loops read every byte once: the faster is the bandwidth bound.
+        ceiling = min(bound, kernel)
+        print(f"   the real first pass is {real / ceiling:.2f}x the bound, the faster of the "
+              "two isolated loops (goal: 1.2x)")  # fmt: skip
     finally:
         bench.close()
 
