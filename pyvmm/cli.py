@@ -79,7 +79,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         dirty_ring_reaper=args.x_dirty_ring_reaper != "off",
         incoming=args.incoming,
         start_paused=args.S,
+        serial2=args.serial2,
+        colo_compare=args.colo_compare,
     )
+    if args.serial2 is not None:
+        from pyvmm.machine.uartsock import parse_uart_address
+
+        try:
+            parse_uart_address(args.serial2)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    if args.colo_compare is not None and not args.colo_compare.startswith("unix:"):
+        raise CliError(f"invalid --colo-compare address {args.colo_compare!r}: use unix:PATH")
     if args.guest is None and args.incoming is None:
         raise CliError("GUEST is required unless --incoming is given")
     if args.dirty_ring is None and (args.dirty_ring_quirk or args.x_dirty_ring_reaper):
@@ -175,6 +186,39 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyvmm.timeline_cli import TimelineError, record_timeline, show_timeline
+
+    try:
+        if args.action == "show":
+            return show_timeline([Path(f) for f in args.files])
+        return record_timeline(args.address, args.seconds, Path(args.output))
+    except TimelineError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_colo(args: argparse.Namespace) -> int:
+    from pyvmm.colo.demo import DemoConfig, run_colo_demo
+
+    config = DemoConfig(
+        max_time_ms=args.max_time, passive_count=args.passive_count,
+        rate_per_s=args.rate, burn_pct=args.burn, keep=args.keep,
+    )  # fmt: skip
+    return run_colo_demo(config)
+
+
+def cmd_colo_compare(args: argparse.Namespace) -> int:
+    from pyvmm.colo.proxy import ProxyConfig, run_compare
+
+    config = ProxyConfig(
+        args.listen, args.primary, args.secondary, args.control, args.primary_qmp,
+        args.secondary_qmp, args.timeout, args.check_period, args.auto_failover,
+    )  # fmt: skip
+    return run_compare(config)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyvmm.demo import run_demo
 
@@ -210,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="default 1")
     run.add_argument("--append", default="", metavar="CMDLINE", help="guest command line")
     run.add_argument("--serial", metavar="FILE", help="write the console here (default stdout)")
+    run.add_argument(
+        "--serial2",
+        metavar="ADDR",
+        help="COM2 (0x2f8), a two-way UART whose host side is a socket: unix:PATH or "
+        "tcp:HOST:PORT connects, with ,server appended it listens",
+    )
+    run.add_argument(
+        "--colo-compare",
+        metavar="unix:PATH",
+        help="COLO primary: the comparator's control socket (pyvmm colo-compare)",
+    )
     run.add_argument("--qmp", metavar="ADDR", help="QMP monitor at unix:PATH or tcp:HOST:PORT")
     run.add_argument(
         "--qmp-allow-remote", action="store_true", help="allow a non-loopback TCP QMP address"
@@ -286,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the final query-migrate result as one JSON object",
     )
+    mig.add_argument(
+        "--trace",
+        metavar="FILE.json",
+        help="record pyvmm's own timeline during the migration (implies --wait) and write it "
+        "as a Trace Event Format file for ui.perfetto.dev",
+    )
+    mig.add_argument(
+        "--cancel-after",
+        type=positive_float,
+        metavar="S",
+        help="with --wait or --trace: send migrate_cancel if it has not ended after S seconds",
+    )
+    mig.add_argument(
+        "--dest-qmp",
+        metavar="ADDR",
+        help="with --trace: the destination's QMP address, to record its timeline too",
+    )
     mig.set_defaults(func=cmd_migrate)
 
     rate = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate over QMP")
@@ -330,9 +402,111 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trace.set_defaults(func=cmd_trace)
 
+    tl = sub.add_parser(
+        "timeline",
+        help="pyvmm's own timelines: record one from running VMs, or summarise files",
+        description="show FILE...: what a Trace Event Format file holds, track by track. "
+        "record ADDR... --seconds S --output FILE: record running pyvmm VMs' own timelines "
+        "for S seconds (docs/timeline.md).",
+    )
+    tl_sub = tl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tl_show = tl_sub.add_parser("show", help="summarise timeline files")
+    tl_show.add_argument("files", nargs="+", metavar="FILE.json")
+    tl_rec = tl_sub.add_parser("record", help="record running pyvmm VMs for a while")
+    tl_rec.add_argument("address", nargs="+", metavar="QMP_ADDR")
+    tl_rec.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")
+    tl_rec.add_argument("--output", required=True, metavar="FILE.json")
+    tl.set_defaults(func=cmd_timeline)
+
     demo = sub.add_parser("demo", help="the main job on embedded defaults")
     demo.add_argument("--seconds", type=positive_float, default=5.0, metavar="S")
     demo.set_defaults(func=cmd_demo)
+
+    colo = sub.add_parser(
+        "colo",
+        help="COLO fault tolerance with hybrid mode: the RFC's demo on this machine",
+        description="Primary, secondary, comparator and a load client; the phases COLO, "
+        "miscompares, passive, back to COLO, failover; PASS or FAIL per phase.",
+    )
+    colo.add_argument(
+        "--max-time",
+        type=positive_int,
+        default=2000,
+        metavar="MS",
+        help="x-colo-max-time for the demo (default 2000; QEMU's 10000)",
+    )
+    colo.add_argument(
+        "--passive-count",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="colo-passive-count for the demo (default 20; QEMU's 100)",
+    )
+    colo.add_argument(
+        "--rate",
+        type=positive_float,
+        default=40.0,
+        metavar="N",
+        help="requests per second from the load client (default 40)",
+    )
+    colo.add_argument(
+        "--burn",
+        type=int,
+        default=60,
+        choices=range(0, 101),
+        metavar="PCT",
+        help="the primary guest's CPU burner on vCPU 1, %% (default 60)",
+    )
+    colo.add_argument("--keep", action="store_true", help="keep the work directory")
+    colo.set_defaults(func=cmd_colo)
+
+    cmp_ = sub.add_parser(
+        "colo-compare",
+        help="the COLO comparator: mirrors requests to both VMs, compares their answers",
+    )
+    cmp_.add_argument(
+        "--listen",
+        default="tcp:127.0.0.1:0",
+        metavar="tcp:HOST:PORT",
+        help="where clients connect (default tcp:127.0.0.1:0, printed)",
+    )
+    cmp_.add_argument(
+        "--primary",
+        required=True,
+        metavar="unix:PATH",
+        help="the primary's COM2 connects here (its --serial2)",
+    )
+    cmp_.add_argument(
+        "--secondary", required=True, metavar="unix:PATH", help="the secondary's COM2 connects here"
+    )
+    cmp_.add_argument(
+        "--control",
+        required=True,
+        metavar="unix:PATH",
+        help="the primary's --colo-compare connects here",
+    )
+    cmp_.add_argument("--primary-qmp", metavar="ADDR", help="the primary's QMP (failover)")
+    cmp_.add_argument("--secondary-qmp", metavar="ADDR", help="the secondary's QMP (failover)")
+    cmp_.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=3000.0,
+        metavar="MS",
+        help="an answer without its twin forces a checkpoint after this long",
+    )
+    cmp_.add_argument(
+        "--check-period",
+        type=positive_float,
+        default=3000.0,
+        metavar="MS",
+        help="how often old answers are looked for (default 3000)",
+    )
+    cmp_.add_argument(
+        "--auto-failover",
+        action="store_true",
+        help="send x-colo-lost-heartbeat to the survivor when a VM is gone",
+    )
+    cmp_.set_defaults(func=cmd_colo_compare)
 
     sub.add_parser("bench", help="migration benchmark harness (pyvmm bench --help)", add_help=False)
     return parser  # fmt: skip

@@ -215,6 +215,11 @@ HOSTILE: dict[str, bytes] = {
     "state-of-empty-lists": prefix().state(b"[" + b"[]," * 400_000 + b"[]]").bytes(),
     "switchover-before-state": prefix().switchover().bytes(),
     "go-before-switchover": prefix().go().bytes(),
+    # COLO (stream version 4): its checkpoints only after the migration's end, and only a
+    # destination that can be a secondary takes COLO_ENABLE (the corpus's cannot).
+    "colo-request-before-the-end": prefix().record(RecordType.CHECKPOINT_REQUEST,
+                                                   (1).to_bytes(8, "little")).bytes(),
+    "colo-enable-unsupported": prefix().record(RecordType.COLO_ENABLE).bytes(),
     "abandoned": prefix().record(RecordType.ABANDON, b"the source was cancelled").bytes(),
     "huge-abandon": prefix().record(RecordType.ABANDON, b"", length=1 << 30).bytes(),
     "truncated-mid-page": prefix().ram_run(0, 10, 4).cut(page_data(4) + 9000).bytes(),

@@ -964,8 +964,10 @@ def test_every_query_command_is_registered_as_a_query(sock_path: Path) -> None:
     register_commands(vmm)
     names = srv.dispatcher.command_names()
     names.remove("qmp_capabilities")
-    queries = {n for n in names if n.startswith(("query-", "x-pyvmm-query-"))}
+    # x-query-colo-stats: the COLO issue's name for pyvmm's own COLO statistics
+    queries = {n for n in names if n.startswith(("query-", "x-pyvmm-query-", "x-query-"))}
     assert {"query-status", "query-migrate", "x-pyvmm-query-memory-hash"} <= queries
+    assert {"query-colo-status", "x-query-colo-stats"} <= queries
     for name in names:
         command = srv.dispatcher.lookup(name)
         assert command is not None and command.query == (name in queries), name

@@ -389,7 +389,7 @@ def mutate(doc: dict, path: tuple, value: object) -> bytes:
 
 DELETE = object()
 BAD_CASES = [
-    (("version",), 2, "version: 2 is not supported"),
+    (("version",), 1, "version: 1 is not supported"),
     (("version",), "1", "version: string is not supported"),
     (("format",), "qemu", "format"),
     (("vcpu_count",), 3, "the state has 3 vCPUs, the machine has 2"),

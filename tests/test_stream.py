@@ -83,7 +83,9 @@ def test_messages_name_the_problem() -> None:
         "garbage-state": "bad machine state",
         "abandoned": "the source abandoned the migration: the source was cancelled",
         "go-before-switchover": "GO record before the SWITCHOVER record",
-        "version-2": "version 2 is not supported (this pyvmm speaks version 3)",
+        "colo-request-before-the-end": "CHECKPOINT_REQUEST record before the migration's end",
+        "colo-enable-unsupported": "the source asks for COLO, which this VM cannot do",
+        "version-2": "version 2 is not supported (this pyvmm speaks version 4)",
         "unknown-flags": "unknown stream flags 0x80",
         "header-slot-strings": "malformed HEADER record: slots[0] gpa: expected an integer, got "
         "string",

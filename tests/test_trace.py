@@ -18,9 +18,9 @@ import pytest
 from vmproc import VmProc, free_tcp_port, vm_process
 
 from helpers import PYVMM, one_line_error, pyvmm_process, run_pyvmm, wait_for_path
+from pyvmm import timeline
 from pyvmm.kvm import abi
 from pyvmm.machine.images import resolve_image
-from pyvmm.trace import timeline
 from pyvmm.trace.decode import decode_run_exit, request_name
 from pyvmm.trace.errors import TraceError
 from pyvmm.trace.lines import CallFilter

@@ -1,8 +1,8 @@
 """`pyvmm bench ...`: argument parsing and printing only.
 
-pyvmm bench [run] [SCENARIO OPTIONS] [--output REPORT.json]
+pyvmm bench [run] [SCENARIO OPTIONS] [--output REPORT.json] [--trace FILE.json] [--heatmap]
 pyvmm bench batch COMPARISON... --output DIR [--filter GLOB] [--repeat N] [--binary QEMU]
-pyvmm bench plot REPORT... [--output PNG]
+pyvmm bench plot REPORT... [--output PNG] [--heatmap]
 pyvmm bench table REPORT...
 pyvmm bench schema
 """
@@ -163,6 +163,17 @@ def run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="perfreport", help="the scenario's name in reports")
     p.add_argument("--output", type=Path, metavar="REPORT", help="JSON report (default stdout)")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE.json",
+        help="both VMs record their own timelines; one Trace Event Format file (Perfetto)",
+    )
+    p.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="record the source's dirty pages per sync (at most 4096 cells) in the report",
+    )
     _common(p)
     return p
 
@@ -210,6 +221,12 @@ def plot_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="default: the first report's stem .png in the current directory",
     )
+    p.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="draw each report's dirty-page heatmap instead: STEM-heatmap.png (a strip, one "
+        "row per sync) and STEM-heatmap.gif (one frame per sync)",
+    )
     return p
 
 
@@ -239,7 +256,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     _logging(a.verbose)
     display = make_display(a.quiet)
     try:
-        rpt = run(scenario, hw, RunOptions(resolve_binary(a.binary), a.sleep), display)
+        options = RunOptions(resolve_binary(a.binary), a.sleep, trace=a.trace, heatmap=a.heatmap)
+        rpt = run(scenario, hw, options, display)
     finally:
         display.close()
     if a.output:
@@ -289,6 +307,16 @@ def cmd_plot(argv: Sequence[str]) -> int:
 
     a = plot_parser().parse_args(argv)
     reports = [report.load(p) for p in a.reports]
+    if a.heatmap:
+        from pyvmm.bench import heatmap
+
+        for path, rpt in zip(a.reports, reports, strict=True):
+            if a.output and len(reports) == 1:
+                png = a.output
+            else:
+                png = (a.output.parent if a.output else Path.cwd()) / f"{path.stem}-heatmap.png"
+            print("\n".join(str(p) for p in heatmap.render(rpt, png)))
+        return 0
     png = a.output or Path.cwd() / (a.reports[0].stem + ".png")
     png_path, html_path = plot.render(reports, png)
     print(f"{png_path}\n{html_path}")

@@ -9,6 +9,11 @@
    --max-time (the run still succeeds and records `cancelled`);
 5. after completion, --sleep more seconds of the guest on the destination;
 6. stop both VMs and remove every socket, file and namespace, whatever happened.
+
+With --trace both VMs record their own timelines from just before `migrate` (the
+source's stops when the migration ends, the destination's after its --sleep) and the
+harness writes them as one Trace Event Format file; with --heatmap the source records a
+dirty-page heatmap row per sync, which goes into the report (docs/timeline.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyvmm.bench import netns, report
+from pyvmm.bench import heatmap, netns, report
 from pyvmm.bench.display import Display, Quiet
 from pyvmm.bench.scenario import Hardware, Scenario, ScenarioError, to_dict
 from pyvmm.bench.vms import (
@@ -39,6 +44,14 @@ from pyvmm.bench.vms import (
     wait_for_socket,
 )
 from pyvmm.monitor.client import QmpClientError, SyncQmp
+from pyvmm.monitor.recording_client import (
+    RecordingError,
+    fetch_heatmap,
+    fetch_timeline,
+    start_recording,
+    stop_recording,
+)
+from pyvmm.timeline import merge, write
 
 log = logging.getLogger("pyvmm.bench")
 
@@ -54,6 +67,8 @@ class RunOptions:
     binary: str = "pyvmm"  # or a QEMU binary's path
     sleep_s: float = 5.0  # steady state before, guest time on the destination after
     steady_timeout_s: float = 180.0
+    trace: Path | None = None  # write both VMs' timelines here (pyvmm only)
+    heatmap: bool = False  # record the source's dirty-page heatmap in the report
 
 
 def _version(q: SyncQmp) -> str:
@@ -147,11 +162,14 @@ class Run:
         hw.check()
         if scenario.dirty_limit and not hw.dirty_ring_size:
             raise ScenarioError("--dirty-limit needs --dirty-ring-size")
+        if (options.trace or options.heatmap) and is_qemu(options.binary):
+            raise ScenarioError("--trace and --heatmap need pyvmm: the VMM records them itself")
         self.scenario, self.hw, self.options = scenario, hw, options
         self.display = display or Quiet()
         self.progress: list[dict[str, Any]] = []
         self.vms: dict[str, VmProcess] = {}
         self.migrating: bool | None = None  # None before `migrate`, then True, then False
+        self.started_monotonic = 0.0  # time.monotonic() when `migrate` was sent
 
     # --- the run -------------------------------------------------------------------------
 
@@ -198,9 +216,12 @@ class Run:
                 src_q.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": c, "state": v} for c, v in caps.items()]})  # fmt: skip
             log.info("src: capabilities %s, parameters %s", caps, params)
+            self._start_recording(src_q, dst_q)
             src_q.execute("migrate-set-parameters", params)
             result = self._migrate(src_q, dst_q, uri)
+            extra = self._recordings(src_q, dst_q)
             return {
+                **extra,
                 "version": report.VERSION,
                 "scenario": to_dict(self.scenario),
                 "hardware": {
@@ -227,6 +248,34 @@ class Run:
                 },
                 "result": result,
             }
+
+    def _start_recording(self, src_q: SyncQmp, dst_q: SyncQmp) -> None:
+        opts = self.options
+        try:
+            if opts.trace or opts.heatmap:
+                start_recording(src_q, "source", heatmap=opts.heatmap)
+            if opts.trace:
+                start_recording(dst_q, "destination")
+        except RecordingError as exc:
+            raise BenchError(str(exc)) from None
+
+    def _recordings(self, src_q: SyncQmp, dst_q: SyncQmp) -> dict[str, Any]:
+        """Fetch what the VMs recorded: the trace file is written, the heatmap returned for
+        the report (under "heatmap")."""
+        opts, out = self.options, {}
+        if opts.heatmap:
+            out["heatmap"] = heatmap.from_qmp(fetch_heatmap(src_q), self.started_monotonic)
+        if opts.trace:
+            traces = [fetch_timeline(src_q)]
+            if self.vms["dst"].proc.poll() is None:  # a failed migration may have ended it
+                traces.append(fetch_timeline(dst_q))
+            else:
+                log.warning("the destination has ended: its timeline is lost")
+            merged = merge(*traces)
+            opts.trace.parent.mkdir(parents=True, exist_ok=True)
+            write(opts.trace, merged)
+            log.info("timeline: %s (%d events)", opts.trace, len(merged["traceEvents"]))
+        return out
 
     def _explain_qmp_error(self, _type: object, exc: BaseException | None, _tb: object) -> bool:
         """A lost QMP connection usually means a VM died: say that instead."""
@@ -294,6 +343,7 @@ class Run:
         s = self.scenario
         self.display.phase(f"migrating to {uri}")
         started_at = time.time()
+        self.started_monotonic = time.monotonic()
         src_q.execute("migrate", {"uri": uri})
         self.migrating = True
         cancel_reason: str | None = None
@@ -325,6 +375,8 @@ class Run:
             time.sleep(POLL_S)
         info = src_q.execute("query-migrate")
         error = info.get("error-desc") if status == "failed" else None
+        if self.options.trace or self.options.heatmap:
+            stop_recording(src_q)  # the source's part ends with the migration
         # QEMU has no iteration-count; up to 9.1 every dirty sync ends an iteration.
         ram = info.get("ram", {})
         iterations = int(ram.get("iteration-count", sample["ram"]["dirty_sync_count"]))

@@ -136,6 +136,24 @@ SCHEMA: dict[str, Any] = {
     ),
 }
 
+# Optional sections, present only when asked for (not in "required"):
+# `pyvmm bench --heatmap` (docs/timeline.md; pyvmm/bench/heatmap.py reads and draws it).
+HEATMAP_ROW = _object(
+    {"sync": _INT, "elapsed": _NUM, "dirty_pages": _INT, "new_pages": _INT, "cells": _STR}
+)
+HEATMAP = _object(
+    {
+        "cells": _INT,  # at most 4096
+        "pages_per_cell": _INT,
+        "total_pages": _INT,
+        "page_size": _INT,
+        "encoding": {"const": "zlib+base64 uint32le"},
+        "dropped_rows": _INT,
+        "rows": {"type": "array", "items": HEATMAP_ROW},
+    }
+)
+SCHEMA["properties"]["heatmap"] = HEATMAP
+
 
 class ReportError(ValueError):
     """A report file that cannot be used; the message is one line naming file and cause."""

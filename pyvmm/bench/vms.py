@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.bench.scenario import Hardware, ScenarioError
+from pyvmm.dirty.ring_quirk import decide_ring_quirk
 from pyvmm.machine.images import resolve_image
 
 GUEST = "memstress"
@@ -70,6 +71,17 @@ def host_tsc_khz() -> int:
             vm.close()
 
 
+def pyvmm_ring_args(entries: int) -> list[str]:
+    """QEMU's `dirty-ring-size=N` on pyvmm: a real ring of N entries where the start-up
+    probe finds such rings reliable; elsewhere (this host) the largest real ring, and N sizes
+    the virtual ring that counts entries (x-vcpu-dirty-limit-ring-size, set by the engine)."""
+    if not entries:
+        return []
+    if decide_ring_quirk(entries).lossy:
+        return ["--dirty-ring"]
+    return ["--dirty-ring", str(entries)]
+
+
 def vm_command(binary: str, hw: Hardware, qmp: Path, serial: Path, incoming: str | None,
                tsc_khz: int) -> list[str]:  # fmt: skip
     """The command line of one side; the destination gets `incoming` and no guest."""
@@ -79,9 +91,7 @@ def vm_command(binary: str, hw: Hardware, qmp: Path, serial: Path, incoming: str
         # The guest name goes before --dirty-ring, whose value is optional.
         cmd += [GUEST, "--append", hw.guest_cmdline()] if incoming is None else []
         cmd += ["--mem", f"{mem}M", "--vcpus", str(hw.cpus)]
-        # Small real rings are unsafe on this host (docs/machine.md): the ring is the
-        # largest KVM offers, and --dirty-ring-size sizes dirty limit's virtual ring.
-        cmd += ["--dirty-ring"] if hw.dirty_ring_size else []
+        cmd += pyvmm_ring_args(hw.dirty_ring_size)
         cmd += ["--qmp", f"unix:{qmp}", "--serial", str(serial)]
         return cmd + (["--incoming", incoming] if incoming else [])
     accel = f"kvm,dirty-ring-size={hw.dirty_ring_size}" if hw.dirty_ring_size else "kvm"

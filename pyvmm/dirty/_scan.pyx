@@ -1129,3 +1129,194 @@ def take_new(uint64_t[::1] bitmap not None, const uint64_t[::1] old not None,
             held[i] |= w
             bitmap[i] = old[i]
     return moved
+
+
+# --------------------------------------------------------------------------------------------
+# 11. The dirty rings a QEMU would have (pyvmm/dirty/ring_model.py)
+# --------------------------------------------------------------------------------------------
+
+from libc.stdint cimport int64_t
+
+
+def ring_entry_pages(ring, nentries, first_fetch, count,
+                     const uint64_t[::1] slot_first_page not None,
+                     const uint64_t[::1] slot_pages not None, uint64_t[::1] out not None):
+    """The pages named by the ring entries [first_fetch, first_fetch + count), in ring order.
+
+    For entries harvest_ring has just taken: their slot and offset stay valid until
+    KVM_RESET_DIRTY_RINGS. A page is numbered slot_first_page[slot] + offset (one flat
+    numbering of every slot); an entry naming an unknown slot or an offset past the slot's
+    end is skipped. Writes out[0:k] and returns k (out must hold count). The flags are not
+    read or written.
+    """
+    cdef uint8_t[::1] ring_view
+    cdef uint64_t n, mask, fetch, k, got = 0, offset
+    cdef uint32_t slot_id
+    cdef Py_ssize_t nslots = slot_pages.shape[0]
+    cdef const kvm_dirty_gfn *entries
+    cdef const kvm_dirty_gfn *e
+    n = _as_index(nentries, "nentries", 1 << 32)
+    if n == 0 or (n & (n - 1)) != 0:
+        raise ValueError(f"nentries = {n} is not a power of two")
+    fetch = _as_index(first_fetch, "first_fetch", 1 << 64)
+    k = _as_index(count, "count", n + 1)
+    if slot_first_page.shape[0] != nslots:
+        raise ValueError(
+            f"slot_first_page has {slot_first_page.shape[0]} entries but slot_pages has {nslots}"
+        )
+    if <uint64_t>out.shape[0] < k:
+        raise ValueError(f"out holds {out.shape[0]} pages but count = {k}")
+    try:
+        ring_view = memoryview(ring).cast("B")
+    except (TypeError, BufferError) as exc:
+        raise ValueError(f"ring must be a writable C-contiguous buffer: {exc}") from None
+    if <uint64_t>ring_view.shape[0] < n * sizeof(kvm_dirty_gfn):
+        raise ValueError(f"ring has {ring_view.shape[0]} bytes, less than nentries = {n} x 16")
+    entries = <const kvm_dirty_gfn *>&ring_view[0]
+    mask = n - 1
+    with nogil:
+        while k > 0:
+            e = &entries[fetch & mask]
+            slot_id = e.slot & 0xffff
+            offset = e.offset
+            if slot_id < <uint32_t>nslots and offset < slot_pages[slot_id]:
+                out[got] = slot_first_page[slot_id] + offset
+                got += 1
+            fetch += 1
+            k -= 1
+    return got
+
+
+cdef inline void _model_reap(uint64_t[::1] armed, uint64_t[:, ::1] rings, int64_t[::1] fill,
+                             uint64_t[::1] reaped, Py_ssize_t v) noexcept nogil:
+    # Reap ring v: its entries count for vCPU v, and their pages are write-protected again.
+    cdef int64_t j
+    cdef uint64_t p
+    for j in range(fill[v]):
+        p = rings[v, j]
+        armed[p >> 6] &= ~((<uint64_t>1) << (p & 63))
+    reaped[v] += <uint64_t>fill[v]
+    fill[v] = 0
+
+
+cdef int _check_model(uint64_t[::1] armed, uint64_t[:, ::1] rings, int64_t[::1] fill,
+                      uint64_t[::1] reaped) except -1:
+    cdef Py_ssize_t v, nvcpus = rings.shape[0]
+    cdef uint64_t limit = <uint64_t>armed.shape[0] * 64
+    if fill.shape[0] != nvcpus or reaped.shape[0] != nvcpus:
+        raise ValueError(
+            f"fill has {fill.shape[0]} and reaped {reaped.shape[0]} entries, rings has {nvcpus} rows"
+        )
+    for v in range(nvcpus):
+        if not 0 <= fill[v] <= rings.shape[1]:
+            raise ValueError(f"fill[{v}] = {fill[v]} is outside [0, {rings.shape[1]}]")
+        _check_pages_below(rings[v, :fill[v]], limit, "armed")
+    return 0
+
+
+def ring_model_push(const uint64_t[::1] pages not None, uint64_t[::1] armed not None,
+                    uint64_t[:, ::1] rings not None, int64_t[::1] fill not None,
+                    uint64_t[::1] reaped not None, Py_ssize_t vcpu, Py_ssize_t soft_limit,
+                    bint reap_all_on_full):
+    """vCPU `vcpu` wrote `pages`, in this order: push an entry for each page that is not
+    armed (written since its last reap by any vCPU), as KVM pushes one for the first write
+    to a write-protected page. When the ring holds soft_limit entries it is full and is
+    reaped: that ring only, or every ring if reap_all_on_full. Reaping ring v adds its
+    entries to reaped[v] and disarms their pages. Returns how many times the ring filled.
+
+    armed:  bitmap over the flat page numbering; rings[v, :fill[v]]: ring v's pages.
+    """
+    cdef Py_ssize_t nvcpus = rings.shape[0], n = pages.shape[0], k, v
+    cdef uint64_t p, bit
+    cdef uint64_t *word
+    cdef Py_ssize_t fulls = 0
+    _check_model(armed, rings, fill, reaped)
+    if not 0 <= vcpu < nvcpus:
+        raise ValueError(f"vcpu = {vcpu} is out of range [0, {nvcpus})")
+    if not 0 < soft_limit <= rings.shape[1]:
+        raise ValueError(f"soft_limit = {soft_limit} is outside [1, {rings.shape[1]}]")
+    if fill[vcpu] >= soft_limit:
+        raise ValueError(f"ring {vcpu} holds {fill[vcpu]} entries, at or past soft_limit")
+    _check_pages_below(pages, <uint64_t>armed.shape[0] * 64, "armed")
+    with nogil:
+        for k in range(n):
+            p = pages[k]
+            word = &armed[p >> 6]
+            bit = (<uint64_t>1) << (p & 63)
+            if word[0] & bit:
+                continue
+            word[0] |= bit
+            rings[vcpu, fill[vcpu]] = p
+            fill[vcpu] += 1
+            if fill[vcpu] >= soft_limit:
+                fulls += 1
+                if reap_all_on_full:
+                    for v in range(nvcpus):
+                        _model_reap(armed, rings, fill, reaped, v)
+                else:
+                    _model_reap(armed, rings, fill, reaped, vcpu)
+    return fulls
+
+
+def ring_model_reap(uint64_t[::1] armed not None, uint64_t[:, ::1] rings not None,
+                    int64_t[::1] fill not None, uint64_t[::1] reaped not None,
+                    Py_ssize_t vcpu):
+    """Reap ring `vcpu` (-1: every ring); returns the entries reaped."""
+    cdef Py_ssize_t v, nvcpus = rings.shape[0]
+    cdef uint64_t before = 0, after = 0
+    _check_model(armed, rings, fill, reaped)
+    if not -1 <= vcpu < nvcpus:
+        raise ValueError(f"vcpu = {vcpu} is out of range [-1, {nvcpus})")
+    with nogil:
+        for v in range(nvcpus):
+            before += reaped[v]
+        for v in range(nvcpus):
+            if vcpu == -1 or v == vcpu:
+                _model_reap(armed, rings, fill, reaped, v)
+        for v in range(nvcpus):
+            after += reaped[v]
+    return after - before
+
+# --------------------------------------------------------------------------------------------
+# 12. Heatmaps: a dirty bitmap downsampled to cells of guest RAM
+# --------------------------------------------------------------------------------------------
+
+def cell_counts(const uint64_t[::1] bitmap not None, first_page, npages, pages_per_cell,
+                uint32_t[::1] out not None):
+    """Add each set bit p < npages of `bitmap` to out[(first_page + p) // pages_per_cell].
+
+    One heatmap row (docs/timeline.md): dirty pages per cell of guest RAM, slot after slot
+    (a slot's first_page is the number of pages in the slots before it). Returns the bits
+    counted. A cell of whole 64-page words, aligned, costs one popcount per word; any other
+    cell size costs one step per set bit.
+    """
+    cdef uint64_t first = _as_index(first_page, "first_page", 1 << 52)
+    cdef uint64_t n = _as_index(npages, "npages", <uint64_t>bitmap.shape[0] * 64 + 1)
+    cdef uint64_t ppc = _as_index(pages_per_cell, "pages_per_cell", 1 << 40)
+    if ppc == 0:
+        raise ValueError("pages_per_cell = 0: a cell holds at least one page")
+    cdef uint64_t cells_needed = (first + n + ppc - 1) // ppc if n else 0
+    if <uint64_t>out.shape[0] < cells_needed:
+        raise ValueError(f"out has {out.shape[0]} cells; these pages need {cells_needed}")
+    cdef Py_ssize_t w, nwords = <Py_ssize_t>((n + 63) >> 6)
+    cdef uint64_t word, page, total = 0
+    cdef int bit
+    with nogil:
+        for w in range(nwords):
+            word = bitmap[w]
+            if word == 0:
+                continue
+            page = <uint64_t>w << 6
+            if n - page < 64:  # the last, partial word
+                word &= ((<uint64_t>1) << (n - page)) - 1
+            if ppc % 64 == 0 and first % 64 == 0:
+                bit = scan_popcount64(word)
+                out[(first + page) // ppc] += bit
+                total += bit
+                continue
+            while word:
+                bit = scan_ctz64(word)
+                out[(first + page + bit) // ppc] += 1
+                total += 1
+                word &= word - 1
+    return total

@@ -8,9 +8,13 @@ Three modes, as in QEMU's migration/dirtyrate.c:
   content (pyvmm's guests always store new values).
 - dirty-bitmap: dirty logging through the bitmap API; one sync to start (and
   discard), wait, one sync to count. Only when the VM has no dirty ring.
-- dirty-ring: the per-vCPU harvested-page counters of the dirty rings; gives a
-  rate per vCPU, the VM's rate is their sum. Only when the VM has dirty rings.
-Rates are in MiB/s (QEMU calls them MB/s but computes MiB).
+- dirty-ring: the per-vCPU counters of dirty-ring entries, counted as QEMU counts
+  them (cpu->dirty_pages, RingTracker.vcpu_dirty_pages); gives a rate per vCPU, the
+  VM's rate is their sum. Only when the VM has dirty rings. One deliberate
+  difference: pyvmm syncs when the window opens, so entries pushed before it are
+  not counted in it (QEMU takes its first snapshot without a sync).
+Rates are in MiB/s (QEMU calls them MB/s but computes MiB), with QEMU's integer
+arithmetic (do_calculate_dirtyrate).
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ class DirtyRateResult:
 
 
 def pages_to_mib_s(pages: int, elapsed_ms: float) -> int:
-    return int(pages * PAGE_SIZE / (1 << 20) * 1000 / elapsed_ms) if elapsed_ms > 0 else 0
+    """QEMU's do_calculate_dirtyrate (8.1+): MiB(pages x 1000) / ms, in integers."""
+    ms = int(elapsed_ms)
+    return (pages * 1000 * PAGE_SIZE >> 20) // ms if ms > 0 else 0
 
 
 class DirtyRateMonitor:
@@ -182,7 +188,8 @@ class DirtyRateMonitor:
 
     def _dirty_ring(self, req: DirtyRateRequest) -> tuple[int, list[int]]:
         # The view keeps logging (and the reaper) on for the window; the rates come from
-        # the tracker's per-vCPU counters, not from the view's bitmaps.
+        # the tracker's per-vCPU entry counters, not from the view's bitmaps. The first sync
+        # reaps what was pushed before the window, so that it is not counted in it.
         with self.tracker.open_view("calc-dirty-rate") as view:
             view.sync()
             before = self.tracker.vcpu_dirty_pages() or []

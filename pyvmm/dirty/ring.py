@@ -18,16 +18,20 @@ then livelock (DIRTY_RING_FULL forever with nothing to harvest). Whether this
 host does is a quirk decided per ring size at start-up (ring_quirk.py). Hence:
 - a reaper thread looks at every ring every 5 ms and harvests it when it is an
   eighth full, or 100 ms after its last harvest: rings stay far from full
-  (`reaper=False` holds it back, for experiments and the probe);
-- per-vCPU counts are of *distinct* pages newly dirty since the last sync (a page
-  rewritten many times between two syncs counts once, for the vCPU harvested
-  first), because this host pushes duplicate entries (see _harvested below);
-  QEMU counts entries, and its reaper runs about once a second;
+  (`reaper=False` holds it back, for experiments and the probe). While a dirty
+  limit is in service on a reliable host it does nothing, as QEMU's (below);
+- per-vCPU counts are QEMU's: the entries the rings QEMU would have held
+  (ring_model.RingModel), reaped by QEMU's rules: at a ring-full (that vCPU's
+  ring while a dirty limit is in service, all of them otherwise), at every sync,
+  and once a second by QEMU's reaper, which skips while a limit is in service.
+  The counted ring is the real one where ring-full loses nothing; where it may
+  (`lossy=True`) it is a virtual ring of `counted_entries` (the dirty limit
+  sets it), and a virtual ring-full is reported through `on_counted_full`;
 - a harvest that finds a ring at or past its soft limit is normal (a ring-full
   harvest takes at least the soft limit). Only where the quirk says this host
   loses entries at ring-full (`lossy=True`) is the whole guest then marked
   dirty for that round, logged once per event;
-- KVM_EXIT_DIRTY_RING_FULL is handled on the vCPU's thread (harvest its ring,
+- KVM_EXIT_DIRTY_RING_FULL is handled on the vCPU's thread (reap as QEMU does,
   then the dirty-limit hook); LIVELOCK_EXITS of them in a row that harvest
   nothing end the VM with an error naming the ring size.
 """
@@ -41,6 +45,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pyvmm.dirty.ring_model import RingModel
 from pyvmm.dirty.scan import block_summary_words, clear_blocks, harvest_ring, take_and_clear
 from pyvmm.dirty.tracker import ALL_ONES, DirtyTracker, set_every_page
 from pyvmm.kvm import abi
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 REAP_CHECK_INTERVAL_S = 0.005  # how often the reaper looks at each ring's fill level
 REAP_MAX_AGE_S = 0.1  # harvest a ring at least this often
 REAP_FILL_FRACTION = 8  # ... and at once when it is 1/8 full
+QEMU_REAPER_INTERVAL_S = 1.0  # kvm_dirty_ring_reaper_thread: sleep(1), then reap every ring
+VIRTUAL_RING_ENTRIES = 4096  # the counted ring where real ring-full is unsafe, until set
 LIVELOCK_EXITS = 10000
 
 
@@ -65,12 +72,19 @@ class RingTracker(DirtyTracker):
         self.entries = machine.ring_bytes // 16
         self.soft_limit = self.entries - abi.KVM_DIRTY_RING_RSVD_ENTRIES
         self._fetch = [0] * len(machine.vcpus)
-        # Per vCPU, cumulative: distinct pages newly dirty since the last sync (what rates
-        # and the dirty limit use), and raw ring entries. They differ because this host's
-        # KVM sometimes pushes the same page twice without a reset in between (about 13%
-        # extra entries under memstress); QEMU counts entries.
-        self._harvested = [0] * len(machine.vcpus)
+        # Raw ring entries taken, per vCPU. They are not QEMU's count: pyvmm harvests (and so
+        # re-protects) more often than QEMU reaps, and this host's KVM sometimes pushes the
+        # same page twice without a reset in between. The counts are the model's.
         self.entries_harvested = [0] * len(machine.vcpus)
+        # The rings QEMU would have: the real ones, or virtual ones where ring-full is unsafe.
+        self.model = RingModel(
+            len(machine.vcpus),
+            [r.pages for r in self.memory.regions],
+            VIRTUAL_RING_ENTRIES if lossy else self.entries,
+        )
+        # QEMU's dirtylimit_in_service(), set by the dirty limit: QEMU's reaper then idles and
+        # a ring-full reaps only the ring that filled.
+        self.limit_in_service = False
         self._empty_full_exits = [0] * len(machine.vcpus)
         self._ring_locks = [threading.Lock() for _ in machine.vcpus]
         self._acc = self.new_bitmaps()  # harvested since the last sync
@@ -79,20 +93,23 @@ class RingTracker(DirtyTracker):
         self._acc_blocks = self.new_block_summaries()
         self._sync_blocks = self.new_block_summaries()
         self._acc_lock = threading.Lock()
-        self._fresh = np.zeros(1, np.uint64)  # harvest_ring's count of newly set bits
         self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
         self._ring_full_exits = [0] * len(machine.vcpus)  # each written by its vCPU only
         self.full_harvests = 0  # harvests that found a ring at or past its soft limit
         self.resends = 0  # ... that marked the whole guest dirty (lossy hosts only)
         self.largest_harvest = 0  # entries taken by the largest single harvest
+        self.reaper_reaps = 0  # QEMU's once-a-second reap of every ring, done
+        self.reaper_skips = 0  # ... skipped because a dirty limit was in service
+        self.reaper_harvests = 0  # pyvmm's own harvests from the reaper (keeping rings unfull)
         self.on_ring_full: Callable[[Vcpu], None] | None = None  # the dirty limit's hook
-        # Called after every harvest that found entries, outside the ring locks, on the
-        # harvesting thread (reaper, sync or ring-full exit), with (vCPU index, that vCPU's
-        # cumulative distinct-page count, as vcpu_dirty_pages()). Must be cheap: it runs in
-        # the reaper's loop. The dirty limit counts virtual ring fills with it.
-        self.on_harvest: Callable[[int, int], None] | None = None
+        # Virtual counted rings only: called with (vCPU index, times its ring filled) after a
+        # harvest filled that vCPU's virtual ring, outside the ring locks, on the harvesting
+        # thread (reaper, sync or ring-full exit). Must be cheap: it runs in the reaper's loop.
+        self.on_counted_full: Callable[[int, int], None] | None = None
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._next_qemu_reap = 0.0
+        self._last_harvest = [0.0] * len(machine.vcpus)
         for vcpu in machine.vcpus:
             vcpu.on_dirty_ring_full = self._ring_full_exit
 
@@ -102,21 +119,43 @@ class RingTracker(DirtyTracker):
             np.zeros(block_summary_words(r.bitmap_words()), np.uint64) for r in self.memory.regions
         ]
 
+    # --- the counted rings -------------------------------------------------------------------
+
+    @property
+    def virtual(self) -> bool:
+        """Whether the counted rings are virtual (this host may lose entries at ring-full)."""
+        return self.lossy
+
+    @property
+    def counted_entries(self) -> int:
+        """The size of the rings QEMU would have: what the counts and penalties are per."""
+        return self.model.entries
+
+    def use_virtual_ring(self, entries: int) -> None:
+        """Size the virtual counted rings (lossy hosts only; a real ring's size is fixed)."""
+        if self.virtual and entries != self.model.entries:
+            log.info("dirty ring: virtual counted rings of %d entries", entries)
+            self.model.resize(entries)
+
     # --- logging on/off ----------------------------------------------------------------------
 
     def _start_logging(self) -> None:
         # Entries pushed before logging started (none, normally) are stale: drop them.
         self._reap_all(discard=True)
+        self.model.clear()  # logging write-protects every page
         self.machine.set_dirty_logging(True)
         self._stop.clear()
         if self.reaper:
+            self._next_qemu_reap = time.monotonic() + QEMU_REAPER_INTERVAL_S
             self._reaper = threading.Thread(target=self._reap_loop, name="dirty-ring-reaper")
             self._reaper.daemon = True
             self._reaper.start()
         log.info(
-            "dirty ring logging on: %d entries per vCPU, reaper %s, ring-full %s",
+            "dirty ring logging on: %d entries per vCPU, reaper %s, ring-full %s, counted "
+            "rings %s of %d entries",
             self.entries, "on" if self.reaper else "held back",
             "may lose entries (host quirk)" if self.lossy else "loses nothing",
+            "virtual" if self.virtual else "real", self.model.entries,
         )  # fmt: skip
 
     def _stop_logging(self) -> None:
@@ -134,41 +173,77 @@ class RingTracker(DirtyTracker):
     # --- harvesting --------------------------------------------------------------------------
 
     def _reap_loop(self) -> None:
-        last = [0.0] * len(self.machine.vcpus)
-        while not self._stop.wait(REAP_CHECK_INTERVAL_S):
-            now = time.monotonic()
-            total = 0
-            for i in range(len(self.machine.vcpus)):
-                if now - last[i] >= REAP_MAX_AGE_S or self._filling(i):
-                    total += self._reap_one(i)
-                    last[i] = now
-            if total:
-                self.machine.vm.reset_dirty_rings()
+        while not self._stop.wait(self.reaper_interval_s):
+            self.reaper_tick(time.monotonic())
+
+    @property
+    def reaper_interval_s(self) -> float:
+        """The reaper's sleep between wake-ups: on a real ring under a dirty limit only QEMU's
+        reaper is left, which sleeps a second at a time."""
+        if self.limit_in_service and not self.virtual:
+            return QEMU_REAPER_INTERVAL_S
+        return REAP_CHECK_INTERVAL_S
+
+    def reaper_tick(self, now: float) -> None:
+        """One wake-up of the reaper thread at monotonic time `now` (tests call it directly).
+
+        First QEMU's reaper (kvm_dirty_ring_reaper_thread): once a second, reap every ring,
+        unless a dirty limit is in service. Then pyvmm's own harvests, which keep the real
+        rings far from full (and, with virtual counted rings, see a virtual ring-full
+        promptly); on a real ring they too stop while a limit is in service, so that only
+        ring-full exits and syncs reap it, as in QEMU."""
+        if now >= self._next_qemu_reap:
+            self._next_qemu_reap = now + QEMU_REAPER_INTERVAL_S
+            if self.limit_in_service:
+                self.reaper_skips += 1  # "keep sleeping so that dirtylimit not be interfered"
+            else:
+                self._reap_all()
+                self.model.reap(None)
+                self.reaper_reaps += 1
+        if self.limit_in_service and not self.virtual:
+            return
+        total = 0
+        for i in range(len(self.machine.vcpus)):
+            if now - self._last_harvest[i] >= REAP_MAX_AGE_S or self._filling(i):
+                total += self._reap_one(i)
+                self._last_harvest[i] = now
+                self.reaper_harvests += 1
+        if total:
+            self.machine.vm.reset_dirty_rings()
 
     def _filling(self, index: int) -> bool:
-        """Is the entry an eighth of the ring past the next one already dirty? (a cheap peek)"""
+        """Are enough entries waiting to fill an eighth of the real ring, or the rest of the
+        virtual counted ring? (a cheap peek at one entry's flags)"""
         ring = self.machine.vcpus[index].fd.ring_mmap
         if ring is None:
             return False
-        pos = (self._fetch[index] + self.entries // REAP_FILL_FRACTION) % self.entries * 16
+        ahead = self.entries // REAP_FILL_FRACTION
+        if self.virtual:
+            ahead = min(ahead, self.model.remaining(index))
+        pos = (self._fetch[index] + max(ahead - 1, 0)) % self.entries * 16
         return bool(ring[pos] & abi.KVM_DIRTY_GFN_F_DIRTY)
 
-    def _reap_one(self, index: int) -> int:
-        """Harvest one vCPU's ring into the accumulator; returns entries harvested."""
+    def _reap_one(self, index: int, *, count: bool = True) -> int:
+        """Harvest one vCPU's ring into the accumulator and the counted rings; returns entries
+        harvested. The caller issues KVM_RESET_DIRTY_RINGS afterwards."""
         ring = self.machine.vcpus[index].fd.ring_mmap
         if ring is None:
             return 0
+        fulls = 0
         with self._ring_locks[index], self._acc_lock:
-            fresh = self._fresh
-            fresh[0] = 0
+            first = self._fetch[index]
             fetch, harvested, invalid = harvest_ring(
-                ring, self.entries, self._fetch[index], self._acc, self._slot_pages, fresh,
-                self._acc_blocks,
-            )  # fmt: skip
+                ring, self.entries, first, self._acc, self._slot_pages, None, self._acc_blocks
+            )
             self._fetch[index] = fetch
-            self._harvested[index] += int(fresh[0])
             self.entries_harvested[index] += harvested
             self.largest_harvest = max(self.largest_harvest, harvested)
+            if count and harvested:
+                # Slot and offset stay valid until the reset: what QEMU's rings would hold.
+                fulls = self.model.push_ring(
+                    index, ring, self.entries, first, harvested,
+                    reap_all_on_full=not self.limit_in_service,
+                )  # fmt: skip
             if harvested >= self.soft_limit:
                 self.full_harvests += 1
                 if self.lossy:
@@ -185,14 +260,13 @@ class RingTracker(DirtyTracker):
                     )  # fmt: skip
             if invalid:
                 log.warning("vCPU %d: %d dirty ring entries named no known page", index, invalid)
-            pages = self._harvested[index]
-        hook = self.on_harvest
-        if harvested and hook is not None:
-            hook(index, pages)
+        hook = self.on_counted_full
+        if fulls and self.virtual and hook is not None:
+            hook(index, fulls)
         return harvested
 
     def _reap_all(self, discard: bool = False) -> int:
-        total = sum(self._reap_one(i) for i in range(len(self.machine.vcpus)))
+        total = sum(self._reap_one(i, count=not discard) for i in range(len(self.machine.vcpus)))
         if total:
             self.machine.vm.reset_dirty_rings()
         if discard:
@@ -203,7 +277,9 @@ class RingTracker(DirtyTracker):
         return total
 
     def _harvest(self, into: list[np.ndarray]) -> None:
+        # A sync: QEMU's kvm_dirty_ring_flush reaps every ring.
         self._reap_all()
+        self.model.reap(None)
         with self._acc_lock:
             for acc, target, acc_blocks, sync_blocks in zip(
                 self._acc, into, self._acc_blocks, self._sync_blocks, strict=True
@@ -217,11 +293,23 @@ class RingTracker(DirtyTracker):
         return self._sync_blocks[slot]
 
     def _ring_full_exit(self, vcpu: Vcpu) -> None:
-        """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread."""
+        """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread.
+
+        A real counted ring: QEMU's kvm_cpu_exec, reap this vCPU's ring while a dirty limit
+        is in service (so that other vCPUs cannot dodge their sleep), every ring otherwise;
+        then the hook (dirtylimit_vcpu_execute). A virtual one: harvest this ring, which
+        counts any virtual ring-full it completes, then the hook."""
         self._ring_full_exits[vcpu.index] += 1
-        got = self._reap_one(vcpu.index)
+        if self.virtual or self.limit_in_service:
+            got = self._reap_one(vcpu.index)
+            if got:
+                self.machine.vm.reset_dirty_rings()
+            if not self.virtual:
+                self.model.reap(vcpu.index)
+        else:
+            got = self._reap_all()
+            self.model.reap(None)
         if got:
-            self.machine.vm.reset_dirty_rings()
             self._empty_full_exits[vcpu.index] = 0
         else:
             self._empty_full_exits[vcpu.index] += 1
@@ -241,4 +329,6 @@ class RingTracker(DirtyTracker):
         return sum(self._ring_full_exits)
 
     def vcpu_dirty_pages(self) -> list[int]:
-        return list(self._harvested)
+        """Per vCPU, cumulative: the entries QEMU's rings would have held, counted when
+        reaped (QEMU's cpu->dirty_pages)."""
+        return self.model.dirty_pages()

@@ -21,6 +21,7 @@ __all__ = [
     "and_not",
     "bitmap_to_pages",
     "block_summary_words",
+    "cell_counts",
     "clear_blocks",
     "count_set",
     "dirty_window",
@@ -31,6 +32,9 @@ __all__ = [
     "or_new_into",
     "page_hashes",
     "pages_to_runs",
+    "ring_entry_pages",
+    "ring_model_push",
+    "ring_model_reap",
     "set_pages",
     "take_and_clear",
     "take_new",
@@ -64,6 +68,12 @@ if TYPE_CHECKING:
 
     def bitmap_to_pages(bitmap: U64Array, out: U64Array | None = None) -> U64Array:
         """Ascending page numbers of the set bits; fills and slices `out` if given."""
+
+    def cell_counts(
+        bitmap: U64Array, first_page: int, npages: int, pages_per_cell: int,
+        out: npt.NDArray[np.uint32],
+    ) -> int:  # fmt: skip
+        """out[(first_page + p) // pages_per_cell] += 1 per set bit p < npages; the count."""
 
     def count_set(bitmap: U64Array) -> int:
         """Number of set bits."""
@@ -168,6 +178,39 @@ if TYPE_CHECKING:
         def intdigest(self) -> int:
             """The hash of everything given so far."""
 
+    def ring_entry_pages(
+        ring: RingBuffer,
+        nentries: int,
+        first_fetch: int,
+        count: int,
+        slot_first_page: U64Array,
+        slot_pages: U64Array,
+        out: U64Array,
+    ) -> int:
+        """Flat page numbers of ring entries [first_fetch, first_fetch + count) into out;
+        entries naming no known page are skipped; returns how many were written."""
+
+    def ring_model_push(
+        pages: U64Array,
+        armed: U64Array,
+        rings: U64Array,
+        fill: npt.NDArray[np.int64],
+        reaped: U64Array,
+        vcpu: int,
+        soft_limit: int,
+        reap_all_on_full: bool,
+    ) -> int:
+        """Push the entries a KVM ring would get for these writes; returns ring-full count."""
+
+    def ring_model_reap(
+        armed: U64Array,
+        rings: U64Array,
+        fill: npt.NDArray[np.int64],
+        reaped: U64Array,
+        vcpu: int,
+    ) -> int:
+        """Reap ring vcpu (-1: all); returns the entries reaped."""
+
 else:
     from pyvmm.dirty._scan import (
         BLOCK_PAGES,
@@ -181,6 +224,7 @@ else:
         and_not,
         bitmap_to_pages,
         block_summary_words,
+        cell_counts,
         clear_blocks,
         count_set,
         dirty_window,
@@ -191,6 +235,9 @@ else:
         or_new_into,
         page_hashes,
         pages_to_runs,
+        ring_entry_pages,
+        ring_model_push,
+        ring_model_reap,
         set_pages,
         take_and_clear,
         take_new,

@@ -178,7 +178,8 @@ class DirtyTracker:
                 self._stop_logging()
 
     def vcpu_dirty_pages(self) -> list[int] | None:
-        """Cumulative pages harvested per vCPU (ring mode), else None."""
+        """Ring mode: per vCPU, cumulative, the dirty-ring entries QEMU would have counted
+        (cpu->dirty_pages; ring.py, ring_model.py). Bitmap mode: None."""
         return None
 
     # --- what DirtyView calls ----------------------------------------------------------------

@@ -40,7 +40,7 @@ class PortUser(Protocol):
 
     index: int
 
-    def sleep_us(self, microseconds: int) -> None: ...
+    def sleep_us(self, microseconds: int, kind: str | None = None) -> None: ...
 
 
 class PortDevice(Protocol):
@@ -183,7 +183,7 @@ class ControlPort:
         if port == EXIT_PORT:
             self.on_exit(vcpu.index, value & 0xFF)
         elif port == SLEEP_PORT:
-            vcpu.sleep_us(min(value, MAX_SLEEP_US))
+            vcpu.sleep_us(min(value, MAX_SLEEP_US), "guest sleep")
 
     def io_in(self, vcpu: PortUser, port: int, size: int) -> bytes:
         if port == SLEEP_PORT:

@@ -33,7 +33,9 @@ from pyvmm.machine.dirty_ring_setup import enable_dirty_ring, max_ring_entries
 from pyvmm.machine.elf import PvhImage
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.uart import COM2_BASE, PORTS, ServiceUart
 from pyvmm.machine.vcpu import Vcpu, VcpuHost, VcpuRunState, install_kick_handler
+from pyvmm.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Machine:
         control = ControlPort(self._guest_exit)
         self.bus.register(EXIT_PORT, 1, control)
         self.bus.register(SLEEP_PORT, 1, control)
+        self.serial2: ServiceUart | None = None  # COM2, when attached (attach_serial2)
         self.irqchip = False
         self.started = False
         # How the VM ended: the first entry wins. list.append is atomic, so request_exit
@@ -148,6 +151,7 @@ class Machine:
         # Called once, by request_exit's winner, after the VM has ended: a waiter's wake-up
         # (the VMM's control loop). Must take no lock: it may run in a signal handler.
         self.on_exit: Callable[[], None] | None = None
+        self.timeline: Timeline | None = None  # vCPUs created while it is set record on it
 
     # --- building ----------------------------------------------------------------------------
 
@@ -180,7 +184,10 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         for index in range(self.config.vcpus):
             fd = self.vm.create_vcpu(index)
-            self.vcpus.append(Vcpu(index, fd, self._vcpu_host))
+            vcpu = Vcpu(index, fd, self._vcpu_host)
+            if self.timeline is not None:
+                vcpu.start_timeline(self.timeline)
+            self.vcpus.append(vcpu)
             if index == 0:
                 self.tsc_khz = fd.get_tsc_khz()
             entries = cpuid.vcpu_cpuid(supported, index, self.config.vcpus, self.tsc_khz)
@@ -188,6 +195,17 @@ class Machine:
             supported = self.kvm.supported_cpuid()  # a fresh copy: vcpu_cpuid edits entries
             if self.ring_bytes:
                 fd.map_dirty_ring(self.ring_bytes)
+
+    def attach_serial2(self, uart: ServiceUart) -> None:
+        """COM2 at 0x2f8 (uart.py): data for the guest wakes its sleeping vCPUs."""
+        self.serial2 = uart
+        self.bus.register(COM2_BASE, PORTS, uart)
+        uart.wake = self._wake_vcpus
+        uart.set_running(False)  # until start(): a stopped guest's output stays queued
+
+    def _wake_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.wake()
 
     def _enable_dirty_ring(self, entries: int) -> None:
         self.ring_bytes = enable_dirty_ring(self.kvm, self.vm, entries)
@@ -212,6 +230,8 @@ class Machine:
             if paused:
                 vcpu.request_pause()
             vcpu.start()
+        if self.serial2 is not None:
+            self.serial2.set_running(not paused)
 
     def wait(self, timeout_s: float | None = None) -> MachineExit | None:
         """Block until the VM ends (or timeout); returns why, or None on timeout."""
@@ -269,6 +289,8 @@ class Machine:
 
     def pause(self) -> None:
         """Stop every vCPU outside KVM_RUN; returns when all are parked."""
+        if self.serial2 is not None:
+            self.serial2.set_running(False)
         for vcpu in self.vcpus:
             vcpu.request_pause()
         for vcpu in self.vcpus:
@@ -278,6 +300,8 @@ class Machine:
     def resume(self) -> None:
         for vcpu in self.vcpus:
             vcpu.resume()
+        if self.serial2 is not None:
+            self.serial2.set_running(True)
 
     def stats(self) -> MachineStats:
         return MachineStats([v.exits for v in self.vcpus])

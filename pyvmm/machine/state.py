@@ -33,6 +33,7 @@ from pyvmm.kvm import KvmError, abi
 from pyvmm.machine.devices import MAX_LINE_BYTES, SerialConsole
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.strictjson import JsonReader, type_name
+from pyvmm.machine.uart import FIFO_MAX_BYTES, STATE_REGS
 from pyvmm.machine.vcpu import VcpuRunState as RunState
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "pyvmm-machine-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: devices.serial2 (COM2, uart.py)
 MAX_STATE_BYTES = 16 << 20  # far above 64 vCPUs' worth (about 25 KiB each)
 MAX_VCPUS = 64  # Machine's own limit
 MAX_MSRS = 1024  # per vCPU; KVM_GET_MSR_INDEX_LIST has about 40 here, a few hundred at most
@@ -80,7 +81,9 @@ KNOWN_MP_STATES = frozenset({0, 1, 2, 3, 4, 5, 9})
 
 CPUID_ENTRY_BYTES = ctypes.sizeof(abi.kvm_cpuid_entry2)
 SERIAL_REGS = ("1", "3", "4", "7")  # IER, LCR, MCR, SCR: what SerialConsole keeps
-KNOWN_DEVICES = frozenset({"serial"})
+KNOWN_DEVICES = frozenset({"serial", "serial2"})
+SERIAL2_KEYS = frozenset({"rx", "rx_end", "tx", "tx_end", "regs"})
+MAX_STREAM_OFFSET = (1 << 63) - 1
 
 
 # --- the state ---------------------------------------------------------------------------------
@@ -266,6 +269,15 @@ def _complete_pending_io(machine: Machine, vcpu: Vcpu, action: str) -> None:
         mm[KVM_RUN_IMMEDIATE_EXIT] = 0
 
 
+def complete_pending_io(machine: Machine, action: str = "complete pending I/O") -> None:
+    """Finish every vCPU's half-done I/O instruction now (see _complete_pending_io). A
+    COLO secondary does this before it rolls its RAM back: a completed `rep insb` writes
+    guest RAM, and that write must land before the rollback, not on top of it."""
+    _check_stopped(machine, action)
+    for vcpu in machine.vcpus:
+        _complete_pending_io(machine, vcpu, action)
+
+
 def capture(machine: Machine) -> MachineState:
     """The whole machine's state. Valid only while every vCPU is paused (or never started).
 
@@ -297,7 +309,9 @@ def capture(machine: Machine) -> MachineState:
             vm.ioapic = bytes(machine.vm.get_irqchip(abi.KVM_IRQCHIP_IOAPIC))
         except KvmError as exc:
             raise MachineError(f"capture: VM: {exc}") from None
-    devices = {"serial": _serial_state(machine.serial)}
+    devices: dict[str, Any] = {"serial": _serial_state(machine.serial)}
+    if machine.serial2 is not None:
+        devices["serial2"] = machine.serial2.get_state()
     log.debug("captured %d vCPUs (irqchip %s)", len(vcpus), machine.irqchip)
     return MachineState(vcpus, vm, devices)
 
@@ -653,6 +667,14 @@ def _restore_devices(machine: Machine, devices: dict[str, Any]) -> None:
     if "serial" in devices:
         _check_serial(devices["serial"], len(machine.vcpus), "restore: devices.serial")
         machine.serial.set_state(devices["serial"])
+    if "serial2" in devices:
+        _check_serial2(devices["serial2"], "restore: devices.serial2")
+        if machine.serial2 is None:
+            raise MachineError(
+                "restore: the state has a COM2 device (serial2) and this machine has none "
+                "(pyvmm run --serial2)"
+            )
+        machine.serial2.set_state(devices["serial2"])
 
 
 # --- serialisation -----------------------------------------------------------------------------
@@ -844,6 +866,26 @@ def _check_serial(value: object, vcpus: int, path: str) -> dict[str, Any]:
     return doc
 
 
+def _check_serial2(value: object, path: str) -> dict[str, Any]:
+    """COM2's state: both queues (hex, at most a FIFO each), their stream offsets, and the
+    registers a guest writes (uart.py)."""
+    doc = _obj(value, path, SERIAL2_KEYS)
+    for key in ("rx", "tx"):
+        text = doc[key]
+        if not isinstance(text, str):
+            raise _fail(f"{path}.{key}", f"expected a string, got {_type_name(text)}")
+        if len(text) > 2 * FIFO_MAX_BYTES or len(text) % 2 or not _HEX.fullmatch(text):
+            raise _fail(f"{path}.{key}", f"not lower-case hex of at most {FIFO_MAX_BYTES} bytes")
+    for key in ("rx_end", "tx_end"):
+        _int(doc[key], f"{path}.{key}", 0, MAX_STREAM_OFFSET)
+    if doc["rx_end"] < len(doc["rx"]) // 2 or doc["tx_end"] < len(doc["tx"]) // 2:
+        raise _fail(path, "a queue holds more bytes than its stream offset counts")
+    regs = _obj(doc["regs"], f"{path}.regs", frozenset(STATE_REGS))
+    for key in STATE_REGS:
+        _int(regs[key], f"{path}.regs.{key}", 0, 0xFF)
+    return doc
+
+
 def _parse_devices(value: object, vcpus: int) -> dict[str, Any]:
     """Known devices only, each optional (a state may carry none)."""
     if not isinstance(value, dict):
@@ -851,6 +893,8 @@ def _parse_devices(value: object, vcpus: int) -> dict[str, Any]:
     doc = _obj(value, "devices", frozenset(value.keys() & KNOWN_DEVICES))
     if "serial" in doc:
         _check_serial(doc["serial"], vcpus, "devices.serial")
+    if "serial2" in doc:
+        _check_serial2(doc["serial2"], "devices.serial2")
     return doc
 
 

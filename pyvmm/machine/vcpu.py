@@ -18,6 +18,11 @@ Machine.close(): once the fd is closed they do nothing. So they take no lock
 that their own thread might already hold: the wake-up flag is a Lock released
 to set it (release never blocks), the condition's lock is reentrant, and the
 kvm_run store goes through VcpuFd.set_immediate_exit.
+
+Timeline recording (docs/timeline.md): with `timeline` set, the vCPU's track gets one
+span per state (running, a throttle sleep, a dirty-limit penalty, a guest's own sleep,
+paused, halted), recorded where the state changes. The port-I/O exit path records
+nothing; recording off costs one attribute test in sleep_us and _park.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import errno
 import logging
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -34,11 +40,16 @@ from enum import Enum
 
 from pyvmm.kvm import VcpuFd, abi
 from pyvmm.machine.devices import PortUser
+from pyvmm.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
 RFLAGS_IF = 1 << 9
+
+# What a sleep is called on the timeline, by the function that asked for it, for callers
+# that do not say (sleep_us's `kind`): the throttle engine's and the dirty limit's.
+SLEEP_KINDS = {"_sleep": "throttle sleep", "_serve_penalty": "dirty-limit penalty"}
 
 
 class VcpuRunState(Enum):
@@ -107,6 +118,11 @@ class Vcpu:
         self._wake = WakeFlag()  # ends a sleep early
         self._pending: deque[Callable[[Vcpu], None]] = deque()
         self.on_dirty_ring_full: Callable[[Vcpu], None] | None = None
+        # Timeline recording: the state whose span is open on this vCPU's track, since when.
+        self.timeline: Timeline | None = None
+        self._tl_lock = threading.Lock()
+        self._tl_state: str | None = None
+        self._tl_since_us = 0.0
 
     # --- control from other threads ----------------------------------------------------------
 
@@ -155,6 +171,35 @@ class Vcpu:
         self._pending.append(fn)
         self.kick()
 
+    # --- timeline recording --------------------------------------------------------------------
+
+    def start_timeline(self, timeline: Timeline) -> None:
+        """Record this vCPU's states on `timeline` from now on (any thread)."""
+        states = {VcpuRunState.RUNNING: "running", VcpuRunState.PAUSED: "paused",
+                  VcpuRunState.FINISHED: "halted"}  # fmt: skip
+        with self._tl_lock:
+            self._tl_state = states.get(self.state)
+            self._tl_since_us = timeline.now_us()
+            self.timeline = timeline
+
+    def stop_timeline(self) -> None:
+        """Close the open span and stop recording (any thread)."""
+        self.timeline_enter(None)
+        self.timeline = None
+
+    def timeline_enter(self, state: str | None, args: dict[str, int] | None = None) -> None:
+        """End the current state's span (with `args`) and begin `state` (None: nothing)."""
+        tl, thread = self.timeline, self.thread
+        if tl is None or thread is None or thread.native_id is None:
+            return
+        with self._tl_lock:
+            now = tl.now_us()
+            if self._tl_state is not None:
+                since = self._tl_since_us
+                tl.complete(self._tl_state, since, now - since, thread.native_id, cat="vcpu",
+                            args=args)  # fmt: skip
+            self._tl_state, self._tl_since_us = state, now
+
     def close(self) -> None:
         """Release the vCPU fd once the thread has ended (Machine.close calls this)."""
         thread = self.thread
@@ -163,11 +208,20 @@ class Vcpu:
 
     # --- called on the vCPU thread -----------------------------------------------------------
 
-    def sleep_us(self, microseconds: int) -> None:
-        """Sleep on this thread; a kick (pause, stop, migration switchover) ends it early."""
+    def sleep_us(self, microseconds: int, kind: str | None = None) -> None:
+        """Sleep on this thread; a kick (pause, stop, migration switchover) ends it early.
+
+        `kind` names the sleep on the timeline; by default the caller's function decides
+        (SLEEP_KINDS), else "sleep"."""
+        tl = self.timeline
+        if tl is not None:
+            caller = sys._getframe(1).f_code.co_name
+            self.timeline_enter(kind or SLEEP_KINDS.get(caller, "sleep"))
         self._wake.clear()
         if not (self._pause_requested or self._stop_requested):
             self._wake.wait_and_clear(microseconds / 1e6)
+        if tl is not None:
+            self.timeline_enter("running", {"asked_us": microseconds})
 
     def _thread_main(self) -> None:
         try:
@@ -176,6 +230,8 @@ class Vcpu:
             log.exception("vCPU %d crashed", self.index)
             self.host.fail(f"vCPU {self.index}: internal error: {exc}")
         finally:
+            if self.timeline is not None:
+                self.timeline_enter(None)
             with self._cond:
                 self.state = VcpuRunState.STOPPED
                 self._cond.notify_all()
@@ -185,6 +241,8 @@ class Vcpu:
         with self._cond:
             self.state = state
             self._cond.notify_all()
+        if self.timeline is not None:
+            self.timeline_enter("halted" if state is VcpuRunState.FINISHED else "paused")
         if state is VcpuRunState.FINISHED:
             # Outside our lock: the host may stop every vCPU, and two vCPUs finishing at
             # once would each hold its own lock while taking the other's.
@@ -196,6 +254,8 @@ class Vcpu:
                 self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
             if not self._stop_requested:
                 self.state = VcpuRunState.RUNNING
+        if self.timeline is not None and not self._stop_requested:
+            self.timeline_enter("running")
 
     def _loop(self) -> None:
         # The hot path: everything it touches is bound to a local first, because each
@@ -212,6 +272,8 @@ class Vcpu:
         )
         with self._cond:
             self.state = VcpuRunState.RUNNING
+        if self.timeline is not None:
+            self.timeline_enter("running")
         while True:
             mm[immediate_exit] = 0  # cleared before the requests are read
             while pending:

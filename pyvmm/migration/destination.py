@@ -29,6 +29,7 @@ from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
 from pyvmm.machine.state import MachineState, restore
 from pyvmm.migration import transport
+from pyvmm.migration.colo.secondary import ColoSecondary
 from pyvmm.migration.pagecheck import PageChecker
 from pyvmm.migration.stream import (
     ITERATION,
@@ -65,6 +66,7 @@ class IncomingResult:
     changed_pages: int = 0  # pages that changed while they were sent (then sent again)
     zero_pages_read: int = 0  # pages of ZERO_RUNs that had to be read (populated here)
     zero_pages_written: int = 0  # ... and written (they were not zero)
+    colo: bool = False  # COLO followed the migration (until its failover)
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -92,8 +94,11 @@ def _mib(n: int) -> str:
 
 
 class MigrationDestination:
-    def __init__(self, machine: Machine, uri: str) -> None:
+    def __init__(self, machine: Machine, uri: str, colo: ColoSecondary | None = None) -> None:
+        """colo: this VM's secondary, should the source ask for COLO (COLO_ENABLE)."""
         self.machine = machine
+        self.colo = colo
+        self.colo_enabled = False  # a COLO_ENABLE came: the guest becomes a COLO secondary
         self.uri = transport.parse_uri(uri)
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -259,6 +264,12 @@ class MigrationDestination:
                 elif rtype is RecordType.ABANDON:
                     reason = reader.reason(length, "ABANDON")
                     raise StreamError(f"the source abandoned the migration: {reason}")
+                elif rtype is RecordType.COLO_ENABLE:
+                    reader.end_record(rtype.name)
+                    if self.colo is None:
+                        raise StreamError("the source asks for COLO, which this VM cannot do")
+                    self.colo_enabled = True
+                    self.colo.expect()
                 elif rtype is RecordType.SWITCHOVER:
                     reader.end_record(rtype.name)
                     result.guest_running = bool(arg & 1)
@@ -266,8 +277,18 @@ class MigrationDestination:
                     self._reply(writer, ReplyType.LOADED)
                     self._await_go(reader)
                     self._go_received = True
+                    if self.colo_enabled:
+                        assert self.colo is not None and self.config is not None
+                        self.colo.prepare()  # the RAM cache, before the guest runs
                     running = start_guest(result.guest_running)
                     self._reply(writer, ReplyType.STARTED, int(running))
+                    if self.colo_enabled:
+                        assert self.colo is not None and self.config is not None
+                        if checker is not None:
+                            checker.close()
+                            checker = None
+                        result.colo = True
+                        self.colo.run(sock, reader, writer, self.config)
                     return result
         except Exception:
             found = checker.first_failure() if checker is not None else None

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # What a sync is, for the counters and for the migration bitmap:
 SYNC_ITERATION = "iteration"  # the loop's own syncs (setup, end of a pass, final): iteration-count
-SYNC_FORCED = "forced"  # asked for from outside the loop (9.2's timer, the dirty limit's stats)
+SYNC_FORCED = "forced"  # asked for from outside the loop (9.2's timer)
 SYNC_BACKGROUND = "background"  # the 2024 RFC's periodic and v1's background sync: counted
 #                                 for the throttle, queued for sending only at the next iteration
 

@@ -11,6 +11,10 @@ fits in the downtime limit. QEMU's migration_thread and migration_iteration_run,
   period to the convergence policies (auto-converge, the dirty limit, ...);
 - after every step it sends while the guest runs, the policies' optional on_send_step
   hook (QEMU 1.6 drove its 2013 throttle from that place).
+
+With `timeline` set (docs/timeline.md) the loop records its send windows, rate-limit
+waits and syncs as spans on the migration thread's track, and remaining bytes,
+bandwidth, dirty rate and throttle as counters; with `heatmap` set each sync adds a row.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pyvmm.dirty.heatmap import Heatmap
 from pyvmm.machine.memory import PAGE_SIZE
 from pyvmm.migration.clock import Clock
 from pyvmm.migration.dirtypages import STEP_PAGES, DirtyPages
@@ -34,6 +39,7 @@ from pyvmm.migration.policy import (
 )
 from pyvmm.migration.stats import MigrationStats
 from pyvmm.migration.stream import StreamWriter
+from pyvmm.timeline import Timeline, monotonic_us
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +47,17 @@ WINDOW_MS = 100.0  # QEMU's BUFFER_DELAY
 MAX_ITERATE_MS = 50.0  # QEMU's MAX_WAIT
 RATE_PERIOD_MS = 1000.0
 HOOKED_STEP_PAGES = 512  # pages per step when a policy watches every step (2 MiB)
+MIGRATION_THREAD = "live_migration"  # the thread's name (MigrationSource starts it)
+MIB = 1 << 20
 
 
 class MigrationCancelled(Exception):
     pass
+
+
+def migration_track(tl: Timeline) -> int:
+    """The migration thread's track (the caller must be that thread)."""
+    return tl.thread_track("migration thread", sort_index=100)
 
 
 class Precopy:
@@ -87,6 +100,8 @@ class Precopy:
         self._period_dirty_pages = 0
         self._period_start_bytes = 0
         self.remaining_at_sync_bytes = 0
+        self.timeline: Timeline | None = None  # recording on: spans and counters
+        self.heatmap: Heatmap | None = None  # recording heatmaps: one row per sync
 
     def start_periods(self) -> None:
         """The first period and window start when the stream is set up."""
@@ -109,9 +124,15 @@ class Precopy:
         iteration-count. A background sync (SYNC_BACKGROUND, the 2024 RFC and v1) does not
         queue what it finds (DirtyPages.sync), sends no ITERATION record and emits no
         MIGRATION_PASS, as in those patches."""
+        tl = self.timeline
+        t0_us = tl.now_us() if tl is not None else 0.0
         with self.lock:
             background = kind == SYNC_BACKGROUND
             newly_dirty = self.pages.sync(background)
+            heatmap = self.heatmap
+            if heatmap is not None:
+                heatmap.record(self.pages.bitmaps, self.stats.ram.dirty_sync_count + 1,
+                               monotonic_us(), newly_dirty)  # fmt: skip
             ram = self.stats.ram
             ram.dirty_sync_count += 1
             if kind == SYNC_ITERATION:
@@ -142,6 +163,30 @@ class Precopy:
                 held = self.pages.held is not None
                 number = ram.iteration_count if held else ram.dirty_sync_count
                 self._emit("MIGRATION_PASS", {"pass": number})
+            if tl is not None:
+                self._record_sync(tl, t0_us, newly_dirty, period)
+
+    def _record_sync(
+        self, tl: Timeline, t0_us: float, newly_dirty: int, period: PeriodStats | None
+    ) -> None:
+        ram = self.stats.ram
+        now = tl.now_us()
+        args = {"sync": ram.dirty_sync_count, "new_pages": newly_dirty,
+                "remaining_bytes": self.remaining_at_sync_bytes}  # fmt: skip
+        if period is not None:
+            args.update(period_ms=round(period.elapsed_ms), period_dirty_pages=period.dirty_pages,
+                        period_sent_bytes=period.bytes_transferred)  # fmt: skip
+        track = migration_track(tl) if self._on_migration_thread() else tl.thread_track()
+        tl.complete("dirty sync", t0_us, now - t0_us, track, cat="migration", args=args)
+        tl.counter("remaining (MiB)", {"remaining": self.remaining_at_sync_bytes / MIB}, now)
+        if period is not None:
+            rate = ram.dirty_pages_rate
+            tl.counter("dirty rate (MiB/s)", {"dirty rate": rate * PAGE_SIZE / MIB}, now)
+        pct = self.stats.extra.get("cpu-throttle-percentage", 0)
+        tl.counter("throttle (%)", {"throttle": pct if isinstance(pct, int) else 0}, now)
+
+    def _on_migration_thread(self) -> bool:
+        return threading.current_thread().name == MIGRATION_THREAD
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -172,7 +217,15 @@ class Precopy:
                 self.sync()  # the exact figure
                 if self.converged(self.pages.remaining_bytes()):
                     return
-            self.send(self.clock.now_ms() + MAX_ITERATE_MS, limited=True)
+            tl = self.timeline
+            if tl is None:
+                self.send(self.clock.now_ms() + MAX_ITERATE_MS, limited=True)
+            else:
+                t0_us, sent0 = tl.now_us(), self.writer.bytes_sent
+                self.send(self.clock.now_ms() + MAX_ITERATE_MS, limited=True)
+                tl.complete("send window", t0_us, tl.now_us() - t0_us,
+                            migration_track(tl), cat="migration",
+                            args={"bytes": self.writer.bytes_sent - sent0})  # fmt: skip
             self._rate_limit()
 
     def check_cancel(self) -> None:
@@ -216,8 +269,14 @@ class Precopy:
         budget = self.settings["max-bandwidth"] / 10
         if budget and self._window_budget_used >= budget:
             remaining_ms = self._window_start_ms + WINDOW_MS - now
-            if remaining_ms > 0 and self.clock.wait(self.cancel, remaining_ms / 1000):
-                raise MigrationCancelled
+            if remaining_ms > 0:
+                tl = self.timeline
+                t0_us = tl.now_us() if tl is not None else 0.0
+                if self.clock.wait(self.cancel, remaining_ms / 1000):
+                    raise MigrationCancelled
+                if tl is not None:
+                    tl.complete("rate-limit wait", t0_us, tl.now_us() - t0_us,
+                                migration_track(tl), cat="migration")  # fmt: skip
             now = self.clock.now_ms()
         if now - self._window_start_ms >= WINDOW_MS:
             self._update_counters(now)
@@ -234,6 +293,11 @@ class Precopy:
         expected_bw = self.threshold_bytes() / max(self.settings["downtime-limit"], 1)
         if ram.dirty_pages_rate and transferred > 10000 and expected_bw > 0:
             self.stats.expected_downtime_ms = self.remaining_at_sync_bytes / expected_bw
+        tl = self.timeline
+        if tl is not None:
+            t_us = tl.now_us()
+            tl.counter("bandwidth (Mbit/s)", {"bandwidth": ram.mbps}, t_us)
+            tl.counter("remaining (MiB)", {"remaining": self.pages.remaining_bytes() / MIB}, t_us)
         self._window_start_ms = now
         self._window_start_bytes = self.writer.bytes_sent
         self._window_start_pages = sent_pages

@@ -10,6 +10,10 @@ Every change of status or run state goes through `serialize`, which the VMM poin
 its control loop (monitor/control.py): a cancel, a `stop` and the migration's own
 commit are therefore ordered, never interleaved. The rule at the end: before the commit
 a failure resumes the source; after it the source never resumes (switchover.py).
+
+With `timeline` (and `heatmap`) set before start (monitor/recording.py sets them), each
+phase records itself: setup and switchover spans and status instants here, the pass
+loop's spans and counters in precopy.py, the handshake's steps in switchover.py.
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pyvmm.dirty.heatmap import Heatmap
 from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.machine import Machine
 from pyvmm.migration import transport
 from pyvmm.migration.clock import WALL_CLOCK, Clock
+from pyvmm.migration.colo.primary import ColoPrimary, ColoSetup, PrimaryHooks
 from pyvmm.migration.dirtypages import DirtyPages
 from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.policy import SYNC_FORCED, ConvergencePolicy
-from pyvmm.migration.precopy import MigrationCancelled, Precopy
+from pyvmm.migration.precopy import MIGRATION_THREAD, MigrationCancelled, Precopy, migration_track
 from pyvmm.migration.stats import ACTIVE_STATES, MigrationStats
 from pyvmm.migration.stream import (
+    RecordType,
     ReplyType,
     StreamConfig,
     StreamError,
@@ -39,6 +46,7 @@ from pyvmm.migration.stream import (
     StreamWriter,
 )
 from pyvmm.migration.switchover import REPLY_TIMEOUT_S, Switchover
+from pyvmm.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class MigrationSource:
         policies: list[ConvergencePolicy] | None = None,
         serialize: Callable[[Callable[[], Any]], Any] = _direct,
         clock: Clock = WALL_CLOCK,
+        colo: ColoSetup | None = None,
     ) -> None:
         self.machine = machine
         self.tracker = tracker
@@ -87,6 +96,10 @@ class MigrationSource:
         self._in_downtime = False
         self._we_paused = False
         self.resume_state: str | None = None  # the run state to go back to before the commit
+        self.timeline: Timeline | None = None  # recording (docs/timeline.md)
+        self.heatmap: Heatmap | None = None
+        self.colo_setup = colo  # with the x-colo capability: COLO follows the switchover
+        self.colo: ColoPrimary | None = None
 
     # --- what QMP and the policies see --------------------------------------------------------
 
@@ -98,12 +111,23 @@ class MigrationSource:
     def in_downtime(self) -> bool:
         return self._in_downtime
 
+    @property
+    def in_colo(self) -> bool:
+        """The switchover is done and COLO runs (QEMU's MIGRATION_STATUS_COLO)."""
+        return self.stats.status == "colo"
+
+    @property
+    def wants_colo(self) -> bool:
+        return self.colo_setup is not None and bool(self.settings.caps.get("x-colo"))
+
     def start(self, uri: str) -> None:
         """Begin migrating to `uri` in a background thread (returns at once)."""
         parsed = transport.parse_uri(uri)
         self.stats = MigrationStats(status="setup", start_ms=self.clock.now_ms())
         self._emit_status("setup")
-        self.thread = threading.Thread(target=self._run, args=(parsed,), name="live_migration")
+        if self.timeline is not None:
+            self.timeline.instant("status setup", 0, scope="p", cat="migration")
+        self.thread = threading.Thread(target=self._run, args=(parsed,), name=MIGRATION_THREAD)
         self.thread.daemon = True
         self.thread.start()
 
@@ -165,6 +189,9 @@ class MigrationSource:
     def _set_status(self, status: str) -> None:
         self.stats.status = status
         self._emit_status(status)
+        tl = self.timeline
+        if tl is not None:  # a line across the whole process
+            tl.instant(f"status {status}", 0, scope="p", cat="migration")
 
     def _status(self, status: str) -> None:
         self._serialize(lambda: self._set_status(status))
@@ -197,8 +224,15 @@ class MigrationSource:
         try:
             self._setup(uri)
             assert self.precopy is not None
+            tl = self.timeline
+            t0_us = tl.now_us() if tl is not None else 0.0
             self.precopy.run()
+            if tl is not None:
+                tl.complete("pre-copy", t0_us, tl.now_us() - t0_us,
+                            migration_track(tl), cat="migration")  # fmt: skip
             self._switch_over()
+            if self.wants_colo:
+                self._run_colo()
         except MigrationCancelled:
             self._end_failed("cancelled", None)
         except Exception as exc:  # any failure: the source keeps running (if not committed)
@@ -215,6 +249,8 @@ class MigrationSource:
     def _setup(self, uri: transport.MigrationUri) -> None:
         memory = self.machine.memory
         assert memory is not None
+        tl = self.timeline
+        t0_us = tl.now_us() if tl is not None else 0.0
         self.stats.ram.total = memory.size_bytes
         self._sock = transport.connect(uri)
         if self._cancel.is_set():
@@ -231,6 +267,7 @@ class MigrationSource:
             self.pages, page_writer, self._writer, self.stats, self.settings, self.clock,
             self._cancel, self.policies, self, self._emit,
         )  # fmt: skip
+        self.precopy.timeline, self.precopy.heatmap = self.timeline, self.heatmap
         self.precopy.sync()
         config = StreamConfig(
             memory.size_bytes,
@@ -242,11 +279,17 @@ class MigrationSource:
         )
         self._writer.preamble()
         self._writer.header(config)
+        if self.wants_colo:  # QEMU sends ENABLE_COLO right after its header too
+            self._writer.record(RecordType.COLO_ENABLE)
         self.precopy.header_sent = True
         for policy in self.policies:
             policy.on_setup(self)
         self.precopy.start_periods()
         self.stats.setup_time_ms = self.clock.now_ms() - self.stats.start_ms
+        tl = self.timeline
+        if tl is not None:
+            tl.complete("setup", t0_us, tl.now_us() - t0_us, migration_track(tl),
+                        cat="migration")  # fmt: skip
         self._serialize(self._enter_active)
 
     def _enter_active(self) -> None:
@@ -265,10 +308,41 @@ class MigrationSource:
             self.clock, lambda: self._serialize(self._stop_guest),
             lambda: self._serialize(self._commit),
         )  # fmt: skip
+        tl = self.timeline
+        t0_us = tl.now_us() if tl is not None else 0.0
         start = self.clock.now_ms()
         self.switchover.run()
         end = self.clock.now_ms()
+        if tl is not None:
+            tl.complete("switchover", t0_us, tl.now_us() - t0_us,
+                        migration_track(tl), cat="switchover",
+                        args=self.switchover.parts.as_qmp())  # fmt: skip
         self._serialize(lambda: self._end_completed(start, end, expected_ms, bw, pending))
+
+    def _run_colo(self) -> None:
+        """COLO on this connection, from the stopped primary on (colo/primary.py). The
+        migration's own view and its convergence policies end here: COLO has its own
+        view, and a throttle must not outlive the migration."""
+        setup = self.colo_setup
+        assert setup is not None and self._sock is not None
+        assert self._writer is not None and self._reader is not None
+        self._end_policies()
+        hooks = PrimaryHooks(
+            setup.stop, setup.resume, self._emit, self._status, setup.closing, setup.serialize
+        )
+        self.colo = ColoPrimary(
+            self.machine, self.tracker, self._sock, self._writer, self._reader, self.settings,
+            self.clock, hooks, setup.status, setup.stats, setup.compare_path,
+        )  # fmt: skip
+        self.colo.open_view()
+        if self._view is not None:
+            self._view.close()
+            self._view = None
+        setup.on_session(self.colo)
+        try:
+            self.colo.run(self.resume_state == "running")
+        finally:
+            setup.on_session(None)
 
     def _end_completed(
         self, start_ms: float, end_ms: float, expected_ms: float, bw_bytes_per_ms: float,
@@ -291,6 +365,10 @@ class MigrationSource:
             **parts.as_qmp(),
         }
         self._we_paused = False  # the guest lives on at the destination now
+        if self.wants_colo:  # both go on: COLO resumes this side (colo/primary.py)
+            self._set_run_state("colo")
+            self._set_status("colo")
+            return
         self._set_run_state("postmigrate")
         self._set_status("completed")
         log.info(
@@ -352,13 +430,17 @@ class MigrationSource:
 
         self._serialize(end)
 
-    def _teardown(self) -> None:
-        self._in_downtime = False
-        for policy in self.policies:
+    def _end_policies(self) -> None:
+        policies, self.policies = self.policies, []
+        for policy in policies:
             try:
                 policy.on_end(self)
             except Exception:
                 log.exception("convergence policy cleanup failed")
+
+    def _teardown(self) -> None:
+        self._in_downtime = False
+        self._end_policies()
         if self._view is not None:
             self._view.close()
         if self._sock is not None:

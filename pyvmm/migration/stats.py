@@ -71,15 +71,16 @@ class MigrationStats:
         if self.status == "none":
             return {}
         out: dict[str, Any] = {"status": self.status}
-        if self.status in ("setup", *ACTIVE_STATES, "completed", "failed", "cancelled"):
-            end = self.end_ms if self.status not in ACTIVE_STATES else now_ms
+        if self.status in ("setup", *ACTIVE_STATES, "colo", "completed", "failed", "cancelled"):
+            live = self.status in ACTIVE_STATES or self.status == "colo"
+            end = now_ms if live else self.end_ms
             out["total-time"] = int(end - self.start_ms)
             out["setup-time"] = int(self.setup_time_ms)
         if self.status != "setup":
             out["ram"] = self.ram.to_qmp(self.status == "completed")
         if self.status in ACTIVE_STATES:
             out["expected-downtime"] = int(self.expected_downtime_ms)
-        if self.status == "completed" and self.downtime_ms is not None:
+        if self.status in ("completed", "colo") and self.downtime_ms is not None:
             out["downtime"] = int(self.downtime_ms)
         if self.error_desc is not None:
             out["error-desc"] = self.error_desc

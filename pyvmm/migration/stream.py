@@ -1,4 +1,4 @@
-"""The pyvmm migration stream, version 3 (documented byte by byte in docs/migration-stream.md).
+"""The pyvmm migration stream, version 4 (documented byte by byte in docs/migration-stream.md).
 
 A stream is a 16-byte preamble (magic b"PYVMM-MG", u32 version, u32 flags) followed by
 records. Every record is a 24-byte header, `<IIQQ`: type, a type-specific argument, the
@@ -23,11 +23,20 @@ Source to destination:
                               the guest was running
   GO          once, after LOADED  the source has committed: start the guest
   ABANDON     at any time     the source gives up (payload: UTF-8 reason); nothing runs here
+  COLO_ENABLE once, after HEADER   COLO follows the migration (the x-colo capability)
+  CHECKPOINT_REQUEST[_PASSIVE]     u64 checkpoint number: a COLO checkpoint begins
+  VMSTATE_SEND                     the primary has stopped; the checkpoint's RAM follows
+  VMSTATE_SIZE                     u64: the size of the STATE record that follows
 
 Destination to source (replies, same record layout and checksum rule):
   LOADED      to SWITCHOVER   the state is loaded and checked; waiting for GO
   STARTED     to GO           the guest is started (arg bit 0: running, 0: held by -S)
   ERROR       at any time     the destination gives up (payload: UTF-8 reason)
+  CHECKPOINT_READY            u64: the secondary's COM2 output position; COLO may begin
+  VMSTATE_RECEIVED            u64: likewise, at its stop; the checkpoint is all here
+  VMSTATE_LOADED              u64: the secondary's vCPU time (us); the checkpoint is applied
+The COLO records and their order are in docs/migration-stream.md ("COLO checkpoints")
+and docs/colo.md.
 
 The receiver checks every length, slot, page range and ordering rule before it touches
 guest memory (StreamValidator), and each record's checksum before it acts on the record,
@@ -56,7 +65,7 @@ from pyvmm.machine.state import MAX_TSC_KHZ, MAX_VCPUS
 from pyvmm.machine.strictjson import JsonReader
 
 PREAMBLE_MAGIC = b"PYVMM-MG"
-STREAM_VERSION = 3
+STREAM_VERSION = 4  # 4: the COLO records and replies
 PREAMBLE = struct.Struct("<8sII")  # magic, version, flags
 PREAMBLE_ID = struct.Struct("<8sI")  # what every version starts with: magic, version
 FLAG_CHECKSUM = 1  # every record and reply carries its xxHash64
@@ -69,6 +78,7 @@ PAGE_HASH_BYTES = 8  # with checksums, a RAM_RUN carries each page's xxHash64 (s
 RUN_MAY_CHANGE = 1  # RAM_RUN arg bit 0: read while the guest could run (see below)
 ZERO = struct.Struct("<IIQQ")  # slot, pad, first_page, npages
 ITERATION = struct.Struct("<Q")
+VALUE = struct.Struct("<Q")  # the u64 of a CHECKPOINT_REQUEST, VMSTATE_SIZE and value replies
 PAGE_SIZE = 4096
 MAX_HEADER_BYTES = 64 << 10
 MAX_RUN_PAGES = 4096  # 16 MiB of data per RAM_RUN record
@@ -110,6 +120,22 @@ class RecordType(IntEnum):
     SWITCHOVER = 6
     GO = 7
     ABANDON = 8
+    # COLO (QEMU's COLOMessage, pyvmm's numbers; docs/migration-stream.md)
+    COLO_ENABLE = 9
+    CHECKPOINT_REQUEST = 10
+    CHECKPOINT_REQUEST_PASSIVE = 11
+    VMSTATE_SEND = 12
+    VMSTATE_SIZE = 13
+
+
+COLO_RECORDS = frozenset(
+    {
+        RecordType.CHECKPOINT_REQUEST,
+        RecordType.CHECKPOINT_REQUEST_PASSIVE,
+        RecordType.VMSTATE_SEND,
+        RecordType.VMSTATE_SIZE,
+    }
+)
 
 
 class ReplyType(IntEnum):
@@ -118,6 +144,14 @@ class ReplyType(IntEnum):
     LOADED = 0x101
     STARTED = 0x102
     ERROR = 0x103
+    CHECKPOINT_READY = 0x104
+    VMSTATE_RECEIVED = 0x105
+    VMSTATE_LOADED = 0x106
+
+
+VALUE_REPLIES = frozenset(
+    {ReplyType.CHECKPOINT_READY, ReplyType.VMSTATE_RECEIVED, ReplyType.VMSTATE_LOADED}
+)
 
 
 class StreamError(RuntimeError):
@@ -294,6 +328,10 @@ class StreamWriter:
 
     def go(self) -> None:
         self.record(RecordType.GO)
+
+    def value(self, rtype: RecordType | ReplyType, value: int) -> None:
+        """A record or reply whose payload is one u64 (COLO's numbered messages)."""
+        self.record(rtype, VALUE.pack(value))
 
     def abandon(self, reason: str) -> None:
         self.message(RecordType.ABANDON, reason)
@@ -479,6 +517,16 @@ class StreamReader:
         except ValueError:
             raise StreamError(f"unknown record type {rtype} in the migration stream") from None
 
+    reply_value = 0
+
+    def value(self, length: int, what: str) -> int:
+        """The payload of a record or reply that carries one u64 (checked)."""
+        if length != VALUE.size:
+            raise StreamError(f"{what} record of {length} bytes (expected {VALUE.size})")
+        (value,) = VALUE.unpack(self.read(VALUE.size, f"the {what} record"))
+        self.end_record(what)
+        return int(value)
+
     def reason(self, length: int, what: str) -> str:
         """The payload of an ABANDON or ERROR record, as one printable line (checked)."""
         if not 0 < length <= MAX_REASON_BYTES:
@@ -489,7 +537,8 @@ class StreamReader:
         return "".join(c if c.isprintable() else "?" for c in text)
 
     def reply(self) -> tuple[ReplyType, int, str]:
-        """One reply from the destination: (type, arg, reason for ERROR else "")."""
+        """One reply from the destination: (type, arg, reason for ERROR else ""). A value
+        reply (VALUE_REPLIES) leaves its u64 in self.reply_value."""
         rtype, arg, length = self._head("a reply")
         try:
             reply = ReplyType(rtype)
@@ -497,6 +546,9 @@ class StreamReader:
             raise StreamError(f"the destination sent an unknown reply type {rtype}") from None
         if reply is ReplyType.ERROR:
             return reply, arg, self.reason(length, "ERROR")
+        if reply in VALUE_REPLIES:
+            self.reply_value = self.value(length, reply.name)
+            return reply, arg, ""
         if length:
             raise StreamError(f"{reply.name} reply with {length} bytes of payload")
         self.end_record(reply.name)
@@ -509,6 +561,7 @@ class StreamValidator:
     def __init__(self, checksum: bool = False) -> None:
         self.seen_header = False
         self.seen_state = False
+        self.colo = False  # a COLO_ENABLE came: COLO checkpoints follow the handshake
         self.config: StreamConfig | None = None
         # A RAM_RUN page is 4096 bytes of data, plus its 8-byte hash with checksums.
         self.page_bytes = PAGE_SIZE + (PAGE_HASH_BYTES if checksum else 0)
@@ -547,6 +600,14 @@ class StreamValidator:
                 raise StreamError("SWITCHOVER record before the STATE record")
         elif rtype is RecordType.GO:
             raise StreamError("GO record before the SWITCHOVER record")
+        elif rtype is RecordType.COLO_ENABLE:
+            if length:
+                raise StreamError(f"COLO_ENABLE record with {length} bytes of payload")
+            if self.colo:
+                raise StreamError("duplicate COLO_ENABLE record")
+            self.colo = True
+        elif rtype in COLO_RECORDS:
+            raise StreamError(f"{rtype.name} record before the migration's end")
 
     @staticmethod
     def _once(rtype: RecordType, length: int, limit: int, seen: bool) -> None:

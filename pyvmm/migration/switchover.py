@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.state import capture
 from pyvmm.migration.clock import Clock
-from pyvmm.migration.precopy import Precopy
+from pyvmm.migration.precopy import Precopy, migration_track
 from pyvmm.migration.stream import ReplyType, StreamError, StreamReader, StreamWriter
+from pyvmm.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +86,18 @@ class Switchover:
         self.parts = DowntimeParts()
         self.committed = False
         self.started_running = False
+        self.timeline: Timeline | None = precopy.timeline
 
     def run(self) -> None:
         clock, parts = self.clock, self.parts
         t = clock.now_ms()
         was_running = self._stop_guest()
-        t, parts.stop_ms = self._lap(t)
+        t, parts.stop_ms = self._lap(t, "stop vCPUs")
         # Capture before the final sync: capturing completes an I/O exit KVM left half done
         # (machine/state.py, _complete_pending_io), and an IN string instruction then writes
         # guest RAM. The final sync must see that write, or the page would never be sent.
         state = capture(self.machine).to_bytes()
-        t, capture_ms = self._lap(t)
+        t, capture_ms = self._lap(t, "capture state")
         precopy = self.precopy
         before = self.writer.bytes_sent
         with precopy.lock:
@@ -104,23 +106,28 @@ class Switchover:
             while not precopy.send(float("inf"), limited=False):
                 pass
         parts.final_bytes = self.writer.bytes_sent - before
-        t, parts.ram_ms = self._lap(t)
+        t, parts.ram_ms = self._lap(t, "final sync + pages")
         parts.state_bytes = len(state)
         self.writer.state(state)
         self.writer.switchover(was_running)
-        t, send_ms = self._lap(t)
+        t, send_ms = self._lap(t, "send state")
         parts.state_ms = capture_ms + send_ms
         self._expect(ReplyType.LOADED, "loading the state")
-        t, parts.load_ms = self._lap(t)
+        t, parts.load_ms = self._lap(t, "SWITCHOVER -> LOADED")
         self._commit()
         self.committed = True  # from here on the source never resumes
-        t, parts.commit_ms = self._lap(t)
+        t, parts.commit_ms = self._lap(t, "commit")
         self.writer.go()
         self.started_running = bool(self._expect(ReplyType.STARTED, "starting the guest") & 1)
-        t, parts.start_ms = self._lap(t)
+        t, parts.start_ms = self._lap(t, "GO -> STARTED")
 
-    def _lap(self, t0: float) -> tuple[float, float]:
+    def _lap(self, t0: float, step: str) -> tuple[float, float]:
         t = self.clock.now_ms()
+        tl = self.timeline
+        if tl is not None:  # the step that just ended, as a span on the migration track
+            now, dur_us = tl.now_us(), (t - t0) * 1000
+            tl.complete(step, now - dur_us, dur_us, migration_track(tl),
+                        cat="switchover")  # fmt: skip
         return t, t - t0
 
     def _expect(self, want: ReplyType, doing: str) -> int:

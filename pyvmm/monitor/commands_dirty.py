@@ -18,6 +18,7 @@ def register_dirty_commands(vmm: Vmm) -> None:
 
     def calc_dirty_rate(args: dict[str, Any]) -> None:
         from pyvmm.dirty.rate import DirtyRateError, DirtyRateRequest  # numpy: on first use
+        from pyvmm.dirty.ring import RingTracker
 
         req = DirtyRateRequest(
             calc_time=args["calc-time"],
@@ -25,6 +26,9 @@ def register_dirty_commands(vmm: Vmm) -> None:
             mode=args.get("mode", "page-sampling"),
             sample_pages=args.get("sample-pages"),
         )
+        tracker = vmm.dirty_tracker if req.mode == "dirty-ring" and vmm.machine else None
+        if isinstance(tracker, RingTracker):  # the virtual counted rings' size, if virtual
+            tracker.use_virtual_ring(int(vmm.settings["x-vcpu-dirty-limit-ring-size"]))
         try:
             vmm.dirty_rate.start(req)
         except DirtyRateError as exc:
@@ -61,6 +65,15 @@ def register_dirty_commands(vmm: Vmm) -> None:
             info["ring-full-exits"] = tracker.ring_full_exits
             info["full-harvests"] = tracker.full_harvests
             info["resends"] = tracker.resends
+            info["counted-ring"] = {
+                "virtual": tracker.virtual,
+                "entries": tracker.counted_entries,
+                "full": sum(tracker.model.fulls),
+            }
+            info["limit-in-service"] = tracker.limit_in_service
+            info["reaper-reaps"] = tracker.reaper_reaps
+            info["reaper-skips"] = tracker.reaper_skips
+            info["reaper-harvests"] = tracker.reaper_harvests
         return info
 
     qmp.register("x-pyvmm-query-dirty-ring", query_dirty_ring, query=True)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.migration.params import QMP_PARAMETERS, ParameterError
 from pyvmm.migration.transport import parse_uri
 from pyvmm.monitor.schema import ArgSpec, QmpError
+from pyvmm.unixsocket import socket_is_live
 
 if TYPE_CHECKING:
     from pyvmm.monitor.vmm import Vmm
@@ -25,7 +26,7 @@ def register_migration_commands(vmm: Vmm) -> None:
             raise QmpError("GenericError", "need either 'uri' or 'channels' argument")
         if args.get("resume"):
             raise QmpError("GenericError", "Cannot resume: pyvmm has no postcopy")
-        if vmm.migration is not None and vmm.migration.active:
+        if vmm.migration is not None and (vmm.migration.active or vmm.migration.in_colo):
             raise QmpError("GenericError", "There's a migration process in progress")
         if vmm.run_state in ("inmigrate", "prelaunch") or vmm.machine is None:
             raise QmpError("GenericError", "Guest is waiting for an incoming migration")
@@ -36,6 +37,9 @@ def register_migration_commands(vmm: Vmm) -> None:
             vmm.settings.check_migrate()
         except ValueError as exc:  # ParameterError is one
             raise _generic(exc) from None
+        compare = vmm.options.colo_compare
+        if vmm.settings.caps.get("x-colo") and compare and not socket_is_live(compare[5:]):
+            raise QmpError("GenericError", f"the COLO comparator at {compare} does not answer")
         vmm.start_migration(args["uri"])
 
     def migrate_cancel(args: dict[str, Any]) -> None:
@@ -65,6 +69,7 @@ def register_migration_commands(vmm: Vmm) -> None:
             vmm.settings.set_parameters(args)
         except ParameterError as exc:
             raise _generic(exc) from None
+        vmm.record_event("migrate-set-parameters", args)
 
     def set_capabilities(args: dict[str, Any]) -> None:
         changes: dict[str, bool] = {}
@@ -81,13 +86,14 @@ def register_migration_commands(vmm: Vmm) -> None:
                 desc = f"Invalid parameter type for 'capabilities[{i}].state', expected: boolean"
                 raise QmpError("GenericError", desc)
             changes[item["capability"]] = item["state"]
-        if vmm.migration is not None and vmm.migration.active:
+        if vmm.migration is not None and (vmm.migration.active or vmm.migration.in_colo):
             raise QmpError("GenericError", "There's a migration process in progress")
         try:
             ring = vmm.machine is not None and vmm.machine.ring_bytes > 0
             vmm.settings.set_capabilities(changes, dirty_ring=ring)
         except ParameterError as exc:
             raise _generic(exc) from None
+        vmm.record_event("migrate-set-capabilities", changes)
 
     qmp.register(
         "migrate",

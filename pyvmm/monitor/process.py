@@ -14,15 +14,19 @@ from pyvmm.monitor.vmm import RunOptions, Vmm
 
 def register_commands(vmm: Vmm) -> None:
     """Called only with a QMP server: a VM without one never imports the commands."""
+    from pyvmm.monitor.commands_colo import register_colo_commands
     from pyvmm.monitor.commands_dirty import register_dirty_commands
     from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
     from pyvmm.monitor.commands_machine import register_machine_commands
     from pyvmm.monitor.commands_migration import register_migration_commands
+    from pyvmm.monitor.commands_timeline import register_timeline_commands
 
     register_machine_commands(vmm)
     register_dirty_commands(vmm)
     register_migration_commands(vmm)
     register_dirtylimit_commands(vmm)
+    register_timeline_commands(vmm)
+    register_colo_commands(vmm)
 
 
 def make_vmm(

@@ -24,7 +24,11 @@ from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
+from pyvmm.machine.uart import ServiceUart
+from pyvmm.machine.uartsock import UartSocket, parse_uart_address
 from pyvmm.machine.vcpu import install_kick_handler
+from pyvmm.migration.colo.stats import ColoStats
+from pyvmm.migration.colo.status import ColoStatus
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.monitor.control import ControlLoop, LoopClosed
 
@@ -35,10 +39,13 @@ if TYPE_CHECKING:
     from pyvmm.dirty.rate import DirtyRateMonitor
     from pyvmm.dirty.ring_quirk import RingQuirk
     from pyvmm.dirty.tracker import DirtyTracker
+    from pyvmm.migration.colo.primary import ColoPrimary, ColoSetup
+    from pyvmm.migration.colo.secondary import ColoSecondary, SecondaryHooks
     from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
     from pyvmm.migration.destination import MigrationDestination
     from pyvmm.migration.source import MigrationSource
     from pyvmm.migration.transport import MigrationUri
+    from pyvmm.monitor.recording import Recording
     from pyvmm.monitor.server import QmpServer
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,8 @@ class RunOptions:
     dirty_ring_reaper: bool = True  # False: harvest only at syncs and ring-full exits
     incoming: str | None = None  # tcp:HOST:PORT, unix:PATH or "defer"
     start_paused: bool = False  # QEMU's -S
+    serial2: str | None = None  # COM2's host side: unix:PATH[,server] or tcp:HOST:PORT[,server]
+    colo_compare: str | None = None  # a COLO primary's comparator control socket (unix:PATH)
 
 
 @dataclass
@@ -110,6 +119,7 @@ class Vmm:
         self.incoming_status = IncomingStatus()
         self._incoming_thread: threading.Thread | None = None
         self._serial_file: IO[str] | None = None
+        self._serial2: UartSocket | None = None
         self._shutdown_reason = "guest-shutdown"
         self._stopping = False
         self._late_lock = threading.RLock()  # serialises work once the loop has closed
@@ -117,6 +127,10 @@ class Vmm:
         self.ring_quirk: RingQuirk | None = None  # ring mode: does a full ring lose entries?
         self._dirty_rate: DirtyRateMonitor | None = None
         self._dirty_limit: DirtyLimitController | None = None
+        self.recording: Recording | None = None  # timeline recording (x-pyvmm-timeline-*)
+        self.colo_status = ColoStatus()  # query-colo-status, x-colo-lost-heartbeat
+        self.colo_stats = ColoStats()  # x-query-colo-stats
+        self.colo_session: ColoPrimary | ColoSecondary | None = None
         self.loop.on_signal = self.on_signal
 
     # --- life cycle --------------------------------------------------------------------------
@@ -132,6 +146,11 @@ class Vmm:
             ring = opts.dirty_ring_entries  # 0: the machine picks KVM's largest ring
             config = MachineConfig(opts.mem_bytes, opts.vcpus, opts.cmdline, None, ring)
             self.machine = Machine(config, serial)  # it opens and owns /dev/kvm
+            if opts.serial2:
+                uart = ServiceUart()
+                self.machine.attach_serial2(uart)
+                self._serial2 = UartSocket(uart, parse_uart_address(opts.serial2))
+                self._serial2.start()
             ring = self.machine.config.dirty_ring_entries  # 0 resolved to KVM's largest
             if ring:
                 from pyvmm.dirty.ring_quirk import decide_ring_quirk
@@ -195,6 +214,10 @@ class Vmm:
 
     def close(self) -> None:
         self._stopping = True
+        if self.recording is not None:
+            self.recording.stop()  # gives the convergence logger back
+        if self.colo_session is not None:  # a COLO loop waits for checkpoints or failover
+            self.colo_session.wake()
         if self.migration is not None:
             self.migration.cancel()
             self.migration.wait(10)
@@ -217,6 +240,9 @@ class Vmm:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
+        if self._serial2 is not None:
+            self._serial2.close()
+            self._serial2 = None
         if self.machine is not None:
             self.machine.close()
             self.machine = None
@@ -264,9 +290,15 @@ class Vmm:
     def listen_incoming(self, uri: str, exit_on_error: bool = True) -> str:
         """Start listening (at build time, or for QMP migrate-incoming); returns the URI."""
         assert self.machine is not None
+        from pyvmm.migration.colo.secondary import ColoSecondary
         from pyvmm.migration.destination import MigrationDestination
 
-        self.incoming = MigrationDestination(self.machine, uri)
+        secondary = ColoSecondary(
+            self.machine, lambda: self.dirty_tracker, self._secondary_hooks(),
+            self.colo_status, self.colo_stats,
+        )  # fmt: skip
+        self.colo_session = secondary
+        self.incoming = MigrationDestination(self.machine, uri, colo=secondary)
         bound = self.incoming.listen()
         self.incoming_status = IncomingStatus("setup", exit_on_error=exit_on_error, uri=bound)
         print(f"pyvmm: waiting for an incoming migration on {bound}", file=sys.stderr)
@@ -307,23 +339,27 @@ class Vmm:
     def _incoming_active(self) -> None:
         if self.incoming_status.status == "setup":
             self.incoming_status.status = "active"
+            self.record_event("incoming: the stream began (HEADER)")
 
     def _start_incoming_guest(self, running: bool) -> bool:
         """On GO, on the loop: start the vCPUs (held under -S); returns whether they run."""
         assert self.machine is not None
         if self._stopping:
             raise MachineError("the destination is shutting down")
-        run = running and not self.options.start_paused
+        colo = self.incoming is not None and self.incoming.colo_enabled
+        run = running and (not self.options.start_paused or colo)  # QEMU: -S ignored there
         self.machine.start(paused=not run)
         self._set_state("running" if run else "paused")
         self.incoming_status.status = "completed"
         self.emit_event("RESUME" if run else "STOP")
+        self.record_event("incoming: GO, vCPUs " + ("started" if run else "held (-S)"))
         return run
 
     def _incoming_failed(self, message: str) -> None:
         status = self.incoming_status
         status.status, status.error_desc = "failed", message
         log.warning("incoming migration failed: %s", message)
+        self.record_event("incoming: failed", {"error": message})
         if self._stopping or self.machine is None:
             return
         if status.exit_on_error:
@@ -350,8 +386,64 @@ class Vmm:
             lambda: self.run_state == "running",
             build_policies(self.settings.caps, self.dirty_limit_controller()),
             serialize=self.serialize,
+            colo=self._colo_setup(),
         )
+        if self.recording is not None and self.recording.active:
+            self.recording.attach_migration(self.migration)
         self.migration.start(uri)
+
+    # --- COLO (migration/colo/) ----------------------------------------------------------------
+
+    def _colo_setup(self) -> ColoSetup:
+        from pyvmm.migration.colo.primary import ColoSetup
+
+        return ColoSetup(
+            self.colo_status, self.colo_stats, self._compare_path(),
+            lambda: self.serialize(self._colo_stop),
+            lambda running: self.serialize(lambda: self._colo_resume(running)),
+            lambda: self._stopping, self._set_colo_session, self.serialize,
+        )  # fmt: skip
+
+    def _compare_path(self) -> str | None:
+        address = self.options.colo_compare
+        return address[len("unix:") :] if address else None
+
+    def _set_colo_session(self, session: ColoPrimary | None) -> None:
+        self.colo_session = session
+
+    def _colo_stop(self) -> bool:
+        """A checkpoint stops this guest (QEMU's RUN_STATE_COLO); was it running?"""
+        assert self.machine is not None
+        was_running = self.run_state == "running"
+        if was_running:
+            self.machine.pause()
+        self._set_state("colo")
+        self.emit_event("STOP")
+        return was_running
+
+    def _colo_resume(self, was_running: bool) -> None:
+        assert self.machine is not None
+        if not was_running:
+            self._set_state("paused")
+            return
+        self.machine.resume()
+        self._set_state("running")
+        self.emit_event("RESUME")
+
+    def _secondary_hooks(self) -> SecondaryHooks:
+        def set_status(status: str) -> None:
+            self.incoming_status.status = status
+
+        from pyvmm.migration.colo.secondary import SecondaryHooks
+
+        return SecondaryHooks(
+            lambda: self.serialize(self._colo_stop),
+            lambda: self.serialize(lambda: self._colo_resume(True)),
+            self.emit_event,
+            lambda status: self.serialize(lambda: set_status(status)),
+            lambda: self._stopping,
+            self.serialize,
+        )
 
     def dirty_limit_controller(self) -> DirtyLimitController | None:
         """The VM's dirty-limit controller (shared by QMP and migrations), or None."""
@@ -388,6 +480,11 @@ class Vmm:
         return self._dirty_rate
 
     # --- run states (on the loop) ------------------------------------------------------------
+
+    def record_event(self, name: str, args: dict[str, Any] | None = None) -> None:
+        """An instant on the timeline when one is being recorded (else nothing)."""
+        if self.recording is not None:
+            self.recording.event(name, args)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         if self.qmp is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+from pyvmm.timeline import Timeline
 from pyvmm.trace.calls import IoctlCall
-from pyvmm.trace.timeline import Timeline
 
 WINDOW_NS = 100_000_000
 COMMON_EXITS = {"IO", "MMIO"}

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pyvmm.timeline import Timeline
 from pyvmm.trace.calls import IoctlCall
 from pyvmm.trace.errors import TraceError
 from pyvmm.trace.lines import CallFilter, format_line
 from pyvmm.trace.record import TimelineRecorder
 from pyvmm.trace.summary import Summary
-from pyvmm.trace.timeline import Timeline
 
 log = logging.getLogger(__name__)
 

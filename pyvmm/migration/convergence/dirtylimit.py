@@ -4,26 +4,27 @@ pyvmm's dirty rings.
 QEMU's design, restated (docs/dirty-limit.md has the long version):
 - a "dirtyrate-stat" thread measures each vCPU's dirty rate over a period (1000 ms;
   during a migration with the dirty-limit capability, x-vcpu-dirty-limit-period) from
-  the per-vCPU harvested-page counters of the dirty rings: snapshot, wait, sync,
-  snapshot;
+  the per-vCPU dirty-ring entry counters (cpu->dirty_pages): snapshot, wait, sync,
+  snapshot (vcpu_calculate_dirtyrate);
 - after each period, for every limited vCPU, `dirtylimit_set_throttle` moves that
   vCPU's sleep per ring-full (`throttle_us_per_full`) towards the quota: nothing
   within 25 MB/s; a ratio step when more than 50 % off; a fixed step of a tenth of
   the ring-full time when near; clamped to [0, 99 ring-full times];
-- each time a vCPU fills its dirty ring it sleeps `throttle_us_per_full` on its own
-  thread. Only vCPUs that write are slowed down; readers run freely.
+- each time a vCPU fills its dirty ring it exits, reaps its own ring and sleeps
+  `throttle_us_per_full` on its own thread (dirtylimit_vcpu_execute). While a limit is
+  in service QEMU's reaper thread idles, so rings are reaped only by ring-full exits and
+  syncs. Only vCPUs that write are slowed down; readers run freely.
 
-pyvmm's one deviation: the penalty unit is a *virtual* ring of
-x-vcpu-dirty-limit-ring-size entries (default 4096, QEMU's usual dirty-ring-size),
-not the KVM ring. A ring that fills can lose entries on this host, and small ones
-livelock (docs/dirty-tracking.md), so pyvmm runs the largest ring KVM offers and
-harvests it from a reaper long before it fills. The reaper reports each harvest
-(RingTracker.on_harvest); every time a vCPU's count of distinct newly dirty pages
-crosses another virtual ring's worth, the vCPU owes one sleep, and is kicked to
-serve it in its exit path (Vcpu.run_on_thread + Vcpu.sleep_us). A real
-KVM_EXIT_DIRTY_RING_FULL serves the debt (or one sleep) on the spot
-(RingTracker.on_ring_full). The controller reasons about the virtual ring exactly
-as QEMU's does about the real one: ring MiB = virtual entries x 4 KiB.
+The counts and the reaps are the tracker's (RingTracker with its RingModel): entries, as
+QEMU counts them, reaped by QEMU's rules while `tracker.limit_in_service` is set. Where
+the host's real ring-full exits are reliable, the counted ring is the real one and the
+penalty is served at KVM_EXIT_DIRTY_RING_FULL (RingTracker.on_ring_full). pyvmm's one
+deviation is for hosts where a full ring may lose entries (this one, see
+docs/dirty-tracking.md): there the real rings are kept from filling and the counted ring
+is a *virtual* ring of x-vcpu-dirty-limit-ring-size entries that holds what a real ring
+of that size would; when it fills (RingTracker.on_counted_full) the vCPU owes one sleep
+and is kicked to serve it in its exit path (Vcpu.run_on_thread + Vcpu.sleep_us). The
+controller reasons about either ring exactly as QEMU's does: ring MiB = entries x 4 KiB.
 
 QEMU quirks kept on purpose, so experiments compare: the ring-full time divides by a
 running maximum of every rate ever seen (a function-static in QEMU, never reset; here
@@ -154,7 +155,6 @@ class VcpuLimit:
     quota_mbps: int = 0
     current_mbps: int = 0  # measured over the last period (0 until one has ended)
     throttle_us_per_full: int = 0  # sleep per (virtual) ring fill; survives a cancel (QEMU)
-    ring_mark_pages: int = 0  # cumulative distinct pages at the last virtual ring boundary
     owed_us: int = 0  # sleep owed for rings filled, not yet served
     penalty_queued: bool = False  # a _serve_penalty is queued or running on the vCPU
     rings_filled: int = 0  # virtual rings filled since the last decision (for the log)
@@ -168,10 +168,11 @@ class DirtyLimitController:
     """One per VM: the limits set by QMP or by a migration, the stat thread, the penalties.
 
     `migration()` returns the VM's current outgoing migration (or None). The stat thread
-    has its own dirty view: its syncs harvest the rings for every view, the migration's
+    has its own dirty view: its syncs reap the rings for every view, the migration's
     included (under that view's lock), and the migration counts those pages at its next
     sync; they do not add to its dirty-sync-count. QEMU's stat thread does the same: it
-    syncs the KVM log, which feeds the migration's bitmap, not the migration bitmap sync.
+    syncs the KVM log (memory_global_dirty_log_sync, which reaps every ring), which feeds
+    the migration's bitmap, not the migration bitmap sync.
     """
 
     def __init__(
@@ -195,7 +196,7 @@ class DirtyLimitController:
         self._penalty_lock = threading.Lock()  # owed_us / penalty_queued
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        tracker.on_harvest = self._on_harvest
+        tracker.on_counted_full = self._on_counted_full
         tracker.on_ring_full = self._on_ring_full
 
     # --- what QMP and the migration policy call ----------------------------------------------
@@ -206,7 +207,11 @@ class DirtyLimitController:
         return any(v.enabled for v in self.vcpus)
 
     def ring_entries(self) -> int:
-        return int(self.settings["x-vcpu-dirty-limit-ring-size"])
+        """The ring the limit penalises per: the real ring, or where ring-full is unsafe the
+        virtual ring of x-vcpu-dirty-limit-ring-size entries (applied to the tracker here)."""
+        if self.tracker.virtual:
+            self.tracker.use_virtual_ring(int(self.settings["x-vcpu-dirty-limit-ring-size"]))
+        return self.tracker.counted_entries
 
     def period_ms(self) -> int:
         """x-vcpu-dirty-limit-period during a migration with the capability, else 1000."""
@@ -220,18 +225,20 @@ class DirtyLimitController:
         if quota_mbps <= 0:
             self.cancel(cpu_index)
             return
-        counts = self.tracker.vcpu_dirty_pages() or [0] * len(self.vcpus)
+        entries = self.ring_entries()
         with self._lock:
             start = not self.in_service
             for v in self._select(cpu_index):
                 if not v.enabled:
-                    v.ring_mark_pages = counts[v.index]  # penalties count from now on
                     v.rings_filled = v.slept_us = 0
                 v.enabled, v.quota_mbps = True, quota_mbps
+            # dirtylimit_in_service(): QEMU's reaper idles, a ring-full reaps its own ring.
+            self.tracker.limit_in_service = True
         log.info(
-            "limit policy=dirty-limit vcpu=%s quota_mbps=%d ring_entries=%d period_ms=%d",
-            "all" if cpu_index is None else cpu_index, quota_mbps, self.ring_entries(),
-            self.period_ms(),
+            "limit policy=dirty-limit vcpu=%s quota_mbps=%d ring_entries=%d ring=%s "
+            "period_ms=%d",
+            "all" if cpu_index is None else cpu_index, quota_mbps, entries,
+            "virtual" if self.tracker.virtual else "real", self.period_ms(),
         )  # fmt: skip
         if start:
             self._start_thread()
@@ -247,6 +254,7 @@ class DirtyLimitController:
                 with self._penalty_lock:
                     v.owed_us = 0
             stop = was and not self.in_service
+            self.tracker.limit_in_service = self.in_service
         for v in cancelled:  # end a penalty being served
             if v.index < len(self.machine.vcpus):
                 self.machine.vcpus[v.index].kick()
@@ -287,8 +295,8 @@ class DirtyLimitController:
     def close(self) -> None:
         self.cancel(None)
         self._stop_thread()
-        if self.tracker.on_harvest == self._on_harvest:
-            self.tracker.on_harvest = None
+        if self.tracker.on_counted_full == self._on_counted_full:
+            self.tracker.on_counted_full = None
         if self.tracker.on_ring_full == self._on_ring_full:
             self.tracker.on_ring_full = None
 
@@ -322,11 +330,12 @@ class DirtyLimitController:
                 log.warning("dirty-limit stat thread did not stop within %.0f s", STOP_TIMEOUT_S)
 
     def _run(self, stop: threading.Event) -> None:
-        # The view keeps dirty logging (and the reaper) on while we run; the rates come
-        # from the tracker's per-vCPU counters, so its bitmaps are never read.
+        # The view keeps dirty logging on while we run (vcpu_dirty_rate_stat_thread's
+        # global_dirty_log_change); the rates come from the tracker's per-vCPU entry
+        # counters, so its bitmaps are never read. As in QEMU, no sync before the first
+        # period: each later one starts right after the previous period's sync.
         view = self.tracker.open_view("dirty-limit")
         try:
-            view.sync()
             while not stop.is_set():
                 rates, elapsed_ms = self._measure(stop, view)
                 if stop.is_set():
@@ -344,12 +353,10 @@ class DirtyLimitController:
         before = self.tracker.vcpu_dirty_pages() or []
         if stop.wait(period_ms / 1000):
             return [], 0.0
-        view.sync()
+        view.sync()  # global_dirty_log_sync: reaps every ring, so the counters are current
         after = self.tracker.vcpu_dirty_pages() or []
         elapsed_ms = (time.monotonic() - t0) * 1000
-        return [
-            pages_to_mib_s(a - b, elapsed_ms) for a, b in zip(after, before, strict=True)
-        ], elapsed_ms
+        return vcpu_rates(before, after, elapsed_ms), elapsed_ms
 
     def _process(self, rates: list[int], elapsed_ms: float) -> None:
         """dirtylimit_process: adjust every limited vCPU's sleep per ring-full."""
@@ -386,24 +393,21 @@ class DirtyLimitController:
 
     # --- penalties: on the reaper's and the vCPUs' threads ------------------------------------
 
-    def _on_harvest(self, index: int, pages: int) -> None:
-        """RingTracker.on_harvest (reaper thread): count virtual ring fills, owe sleeps."""
+    def _on_counted_full(self, index: int, fulls: int) -> None:
+        """RingTracker.on_counted_full (the harvesting thread, virtual rings only): vCPU
+        `index` filled its virtual ring `fulls` times; it owes one sleep per fill, served on
+        its own thread as soon as it is kicked out of the guest."""
         if index >= len(self.vcpus):
             return
         v = self.vcpus[index]
         if not v.enabled:
             return
-        entries = self.ring_entries()
-        filled = (pages - v.ring_mark_pages) // entries
-        if filled <= 0:
-            return
-        v.ring_mark_pages += filled * entries
-        v.rings_filled += filled
+        v.rings_filled += fulls
         sleep_us = v.throttle_us_per_full
         if sleep_us <= 0:
             return
         with self._penalty_lock:
-            v.owed_us += filled * sleep_us
+            v.owed_us += fulls * sleep_us
             if v.penalty_queued:
                 return  # the queued (or running) one serves this debt too
             v.penalty_queued = True
@@ -439,18 +443,34 @@ class DirtyLimitController:
                 return
 
     def _on_ring_full(self, vcpu: Vcpu) -> None:
-        """RingTracker.on_ring_full (vCPU thread, ring already harvested): QEMU's
-        dirtylimit_vcpu_execute. Serve the debt the harvest just counted, or one sleep."""
+        """RingTracker.on_ring_full: KVM_EXIT_DIRTY_RING_FULL, on the vCPU's thread, after
+        the tracker reaped as QEMU does.
+
+        A real counted ring: QEMU's dirtylimit_vcpu_execute, sleep throttle_us_per_full if
+        this vCPU is limited. A virtual one: a real ring-full is only pyvmm's harvest
+        falling behind, not a counted ring-full; serve the debt that harvest just counted."""
         if vcpu.index >= len(self.vcpus):
             return
         v = self.vcpus[vcpu.index]
-        if not v.enabled or v.throttle_us_per_full <= 0:
-            return
         with self._penalty_lock:
-            if v.owed_us <= 0:
-                v.owed_us = v.throttle_us_per_full
+            if self.tracker.virtual:
+                if v.owed_us <= 0:
+                    return
+            else:
+                if not v.enabled:
+                    return
+                v.rings_filled += 1
+                if v.throttle_us_per_full <= 0:
+                    return
+                v.owed_us += v.throttle_us_per_full
             v.penalty_queued = True
         self._serve_penalty(vcpu)
+
+
+def vcpu_rates(before: list[int], after: list[int], elapsed_ms: float) -> list[int]:
+    """Per-vCPU rates in MB/s from two snapshots of the entry counters (QEMU's
+    do_calculate_dirtyrate: MiB, integer arithmetic)."""
+    return [pages_to_mib_s(a - b, elapsed_ms) for a, b in zip(after, before, strict=True)]
 
 
 # --- the migration policy ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -100,6 +101,13 @@ class Timeline:
         self._metadata[("thread_name", pid, tid)] = {"name": name}
         if sort_index is not None:
             self._metadata[("thread_sort_index", pid, tid)] = {"sort_index": sort_index}
+
+    def thread_track(self, name: str | None = None, sort_index: int | None = None) -> int:
+        """The calling thread's track (its native id), named once: `name` or the thread's."""
+        tid = threading.get_native_id()
+        if ("thread_name", self.pid, tid) not in self._metadata:
+            self.name_track(tid, name or threading.current_thread().name, sort_index=sort_index)
+        return tid
 
     def new_track(self, name: str, pid: int | None = None, sort_index: int | None = None) -> int:
         """A track that is not a thread (say, "migration"); returns its tid."""
@@ -207,8 +215,10 @@ class Timeline:
         return len(data["traceEvents"])
 
 
-def _by_ts(event: tuple[str, str, str, float, Any, int, int, Any]) -> float:
-    return event[3]
+def _by_ts(event: tuple[str, str, str, float, Any, int, int, Any]) -> tuple[float, float]:
+    # At equal timestamps the longer span first: it encloses the shorter (a parent recorded
+    # after its children still comes before them, as viewers expect).
+    return event[3], -event[4] if event[0] == "X" else 0.0
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -316,3 +326,47 @@ def _event_problems(event: Any) -> list[str]:
         elif name.endswith("_sort_index") and not isinstance((args or {}).get("sort_index"), int):
             problems.append(f"{name} without an integer args.sort_index")
     return problems
+
+
+# --- reading a trace back: a text summary (`pyvmm timeline show`) ---------------------------
+
+
+def summarize(trace: Mapping[str, Any], max_instants: int = 60) -> list[str]:
+    """Lines that say what a trace holds, process by process and track by track: the
+    spans of each name (count, total and longest duration), the instants in time order
+    and each counter's range. Times are seconds from the trace's first event."""
+    events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict)]
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}  # fmt: skip
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}  # fmt: skip
+    timed = [e for e in events if e.get("ph") != "M"]
+    if not timed:
+        return ["(no events)"]
+    t0 = min(e["ts"] for e in timed)
+    lines: list[str] = []
+    for pid in sorted({e["pid"] for e in timed}):
+        lines.append(processes.get(pid, f"process {pid}"))
+        mine = [e for e in timed if e["pid"] == pid]
+        spans: dict[int, dict[str, list[float]]] = {}
+        for e in mine:
+            if e["ph"] == "X":
+                spans.setdefault(e["tid"], {}).setdefault(e["name"], []).append(e["dur"])
+        for tid in sorted(spans, key=lambda t: names.get((pid, t), str(t))):
+            parts = [f"{name} x{len(d)} {sum(d) / 1e6:.3f} s (longest {max(d) / 1e3:.1f} ms)"
+                     for name, d in spans[tid].items()]  # fmt: skip
+            lines.append(f"  {names.get((pid, tid), f'thread {tid}')}: " + "; ".join(parts))
+        instants = [e for e in mine if e["ph"] in "iI"]
+        for e in instants[:max_instants]:
+            lines.append(f"  {(e['ts'] - t0) / 1e6:8.3f} s  {e['name']}")
+        if len(instants) > max_instants:
+            lines.append(f"  ... {len(instants) - max_instants} more instants")
+        counters: dict[str, list[float]] = {}
+        for e in mine:
+            if e["ph"] == "C":
+                for series, value in e.get("args", {}).items():
+                    counters.setdefault(f"{e['name']} [{series}]", []).append(value)
+        for name, values in sorted(counters.items()):
+            lines.append(f"  counter {name}: {len(values)} samples, min {min(values):g}, "
+                         f"max {max(values):g}, last {values[-1]:g}")  # fmt: skip
+    return lines
