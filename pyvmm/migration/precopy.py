@@ -158,6 +158,7 @@ class Precopy:
                 return
             if self.header_sent:
                 self.writer.iteration(ram.dirty_sync_count)  # the destination counts passes
+                self.page_writer.sync_point()  # multifd: a sync point on every channel
             if self.settings.caps.get("events"):
                 # With background syncs the patches number passes by iteration-count.
                 held = self.pages.held is not None

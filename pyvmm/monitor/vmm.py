@@ -298,13 +298,21 @@ class Vmm:
             self.colo_status, self.colo_stats,
         )  # fmt: skip
         self.colo_session = secondary
-        self.incoming = MigrationDestination(self.machine, uri, colo=secondary)
+        self.incoming = MigrationDestination(
+            self.machine, uri, colo=secondary, multifd=self._incoming_multifd
+        )
         bound = self.incoming.listen()
         self.incoming_status = IncomingStatus("setup", exit_on_error=exit_on_error, uri=bound)
         print(f"pyvmm: waiting for an incoming migration on {bound}", file=sys.stderr)
         if self.loop.on_loop_thread:  # migrate-incoming: the loop is already running
             self._start_incoming_thread()
         return str(bound)
+
+    def _incoming_multifd(self) -> int | None:
+        """multifd set here by QMP: the channels the source must use (None: learn them)."""
+        if not self.settings.caps.get("multifd"):
+            return None
+        return int(self.settings["multifd-channels"])
 
     def _start_incoming_thread(self) -> None:
         self._incoming_thread = threading.Thread(
