@@ -131,6 +131,7 @@ class MigrationDestination:
         self.stray_connections = 0  # connections that ended before sending anything
         self._multifd_setting = multifd
         self._multifd: MultifdReceiver | None = None
+        self.multifd_channels = 0  # the channels the stream asked for (MULTIFD)
 
     def listen(self) -> transport.MigrationUri:
         self._listener = transport.listen(self.uri)
@@ -410,6 +411,7 @@ class MigrationDestination:
         multifd.accept(self._listener, lambda: self._abandon_only(reader), self._stop.is_set)
         reader.liveness = multifd.liveness
         self._reply(writer, ReplyType.CHANNELS_READY, channels)
+        self.multifd_channels = channels
         log.info("incoming migration: %d multifd channels connected", channels)
 
     @staticmethod

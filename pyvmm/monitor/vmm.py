@@ -81,6 +81,7 @@ class IncomingStatus:
     error_desc: str | None = None
     exit_on_error: bool = True  # QEMU's migrate-incoming exit-on-error (default true)
     uri: MigrationUri | None = None  # where we listen, with the real port for tcp port 0
+    multifd_channels: int = 0  # the pages came over this many multifd channels
 
     def to_qmp(self) -> dict[str, Any]:
         if self.status == "none":
@@ -93,6 +94,8 @@ class IncomingStatus:
             else:
                 address = {"type": "unix", "path": uri.path}
             out["socket-address"] = [address]
+        if self.multifd_channels:  # pyvmm's own: what the stream asked for
+            out["x-multifd-channels"] = self.multifd_channels
         if self.error_desc is not None:
             out["error-desc"] = self.error_desc
         return out
@@ -359,6 +362,8 @@ class Vmm:
         self.machine.start(paused=not run)
         self._set_state("running" if run else "paused")
         self.incoming_status.status = "completed"
+        if self.incoming is not None:
+            self.incoming_status.multifd_channels = self.incoming.multifd_channels
         self.emit_event("RESUME" if run else "STOP")
         self.record_event("incoming: GO, vCPUs " + ("started" if run else "held (-S)"))
         return run

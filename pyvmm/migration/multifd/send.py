@@ -8,7 +8,8 @@ straight from guest RAM, the GIL released, while the migration thread walks on. 
 channel holds at most QUEUE_TABLES tables, so the walk runs at most that far ahead.
 
 At every dirty sync (Precopy.sync, an iteration's end) sync_point queues a MULTIFD_SYNC on
-every channel and writes one on the main stream (QEMU's multifd_send_sync_main); at the
+every channel, writes one on the main stream and waits until the channels have sent
+everything (QEMU's multifd_send_sync_main); at the
 switchover, after the last pages, finish queues the final one, waits until every channel
 has sent everything, and closes the channels, so the STATE on the main stream follows
 every page. A channel that fails fails the migration at the migration thread's next
@@ -282,7 +283,11 @@ class MultifdPageWriter(PageWriter):
                            arg=SYNC_FINAL if final else 0)  # fmt: skip
 
     def sync_point(self) -> None:
+        """As QEMU's multifd_send_sync_main: the sync point goes out on every channel, and
+        the migration waits until every channel has sent it, so what the sync left dirty
+        is all that remains (the switchover's estimate counts no queued tables)."""
         self._sync(final=False)
+        self.sender.drain()
 
     def finish(self) -> None:
         self._sync(final=True)
