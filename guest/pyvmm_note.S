@@ -5,7 +5,8 @@
  * pyvmm starts every vCPU at the PVH entry point at once (each in the PVH
  * initial state), so the guest needs no AP start-up (INIT/SIPI) code, and
  * the VM gets no in-kernel irqchip. Other VMMs ignore notes they do not
- * know, so the same image still boots (on one vCPU) on QEMU.
+ * know; on QEMU the boot vCPU wakes the others with INIT-SIPI-SIPI through
+ * ap_trampoline.S, so the same image runs on every vCPU there too.
  *
  * Linked into every image except hello-std.
  */

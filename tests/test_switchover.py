@@ -129,9 +129,7 @@ def test_the_whole_handshake_runs_the_guest_on_one_side(
 
 
 def test_cut_during_the_pages_resumes_nothing_and_keeps_the_source(tmp_path: Path) -> None:
-    rule = {
-        "on_record": lambda s: CUT if s.kind is RecordType.RAM_RUN and s.index > 2 else FORWARD
-    }
+    rule = {"on_record": lambda s: CUT if s.kind is RecordType.RAM_RUN and s.index > 2 else FORWARD}
     src, dst, facts = migrate_through(tmp_path, rule)
     assert src["status"] == "failed" and facts["src_running"]
     assert dst["status"] == "failed" and not facts["dst_running"]

@@ -363,8 +363,9 @@ def test_migrate_trace_writes_one_file_with_both_vmms(tmp_path: Path) -> None:
     steps = [s for s in mig if s["cat"] == "switchover" and s is not switchover]
     assert [s["name"] for s in steps] == [
         "stop vCPUs",
+        "capture state",  # before the final sync: see switchover.py
         "final sync + pages",
-        "state",
+        "send state",
         "SWITCHOVER -> LOADED",
         "commit",
         "GO -> STARTED",

@@ -302,7 +302,9 @@ def test_attach_counts_and_detach_leaves_the_vm_running(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_dirty_log_calls_follow_the_migration_syncs(tmp_path: Path) -> None:
     uri = f"tcp:127.0.0.1:{free_tcp_port()}"
-    src_args = ["memstress", "--mem", "256M", "--vcpus", "2", "--append", "mb=32"]
+    # 8 MiB/s per vCPU: the migration converges even on a loaded machine under ptrace
+    # (flat out, it did not within 120 s in CI).
+    src_args = ["memstress", "--mem", "256M", "--vcpus", "2", "--append", "mb=32 rate=8"]
     with (
         vm_process(tmp_path, "dst", ["--mem", "256M", "--vcpus", "2", "--incoming", uri]) as dst,
         vm_process(tmp_path, "src", src_args) as src,

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The one place pyvmm calls ioctl(2).
 
-Why Cython and not fcntl.ioctl (measured on CPython 3.11, see DESIGN.md):
+Why Cython and not fcntl.ioctl (CPython 3.11; docs/machine.md, "vCPU threads and kicks"):
 fcntl's integer argument is a C int (0xfffbd000 overflows), buffers over 1 KiB
 are passed with the GIL held, and CPython 3.14 retries on EINTR, which would
 swallow the signal that kicks a vCPU out of KVM_RUN. Here every call releases
