@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pyvmm.dirty.ranges import RangeTable
 from pyvmm.dirty.scan import count_set
 from pyvmm.migration.clock import VirtualClock
 from pyvmm.migration.dirtypages import DirtyPages
@@ -102,10 +103,10 @@ class FakePageWriter:
         self.in_downtime = False
         self.pages_sent = 0
 
-    def send(self, slot: int, pages: np.ndarray) -> int:
-        sent = len(pages) * PAGE
+    def send(self, table: RangeTable) -> int:
+        sent = table.pages * PAGE
         self.writer.bytes_sent += sent
-        self.pages_sent += len(pages)
+        self.pages_sent += table.pages
         self.clock.advance(sent / self.link_bytes_per_ms)
         return sent
 

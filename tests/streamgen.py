@@ -12,21 +12,26 @@ import json
 import xxhash
 
 from pyvmm.migration.stream import (
+    CHANNEL_MAGIC,
     CHECKSUM,
     FLAG_CHECKSUM,
     ITERATION,
+    MULTIFD,
     PREAMBLE,
     PREAMBLE_MAGIC,
     RECORD_HASHED,
     RUN,
     RUN_MAY_CHANGE,
     STREAM_VERSION,
+    SYNC_FINAL,
+    VALUE,
     ZERO,
     RecordType,
     StreamConfig,
 )
 
 MEM = 16 << 20
+SESSION = bytes(range(16))  # a multifd session id (the source draws 16 random bytes)
 
 
 def config(mem: int = MEM, vcpus: int = 1, start_all: bool = True) -> StreamConfig:
@@ -109,6 +114,20 @@ class Stream:
     def go(self) -> Stream:
         return self.record(RecordType.GO)
 
+    # --- multifd (stream version 5) ---
+
+    def multifd(self, channels: int, session: bytes = SESSION) -> Stream:
+        """The main stream's MULTIFD record: channels, 0, the 16-byte session."""
+        return self.record(RecordType.MULTIFD, MULTIFD.pack(channels, 0, session))
+
+    def channel(self, index: int, channels: int, session: bytes = SESSION) -> Stream:
+        """A channel's CHANNEL record (its first, after a CHANNEL_MAGIC preamble)."""
+        return self.record(RecordType.CHANNEL, MULTIFD.pack(index, channels, session))
+
+    def sync(self, number: int, final: bool = False) -> Stream:
+        """MULTIFD_SYNC, on the main stream or a channel."""
+        return self.record(RecordType.MULTIFD_SYNC, VALUE.pack(number), int(final) * SYNC_FINAL)
+
     def flip(self, offset: int, xor: int = 0x01) -> Stream:
         """Flip bits at `offset` bytes into the last record (header included), after its
         checksum was computed: what corruption in transit looks like."""
@@ -122,6 +141,12 @@ class Stream:
 
     def bytes(self) -> bytes:
         return bytes(self.data)
+
+
+def channel_stream(index: int, channels: int, checksum: bool = True) -> Stream:
+    """A multifd channel's stream up to its CHANNEL record."""
+    flags = FLAG_CHECKSUM if checksum else 0
+    return Stream(checksum, head=preamble(CHANNEL_MAGIC, flags=flags)).channel(index, channels)
 
 
 def prefix(checksum: bool = True) -> Stream:
@@ -220,6 +245,17 @@ HOSTILE: dict[str, bytes] = {
     "colo-request-before-the-end": prefix().record(RecordType.CHECKPOINT_REQUEST,
                                                    (1).to_bytes(8, "little")).bytes(),
     "colo-enable-unsupported": prefix().record(RecordType.COLO_ENABLE).bytes(),
+    # multifd (stream version 5): the main stream's side; tests/test_multifd.py feeds
+    # channels through a listening destination.
+    "multifd-zero-channels": Stream().header().multifd(0).bytes(),
+    "multifd-256-channels": Stream().header().multifd(256).bytes(),
+    "multifd-before-header": Stream().multifd(2).bytes(),
+    "multifd-after-pages": prefix().multifd(2).bytes(),
+    "multifd-short": Stream().header().record(RecordType.MULTIFD, b"\x02\0\0\0").bytes(),
+    "multifd-without-listener": Stream().header().multifd(2).bytes(),
+    "multifd-sync-without-multifd": prefix().sync(1).bytes(),
+    "channel-record-on-main-stream": Stream().header().channel(0, 2).bytes(),
+    "channel-preamble-on-main-connection": channel_stream(0, 2).bytes(),
     "abandoned": prefix().record(RecordType.ABANDON, b"the source was cancelled").bytes(),
     "huge-abandon": prefix().record(RecordType.ABANDON, b"", length=1 << 30).bytes(),
     "truncated-mid-page": prefix().ram_run(0, 10, 4).cut(page_data(4) + 9000).bytes(),

@@ -84,10 +84,10 @@ def test_the_bulk_stage_ends_when_the_walk_has_taken_every_page_once() -> None:
     pages = DirtyPages(view)  # type: ignore[arg-type]
     taken = 0
     while not pages.bulk_done:
-        step = pages.take(8)
+        step = pages.take(512)
         assert step is not None
-        taken += len(step[1])
+        taken += step.pages
     assert taken == 25 * 64 and pages.count() == 0
-    assert pages.take(8) is None  # a lap with nothing left
-    # Every step re-armed tracking before it was copied, in order and without overlap.
-    assert [(s, f) for s, f, _ in view.copied] == [(0, 0), (0, 512), (0, 1024), (1, 0)]
+    assert pages.take(512) is None  # a lap with nothing left
+    # Every step re-armed tracking for exactly what it took, before it was read, in order.
+    assert view.copied == [(0, 0, 512), (0, 512, 512), (0, 1024, 256), (1, 0, 320)]

@@ -85,7 +85,18 @@ def test_messages_name_the_problem() -> None:
         "go-before-switchover": "GO record before the SWITCHOVER record",
         "colo-request-before-the-end": "CHECKPOINT_REQUEST record before the migration's end",
         "colo-enable-unsupported": "the source asks for COLO, which this VM cannot do",
-        "version-2": "version 2 is not supported (this pyvmm speaks version 4)",
+        "version-2": "version 2 is not supported (this pyvmm speaks version 5)",
+        "multifd-zero-channels": "MULTIFD record asks for 0 channels (1..255)",
+        "multifd-256-channels": "MULTIFD record asks for 256 channels (1..255)",
+        "multifd-before-header": "MULTIFD record before the HEADER record",
+        "multifd-after-pages": "MULTIFD record after the migration's pages began",
+        "multifd-short": "MULTIFD record of 4 bytes (expected 24)",
+        "multifd-without-listener": "the source asks for multifd channels, but this "
+        "destination does not listen for them",
+        "multifd-sync-without-multifd": "MULTIFD_SYNC record without a MULTIFD record",
+        "channel-record-on-main-stream": "CHANNEL record on the main stream",
+        "channel-preamble-on-main-connection": "a multifd channel connected where a migration "
+        "stream began",
         "unknown-flags": "unknown stream flags 0x80",
         "header-slot-strings": "malformed HEADER record: slots[0] gpa: expected an integer, got "
         "string",

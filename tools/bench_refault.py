@@ -16,7 +16,7 @@ import io
 import statistics
 import time
 
-from pyvmm.dirty.tracker import make_tracker
+from pyvmm.dirty.factory import make_tracker
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.images import resolve_image

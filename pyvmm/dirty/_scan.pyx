@@ -19,7 +19,7 @@ See docs/scan.md for what each loop is for and the figures measured on the proje
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import operator
 
@@ -254,15 +254,72 @@ def or_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None):
             dst[i] |= src[i]
 
 
-def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None):
-    """dst |= src, then src = 0; returns the number of bits taken (popcount of src)."""
-    cdef Py_ssize_t i
-    cdef uint64_t w, moved = 0
+# A block summary says which parts of a bitmap may hold bits: bit b of word k stands for
+# block 64 k + b, bitmap words [64 (64 k + b), 64 (64 k + b) + 64), 4096 pages (16 MiB).
+# Functions given one touch only those blocks, so that work follows the dirty pages rather
+# than the size of the guest (ring mode: docs/dirty-tracking.md, "What a sync costs").
+BLOCK_PAGES = 4096
+
+cdef enum:
+    _BLOCK_WORDS = 64
+    _BLOCK_SHIFT = 12       # pages per block: 1 << 12
+
+
+cdef inline Py_ssize_t _summary_words(Py_ssize_t nwords) noexcept nogil:
+    return (nwords + 64 * _BLOCK_WORDS - 1) // (64 * _BLOCK_WORDS)
+
+
+cdef int _check_blocks(Py_ssize_t nwords, Py_ssize_t nsummary) except -1:
+    if nsummary < _summary_words(nwords):
+        raise ValueError(
+            f"blocks has {nsummary} words; a bitmap of {nwords} words needs "
+            f"{_summary_words(nwords)}"
+        )
+    return 0
+
+
+cdef inline Py_ssize_t _next_block(const uint64_t *summary, Py_ssize_t nsummary,
+                                   Py_ssize_t *k, uint64_t *word) noexcept nogil:
+    """The next block flagged in summary (state in *k, *word), or -1."""
+    cdef int b
+    while word[0] == 0:
+        k[0] += 1
+        if k[0] >= nsummary:
+            return -1
+        word[0] = summary[k[0]]
+    b = scan_ctz64(word[0])
+    word[0] &= word[0] - 1
+    return k[0] * 64 + b
+
+
+def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None, blocks=None):
+    """dst |= src, then src = 0; returns the number of bits taken (popcount of src).
+    blocks: a block summary of src; only its blocks are read (the rest must be zero)."""
+    cdef Py_ssize_t i, n = src.shape[0], k = -1, blk, end
+    cdef uint64_t w, moved = 0, cur = 0
+    cdef const uint64_t[::1] summary
     _check_same_length(src.shape[0], dst.shape[0], "src and dst")
     if &src[0] == &dst[0] and src.shape[0] > 0:
         raise ValueError("src and dst are the same buffer; take_and_clear would lose every bit")
+    if blocks is not None:
+        summary = blocks
+        _check_blocks(n, summary.shape[0])
+        if summary.shape[0] == 0:
+            return 0
+        with nogil:
+            while True:
+                blk = _next_block(&summary[0], summary.shape[0], &k, &cur)
+                if blk < 0 or blk * _BLOCK_WORDS >= n:
+                    break
+                end = min(n, (blk + 1) * _BLOCK_WORDS)
+                for i in range(blk * _BLOCK_WORDS, end):
+                    w = src[i]
+                    moved += scan_popcount64(w)
+                    dst[i] |= w
+                    src[i] = 0
+        return moved
     with nogil:
-        for i in range(src.shape[0]):
+        for i in range(n):
             w = src[i]
             moved += scan_popcount64(w)
             dst[i] |= w
@@ -270,20 +327,59 @@ def take_and_clear(uint64_t[::1] src not None, uint64_t[::1] dst not None):
     return moved
 
 
-def or_new_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None):
+def or_new_into(uint64_t[::1] dst not None, const uint64_t[::1] src not None, blocks=None):
     """dst |= src; returns how many bits were clear in dst and set in src (newly set pages).
 
     The fan-out of a sync into one user's view: the count is what that user has not seen yet.
+    blocks: a block summary of src; only its blocks are read (the rest must be zero).
     """
-    cdef Py_ssize_t i
-    cdef uint64_t w, fresh = 0
+    cdef Py_ssize_t i, n = dst.shape[0], k = -1, blk, end
+    cdef uint64_t w, fresh = 0, cur = 0
+    cdef const uint64_t[::1] summary
     _check_same_length(dst.shape[0], src.shape[0], "dst and src")
+    if blocks is not None:
+        summary = blocks
+        _check_blocks(n, summary.shape[0])
+        if summary.shape[0] == 0:
+            return 0
+        with nogil:
+            while True:
+                blk = _next_block(&summary[0], summary.shape[0], &k, &cur)
+                if blk < 0 or blk * _BLOCK_WORDS >= n:
+                    break
+                end = min(n, (blk + 1) * _BLOCK_WORDS)
+                for i in range(blk * _BLOCK_WORDS, end):
+                    w = src[i] & ~dst[i]
+                    fresh += scan_popcount64(w)
+                    dst[i] |= w
+        return fresh
     with nogil:
-        for i in range(dst.shape[0]):
+        for i in range(n):
             w = src[i] & ~dst[i]
             fresh += scan_popcount64(w)
             dst[i] |= w
     return fresh
+
+
+def clear_blocks(uint64_t[::1] bitmap not None, const uint64_t[::1] blocks not None):
+    """Zero the words of the blocks flagged in the summary `blocks`."""
+    cdef Py_ssize_t n = bitmap.shape[0], k = -1, blk
+    cdef uint64_t cur = 0
+    _check_blocks(n, blocks.shape[0])
+    if blocks.shape[0] == 0:
+        return
+    with nogil:
+        while True:
+            blk = _next_block(&blocks[0], blocks.shape[0], &k, &cur)
+            if blk < 0 or blk * _BLOCK_WORDS >= n:
+                break
+            memset(&bitmap[blk * _BLOCK_WORDS], 0,
+                   (min(n, (blk + 1) * _BLOCK_WORDS) - blk * _BLOCK_WORDS) * 8)
+
+
+def block_summary_words(Py_ssize_t nwords):
+    """Words of a block summary for a bitmap of nwords words."""
+    return _summary_words(nwords)
 
 
 def and_not(uint64_t[::1] dst not None, const uint64_t[::1] src not None,
@@ -423,7 +519,8 @@ def page_hashes(const uint8_t[::1] mem not None, const uint64_t[::1] pages not N
 # --------------------------------------------------------------------------------------------
 
 def harvest_ring(ring, nentries, fetch_index, bitmaps,
-                 const uint64_t[::1] slot_pages not None, uint64_t[::1] newly_set=None):
+                 const uint64_t[::1] slot_pages not None, uint64_t[::1] newly_set=None,
+                 blocks=None):
     """Harvest one vCPU's KVM dirty ring into per-slot dirty bitmaps.
 
     ring:        writable buffer (the vCPU fd's ring mmap) of nentries 16-byte kvm_dirty_gfn.
@@ -438,6 +535,8 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
     KVM_RESET_DIRTY_RINGS so the kernel re-protects those pages and can reuse the entries.
     newly_set: optional 1-element array; the number of bits this call set that were clear
     before (distinct newly dirty pages) is added to newly_set[0].
+    blocks: optional sequence, like bitmaps, of block summaries (see take_and_clear): each
+    page recorded also flags its block, so later passes touch only those blocks.
     """
     cdef Py_ssize_t nslots, s
     cdef uint8_t[::1] ring_view
@@ -448,7 +547,9 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
     cdef kvm_dirty_gfn *entries
     cdef kvm_dirty_gfn *e
     cdef uint64_t **bm_ptrs = NULL
+    cdef uint64_t **sum_ptrs = NULL
     cdef uint64_t *bm_limits = NULL
+    cdef uint64_t[::1] sum_view
 
     # ---- validation and pointer collection, with the GIL ----
     n = _as_index(nentries, "nentries", 1 << 32)
@@ -474,16 +575,21 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
         )
     # The views stay referenced by `keep` so their buffers cannot go away under the nogil loop.
     keep = []
+    if blocks is not None and len(blocks) != nslots:
+        raise ValueError(f"blocks has {len(blocks)} entries but bitmaps has {nslots}")
     bm_ptrs = <uint64_t **>malloc((nslots + 1) * sizeof(uint64_t *))
+    sum_ptrs = <uint64_t **>malloc((nslots + 1) * sizeof(uint64_t *))
     bm_limits = <uint64_t *>malloc((nslots + 1) * sizeof(uint64_t))
-    if bm_ptrs == NULL or bm_limits == NULL:
+    if bm_ptrs == NULL or bm_limits == NULL or sum_ptrs == NULL:
         free(bm_ptrs)
+        free(sum_ptrs)
         free(bm_limits)
         raise MemoryError("harvest_ring: cannot allocate the slot table")
     try:
         for s in range(nslots):
             bm = bitmaps[s]
             bm_ptrs[s] = NULL
+            sum_ptrs[s] = NULL
             bm_limits[s] = 0          # limit 0: every offset in this slot counts as invalid
             if bm is None:
                 continue
@@ -497,6 +603,11 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
             if bm_view.shape[0] > 0:
                 bm_ptrs[s] = &bm_view[0]
                 bm_limits[s] = slot_pages[s]
+            if blocks is not None and blocks[s] is not None and bm_view.shape[0] > 0:
+                sum_view = blocks[s]
+                _check_blocks(bm_view.shape[0], sum_view.shape[0])
+                keep.append(sum_view)
+                sum_ptrs[s] = &sum_view[0]
 
         # ---- the harvest itself, without the GIL ----
         mask = n - 1
@@ -524,6 +635,8 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
                     if word[0] & bit == 0:
                         fresh += 1
                     word[0] |= bit
+                    if sum_ptrs[slot_id] != NULL:
+                        sum_ptrs[slot_id][offset >> 18] |= (<uint64_t>1) << ((offset >> 12) & 63)
                 else:
                     invalid += 1
                 # Release: pairs with the kernel's acquire load of flags in
@@ -534,6 +647,7 @@ def harvest_ring(ring, nentries, fetch_index, bitmaps,
                 harvested += 1
     finally:
         free(bm_ptrs)
+        free(sum_ptrs)
         free(bm_limits)
     if newly_set is not None and newly_set.shape[0] > 0:
         newly_set[0] += fresh
@@ -711,7 +825,314 @@ cdef class Xxh64:
         h ^= h >> 32
         return h
 
-# 10. The dirty rings a QEMU would have (pyvmm/dirty/ring_model.py)
+
+# --------------------------------------------------------------------------------------------
+# 10. The walk: a bitmap window into a range table (docs/scan.md, "The walk")
+# --------------------------------------------------------------------------------------------
+# One pass over a window of the migration's bitmap does what the send path needs: take the
+# dirty bits (clear them), coalesce consecutive pages into runs, test each page for zeros,
+# and split the runs where the kind changes, so that every run is either a zero run (one
+# ZERO_RUN record) or a data run (one RAM_RUN record, whose pages are one iovec of guest
+# RAM for sendmsg). The result is a range table (first page, page count, zero flag per run)
+# in the manner of Cloud Hypervisor's MemoryRangeTable, never a per-page list.
+#
+# Pages in a 2 MiB chunk the kernel never populated (GuestMemory.populated_chunks) are zero
+# without being read: a chunk mask of 0 makes the walk emit them as zero pages untouched.
+
+CHUNK_PAGES = 512  # 2 MiB: the granularity of the populated mask (8 bitmap words)
+
+cdef enum:
+    _CHUNK_SHIFT = 9
+    _CHUNK_WORD_SHIFT = 3   # 8 words per chunk
+
+cdef extern from *:
+    """
+    static const uint64_t SCAN_ALL_ONES = 0xFFFFFFFFFFFFFFFFULL;
+    static inline int scan_clz64(uint64_t w) { return __builtin_clzll(w); }
+    """
+    const uint64_t SCAN_ALL_ONES
+    int scan_clz64(uint64_t w) nogil
+
+
+cdef struct _Runs:
+    uint64_t *first
+    uint64_t *npages
+    uint8_t *zero
+    Py_ssize_t count
+    uint64_t max_run    # data runs are split at this many pages (zero runs are not)
+
+
+cdef inline void _append(_Runs *r, uint64_t page, uint64_t n, uint8_t zero) noexcept nogil:
+    """Add pages [page, page + n) of one kind; the caller guarantees room for n new runs."""
+    cdef Py_ssize_t last = r.count - 1
+    cdef uint64_t room
+    if last >= 0 and r.zero[last] == zero and r.first[last] + r.npages[last] == page:
+        if zero:
+            r.npages[last] += n
+            return
+        room = r.max_run - r.npages[last]
+        if room >= n:
+            r.npages[last] += n
+            return
+        r.npages[last] += room
+        page += room
+        n -= room
+    while n:  # new runs, each at most max_run pages if data
+        r.first[r.count] = page
+        if zero or n <= r.max_run:
+            r.npages[r.count] = n
+            r.zero[r.count] = zero
+            r.count += 1
+            return
+        r.npages[r.count] = r.max_run
+        r.zero[r.count] = zero
+        r.count += 1
+        page += r.max_run
+        n -= r.max_run
+
+
+cdef inline Py_ssize_t _next_set_word(const uint64_t *words, Py_ssize_t pos,
+                                      Py_ssize_t end) noexcept nogil:
+    """The first word in [pos, end) that is not zero, else end. Four words per test: the
+    common case (a clean stretch) costs one well-predicted branch per 32 bytes."""
+    while pos + 4 <= end and (words[pos] | words[pos + 1] | words[pos + 2] | words[pos + 3]) == 0:
+        pos += 4
+    while pos < end and words[pos] == 0:
+        pos += 1
+    return pos
+
+
+cdef int _check_window(Py_ssize_t nwords, Py_ssize_t start, Py_ssize_t stop) except -1:
+    if not 0 <= start <= stop <= nwords:
+        raise ValueError(f"word window [{start}, {stop}) is outside the bitmap ({nwords} words)")
+    return 0
+
+
+def dirty_window(const uint64_t[::1] bitmap not None, Py_ssize_t from_word, Py_ssize_t limit_word,
+                 uint64_t max_pages, populated=None, Py_ssize_t populated_first_chunk=0):
+    """Where the next take should go: (start, stop, pages).
+
+    start: the first word in [from_word, limit_word) with a set bit (limit_word if none).
+    stop: the word after the one at which the set bits counted from start reach max_pages,
+    or limit_word. pages: the bits counted in [start, stop). populated (optional, as in
+    walk_runs): bits in never-populated chunks are not counted, as walk_runs does not
+    count them against its max_pages. The caller re-arms dirty tracking for exactly those
+    pages before walk_runs reads them (get, clear, copy)."""
+    cdef Py_ssize_t start, stop, pop_len = 0
+    cdef uint64_t pages = 0
+    cdef const uint64_t *words = &bitmap[0] if bitmap.shape[0] else NULL
+    cdef const uint8_t[::1] pop_view
+    cdef const uint8_t *pop = NULL
+    _check_window(bitmap.shape[0], from_word, limit_word)
+    if populated is not None:
+        pop_view = populated
+        pop_len = pop_view.shape[0]
+        if from_word < limit_word and (
+            populated_first_chunk < 0
+            or populated_first_chunk > (from_word >> _CHUNK_WORD_SHIFT)
+            or populated_first_chunk + pop_len < ((limit_word + 7) >> _CHUNK_WORD_SHIFT)
+        ):
+            raise ValueError(
+                f"populated covers chunks [{populated_first_chunk}, "
+                f"{populated_first_chunk + pop_len}) but words [{from_word}, {limit_word}) "
+                f"need chunks [{from_word >> 3}, {(limit_word + 7) >> 3})"
+            )
+        if pop_len:
+            pop = &pop_view[0]
+    with nogil:
+        start = _next_set_word(words, from_word, limit_word) if words != NULL else limit_word
+        stop = start
+        while stop < limit_word and pages < max_pages:
+            if pop == NULL or pop[(stop >> _CHUNK_WORD_SHIFT) - populated_first_chunk] != 0:
+                pages += scan_popcount64(words[stop])
+            stop += 1
+    return start, stop, pages
+
+
+def walk_runs(uint64_t[::1] bitmap not None, Py_ssize_t start_word, Py_ssize_t stop_word,
+              mem, populated, Py_ssize_t populated_first_chunk, uint64_t max_pages,
+              uint64_t max_run_pages, uint64_t[::1] run_first not None,
+              uint64_t[::1] run_pages not None, uint8_t[::1] run_zero not None):
+    """Take the dirty pages of bitmap words [start_word, stop_word) into a range table.
+
+    Clears every word it takes (the caller holds the lock other writers of the bitmap take).
+    mem: the slot's guest memory (any C-contiguous byte buffer), whose pages are tested for
+    zeros; None: no test, every page is data (a bitmap-only walk). populated: None, or one
+    byte per 2 MiB chunk of the slot starting at chunk populated_first_chunk, 0 for a chunk
+    the kernel never populated: its pages are zero pages and are not read.
+    Writes runs r = 0 .. nruns - 1 as (run_first[r], run_pages[r], run_zero[r]); data runs
+    are at most max_run_pages long. Stops at stop_word, before a word once max_pages pages
+    are taken (pages of never-populated chunks do not count: they cost nothing to read or
+    send), or before a word whose pages might not fit in the run arrays.
+
+    Returns (nruns, next_word, pages, zero_pages, read_pages): next_word is where the next
+    walk should resume (the words before it are taken); read_pages counts pages whose
+    memory was read by the zero test.
+    """
+    cdef Py_ssize_t nwords = bitmap.shape[0], pos, cap, pop_len = 0
+    cdef uint64_t *words
+    cdef uint64_t w, rest, span, page, end, taken = 0, zeros = 0, reads = 0, used = 0
+    cdef uint64_t mem_pages = 0, bad_page = 0, chunk, p
+    cdef bint has_mem = mem is not None
+    cdef const uint8_t[::1] mem_view
+    cdef const uint8_t[::1] pop_view
+    cdef const uint8_t *base = NULL
+    cdef const uint8_t *pop = NULL
+    cdef int b, bad = 0
+    cdef uint8_t z
+    cdef _Runs runs
+
+    _check_window(nwords, start_word, stop_word)
+    if max_run_pages == 0:
+        raise ValueError("max_run_pages must be at least 1")
+    cap = min(run_first.shape[0], run_pages.shape[0], run_zero.shape[0])
+    if mem is not None:
+        mem_view = mem
+        mem_pages = _mem_pages(mem_view)
+        if mem_pages:
+            base = &mem_view[0]
+    if populated is not None:
+        pop_view = populated
+        pop_len = pop_view.shape[0]
+        if start_word < stop_word and (
+            populated_first_chunk < 0
+            or populated_first_chunk > (start_word >> _CHUNK_WORD_SHIFT)
+            or populated_first_chunk + pop_len < ((stop_word + 7) >> _CHUNK_WORD_SHIFT)
+        ):
+            raise ValueError(
+                f"populated covers chunks [{populated_first_chunk}, "
+                f"{populated_first_chunk + pop_len}) but words [{start_word}, {stop_word}) "
+                f"need chunks [{start_word >> 3}, {(stop_word + 7) >> 3})"
+            )
+        if pop_len:
+            pop = &pop_view[0]
+    if cap == 0 or start_word == stop_word:
+        return 0, start_word, 0, 0, 0
+    words = &bitmap[0]
+    runs.first = &run_first[0]
+    runs.npages = &run_pages[0]
+    runs.zero = &run_zero[0]
+    runs.count = 0
+    runs.max_run = max_run_pages
+
+    with nogil:
+        pos = start_word
+        while pos < stop_word:
+            pos = _next_set_word(words, pos, stop_word)
+            if pos >= stop_word:
+                break
+            w = words[pos]
+            if used >= max_pages or runs.count + scan_popcount64(w) > cap:
+                break
+            # A word never straddles a chunk (a chunk is 8 whole words).
+            chunk = (<uint64_t>pos) >> _CHUNK_WORD_SHIFT
+            z = pop != NULL and pop[chunk - populated_first_chunk] == 0
+            if not z:
+                used += scan_popcount64(w)  # never-populated pages cost nothing to send
+            if has_mem and not z:
+                # Every set bit must name a page inside mem (a slot's last word may be partial).
+                end = ((<uint64_t>pos) << 6) + 63 - <uint64_t>scan_clz64(w)  # highest page
+                if end >= mem_pages:
+                    bad = 1
+                    bad_page = end
+                    break
+            taken += scan_popcount64(w)
+            words[pos] = 0
+            page = (<uint64_t>pos) << 6
+            while w != 0:
+                b = scan_ctz64(w)
+                rest = w >> b
+                # Length of the run of set bits that starts at bit b.
+                span = 64 - b if rest == (SCAN_ALL_ONES >> b) else <uint64_t>scan_ctz64(~rest)
+                if span == 64:
+                    w = 0
+                else:
+                    w &= ~(((<uint64_t>1 << span) - 1) << b)
+                if z:
+                    _append(&runs, page + b, span, 1)
+                    zeros += span
+                elif not has_mem:
+                    _append(&runs, page + b, span, 0)
+                else:
+                    for p in range(page + b, page + b + span):
+                        if _page_is_zero(base + (p << _PAGE_SHIFT)):
+                            _append(&runs, p, 1, 1)
+                            zeros += 1
+                        else:
+                            _append(&runs, p, 1, 0)
+                    reads += span
+            pos += 1
+    if bad:
+        raise ValueError(f"bitmap bit for page {bad_page} is outside mem ({mem_pages} pages)")
+    return runs.count, pos, taken, zeros, reads
+
+
+def zero_range(uint8_t[::1] mem not None, uint64_t first, uint64_t npages, populated,
+               Py_ssize_t populated_first_chunk):
+    """Make pages [first, first + npages) of mem zero, touching as little as possible.
+
+    The destination's ZERO_RUN: pages in chunks the kernel never populated (populated mask
+    0, same convention as walk_runs) are zero already and are neither read nor written; the
+    others are tested and only those that are not zero are written. Returns (read_pages,
+    written_pages)."""
+    cdef uint64_t mem_pages = _mem_pages(mem), p, end, reads = 0, writes = 0, chunk
+    cdef const uint8_t[::1] pop_view
+    cdef const uint8_t *pop = NULL
+    cdef Py_ssize_t pop_len = 0
+    cdef uint8_t *base
+    if npages > mem_pages or first > mem_pages - npages:
+        raise ValueError(f"pages {first}+{npages} are outside mem ({mem_pages} pages)")
+    if npages == 0:
+        return 0, 0
+    if populated is not None:
+        pop_view = populated
+        pop_len = pop_view.shape[0]
+        if (populated_first_chunk < 0 or <uint64_t>populated_first_chunk > first >> _CHUNK_SHIFT
+                or <uint64_t>(populated_first_chunk + pop_len)
+                < ((first + npages + 511) >> _CHUNK_SHIFT)):
+            raise ValueError(
+                f"populated covers chunks [{populated_first_chunk}, "
+                f"{populated_first_chunk + pop_len}) but pages {first}+{npages} need more"
+            )
+        pop = &pop_view[0]
+    base = &mem[0]
+    with nogil:
+        p = first
+        end = first + npages
+        while p < end:
+            chunk = p >> _CHUNK_SHIFT
+            if pop != NULL and pop[chunk - populated_first_chunk] == 0:
+                p = min(end, (chunk + 1) << _CHUNK_SHIFT)  # never populated: zero already
+                continue
+            reads += 1
+            if not _page_is_zero(base + (p << _PAGE_SHIFT)):
+                memset(base + (p << _PAGE_SHIFT), 0, _PAGE_SIZE)
+                writes += 1
+            p += 1
+    return reads, writes
+
+
+def take_new(uint64_t[::1] bitmap not None, const uint64_t[::1] old not None,
+             uint64_t[::1] held not None):
+    """held |= bitmap & ~old, then bitmap = old; returns how many bits moved to held.
+
+    A background sync: what the sync added to the bitmap (everything not in the copy `old`
+    taken just before it) is held back until the next ordinary sync."""
+    cdef Py_ssize_t i
+    cdef uint64_t w, moved = 0
+    _check_same_length(bitmap.shape[0], old.shape[0], "bitmap and old")
+    _check_same_length(bitmap.shape[0], held.shape[0], "bitmap and held")
+    with nogil:
+        for i in range(bitmap.shape[0]):
+            w = bitmap[i] & ~old[i]
+            moved += scan_popcount64(w)
+            held[i] |= w
+            bitmap[i] = old[i]
+    return moved
+
+
+# --------------------------------------------------------------------------------------------
+# 11. The dirty rings a QEMU would have (pyvmm/dirty/ring_model.py)
 # --------------------------------------------------------------------------------------------
 
 from libc.stdint cimport int64_t
@@ -856,7 +1277,8 @@ def ring_model_reap(uint64_t[::1] armed not None, uint64_t[:, ::1] rings not Non
             after += reaped[v]
     return after - before
 
-# 11. Heatmaps: a dirty bitmap downsampled to cells of guest RAM
+# --------------------------------------------------------------------------------------------
+# 12. Heatmaps: a dirty bitmap downsampled to cells of guest RAM
 # --------------------------------------------------------------------------------------------
 
 def cell_counts(const uint64_t[::1] bitmap not None, first_page, npages, pages_per_cell,

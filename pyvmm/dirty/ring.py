@@ -46,8 +46,8 @@ from collections.abc import Callable
 import numpy as np
 
 from pyvmm.dirty.ring_model import RingModel
-from pyvmm.dirty.scan import harvest_ring, take_and_clear
-from pyvmm.dirty.tracker import DirtyTracker, set_every_page
+from pyvmm.dirty.scan import block_summary_words, clear_blocks, harvest_ring, take_and_clear
+from pyvmm.dirty.tracker import ALL_ONES, DirtyTracker, set_every_page
 from pyvmm.kvm import abi
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpu import Vcpu
@@ -88,6 +88,10 @@ class RingTracker(DirtyTracker):
         self._empty_full_exits = [0] * len(machine.vcpus)
         self._ring_locks = [threading.Lock() for _ in machine.vcpus]
         self._acc = self.new_bitmaps()  # harvested since the last sync
+        # Block summaries (scan.py): where _acc and the last sync's report may hold bits,
+        # so that a sync costs what was harvested, not the size of the guest.
+        self._acc_blocks = self.new_block_summaries()
+        self._sync_blocks = self.new_block_summaries()
         self._acc_lock = threading.Lock()
         self._slot_pages = np.array([r.pages for r in self.memory.regions], np.uint64)
         self._ring_full_exits = [0] * len(machine.vcpus)  # each written by its vCPU only
@@ -108,6 +112,12 @@ class RingTracker(DirtyTracker):
         self._last_harvest = [0.0] * len(machine.vcpus)
         for vcpu in machine.vcpus:
             vcpu.on_dirty_ring_full = self._ring_full_exit
+
+    def new_block_summaries(self) -> list[np.ndarray]:
+        """Zeroed per-slot block summaries (one bit per BLOCK_PAGES pages)."""
+        return [
+            np.zeros(block_summary_words(r.bitmap_words()), np.uint64) for r in self.memory.regions
+        ]
 
     # --- the counted rings -------------------------------------------------------------------
 
@@ -223,7 +233,7 @@ class RingTracker(DirtyTracker):
         with self._ring_locks[index], self._acc_lock:
             first = self._fetch[index]
             fetch, harvested, invalid = harvest_ring(
-                ring, self.entries, first, self._acc, self._slot_pages
+                ring, self.entries, first, self._acc, self._slot_pages, None, self._acc_blocks
             )
             self._fetch[index] = fetch
             self.entries_harvested[index] += harvested
@@ -241,6 +251,8 @@ class RingTracker(DirtyTracker):
                     # Correctness first: treat every page as dirty for this round.
                     self.resends += 1
                     set_every_page(self._acc, self.memory.regions)
+                    for blocks in self._acc_blocks:
+                        blocks.fill(ALL_ONES)
                     log.warning(
                         "vCPU %d: dirty ring held %d of %d entries at harvest; this host may "
                         "lose entries at ring-full (quirk), marking all pages dirty",
@@ -259,8 +271,9 @@ class RingTracker(DirtyTracker):
             self.machine.vm.reset_dirty_rings()
         if discard:
             with self._acc_lock:
-                for acc in self._acc:
+                for acc, blocks in zip(self._acc, self._acc_blocks, strict=True):
                     acc.fill(0)
+                    blocks.fill(0)
         return total
 
     def _harvest(self, into: list[np.ndarray]) -> None:
@@ -268,9 +281,16 @@ class RingTracker(DirtyTracker):
         self._reap_all()
         self.model.reap(None)
         with self._acc_lock:
-            for acc, target in zip(self._acc, into, strict=True):
-                target.fill(0)
-                take_and_clear(acc, target)
+            for acc, target, acc_blocks, sync_blocks in zip(
+                self._acc, into, self._acc_blocks, self._sync_blocks, strict=True
+            ):
+                clear_blocks(target, sync_blocks)  # what the last report held, only
+                np.copyto(sync_blocks, acc_blocks)
+                take_and_clear(acc, target, acc_blocks)
+                acc_blocks.fill(0)
+
+    def _report_blocks(self, slot: int) -> np.ndarray:
+        return self._sync_blocks[slot]
 
     def _ring_full_exit(self, vcpu: Vcpu) -> None:
         """KVM_EXIT_DIRTY_RING_FULL on the vCPU's own thread.

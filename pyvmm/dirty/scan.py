@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = [
+    "BLOCK_PAGES",
+    "CHUNK_PAGES",
     "KVM_DIRTY_GFN_F_DIRTY",
     "KVM_DIRTY_GFN_F_RESET",
     "KVM_DIRTY_GFN_SIZE",
@@ -18,8 +20,11 @@ __all__ = [
     "Xxh64",
     "and_not",
     "bitmap_to_pages",
+    "block_summary_words",
     "cell_counts",
+    "clear_blocks",
     "count_set",
+    "dirty_window",
     "gather_pages",
     "harvest_ring",
     "is_zero_page",
@@ -32,7 +37,10 @@ __all__ = [
     "ring_model_reap",
     "set_pages",
     "take_and_clear",
+    "take_new",
+    "walk_runs",
     "zero_pages",
+    "zero_range",
 ]
 
 if TYPE_CHECKING:
@@ -52,6 +60,8 @@ if TYPE_CHECKING:
 
     PAGE_SIZE: int
     PAGE_SHIFT: int
+    CHUNK_PAGES: int
+    BLOCK_PAGES: int
     KVM_DIRTY_GFN_F_DIRTY: int
     KVM_DIRTY_GFN_F_RESET: int
     KVM_DIRTY_GFN_SIZE: int
@@ -74,14 +84,21 @@ if TYPE_CHECKING:
     def or_into(dst: U64Array, src: U64Array) -> None:
         """dst |= src."""
 
-    def or_new_into(dst: U64Array, src: U64Array) -> int:
-        """dst |= src; returns the number of bits that were clear in dst and set in src."""
+    def or_new_into(dst: U64Array, src: U64Array, blocks: U64Array | None = None) -> int:
+        """dst |= src; returns the number of bits that were clear in dst and set in src.
+        blocks: a block summary of src; only its blocks are read."""
 
     def and_not(dst: U64Array, src: U64Array, mask: U64Array) -> None:
         """dst = src & ~mask (dst may be src or mask)."""
 
-    def take_and_clear(src: U64Array, dst: U64Array) -> int:
-        """dst |= src; src = 0; returns popcount(src)."""
+    def take_and_clear(src: U64Array, dst: U64Array, blocks: U64Array | None = None) -> int:
+        """dst |= src; src = 0; returns popcount(src). blocks: a block summary of src."""
+
+    def clear_blocks(bitmap: U64Array, blocks: U64Array) -> None:
+        """Zero the words of the blocks flagged in a block summary."""
+
+    def block_summary_words(nwords: int) -> int:
+        """Words of a block summary (one bit per BLOCK_PAGES pages) for nwords words."""
 
     def zero_pages(mem: ReadableBuffer, pages: U64Array, out: U8Array) -> int:
         """out[k] = page pages[k] is all zero; returns how many are."""
@@ -99,15 +116,57 @@ if TYPE_CHECKING:
         bitmaps: Sequence[U64Array | None],
         slot_pages: U64Array,
         newly_set: U64Array | None = None,
+        blocks: Sequence[U64Array | None] | None = None,
     ) -> tuple[int, int, int]:
         """Harvest a vCPU dirty ring; returns (new_fetch_index, harvested, invalid).
-        newly_set[0] (optional) grows by the number of bits that were clear before."""
+        newly_set[0] (optional) grows by the number of bits that were clear before;
+        blocks (optional, per slot) get the block of every recorded page flagged."""
 
     def gather_pages(mem: ReadableBuffer, pages: U64Array, out: WritableBytes) -> int:
         """Copy the listed pages back to back into out; returns bytes written."""
 
     def pages_to_runs(pages: U64Array, starts: U64Array, lengths: U64Array) -> int:
         """Coalesce ascending pages into (start, length) runs; returns the run count."""
+
+    def dirty_window(
+        bitmap: U64Array,
+        from_word: int,
+        limit_word: int,
+        max_pages: int,
+        populated: U8Array | None = None,
+        populated_first_chunk: int = 0,
+    ) -> tuple[int, int, int]:
+        """(start, stop, pages): the first dirty word from from_word, and the word after the
+        one where max_pages set bits are reached (both at most limit_word); with populated,
+        bits of never-populated chunks do not count."""
+
+    def walk_runs(
+        bitmap: U64Array,
+        start_word: int,
+        stop_word: int,
+        mem: ReadableBuffer | None,
+        populated: U8Array | None,
+        populated_first_chunk: int,
+        max_pages: int,
+        max_run_pages: int,
+        run_first: U64Array,
+        run_pages: U64Array,
+        run_zero: U8Array,
+    ) -> tuple[int, int, int, int, int]:
+        """Take words [start_word, stop_word) into runs; returns (nruns, next_word, pages,
+        zero_pages, read_pages)."""
+
+    def zero_range(
+        mem: WritableBytes,
+        first: int,
+        npages: int,
+        populated: U8Array | None,
+        populated_first_chunk: int,
+    ) -> tuple[int, int]:
+        """Zero pages [first, first + npages) that are not zero; returns (read, written)."""
+
+    def take_new(bitmap: U64Array, old: U64Array, held: U64Array) -> int:
+        """held |= bitmap & ~old; bitmap = old; returns the bits moved."""
 
     class Xxh64:
         """Streaming xxHash64 of the concatenation of the buffers given to update()."""
@@ -154,6 +213,8 @@ if TYPE_CHECKING:
 
 else:
     from pyvmm.dirty._scan import (
+        BLOCK_PAGES,
+        CHUNK_PAGES,
         KVM_DIRTY_GFN_F_DIRTY,
         KVM_DIRTY_GFN_F_RESET,
         KVM_DIRTY_GFN_SIZE,
@@ -162,8 +223,11 @@ else:
         Xxh64,
         and_not,
         bitmap_to_pages,
+        block_summary_words,
         cell_counts,
+        clear_blocks,
         count_set,
+        dirty_window,
         gather_pages,
         harvest_ring,
         is_zero_page,
@@ -176,5 +240,8 @@ else:
         ring_model_reap,
         set_pages,
         take_and_clear,
+        take_new,
+        walk_runs,
         zero_pages,
+        zero_range,
     )

@@ -28,13 +28,15 @@ from types import TracebackType
 
 import numpy as np
 
-from pyvmm.dirty.scan import count_set, or_new_into, take_and_clear
+from pyvmm.dirty.scan import count_set, or_into, or_new_into, take_and_clear
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import MemoryRegion
 
 log = logging.getLogger(__name__)
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+# (mask, first chunk): one byte per 2 MiB chunk, 0 = never populated (populated_chunks)
+Unpopulated = tuple[np.ndarray | None, int]
 
 
 def set_every_page(bitmaps: list[np.ndarray], regions: list[MemoryRegion]) -> None:
@@ -77,10 +79,15 @@ class DirtyView:
             new, self._new_pages = self._new_pages, 0
         return new
 
-    def before_copy(self, slot: int, first_page: int, npages: int) -> None:
-        """Call after reading and clearing these pages' bits and before reading their
-        contents: get, clear, copy. Re-arms tracking for them if that was deferred."""
-        self.tracker._before_copy(slot, first_page, npages)
+    def before_copy(
+        self, slot: int, first_page: int, npages: int, unpopulated: Unpopulated | None = None
+    ) -> None:
+        """Call before reading these pages' contents: get, clear, copy. Re-arms tracking
+        for them if that was deferred. unpopulated: (mask, first chunk) of 2 MiB chunks of
+        the range the kernel never populated (GuestMemory.populated_chunks); the bitmap
+        tracker may watch those through pagemap instead of re-arming them in KVM
+        (docs/dirty-tracking.md, "Never-populated memory")."""
+        self.tracker._before_copy(slot, first_page, npages, unpopulated)
 
     def dirty_pages(self) -> int:
         """Pages currently set in this view's bitmaps."""
@@ -91,10 +98,11 @@ class DirtyView:
         """Detach; dirty logging stops when the last view closes. Idempotent."""
         self.tracker._close_view(self)
 
-    def _merge(self, slot: int, new: np.ndarray) -> None:
-        """OR a sync's pages into this view (the tracker holds its own lock)."""
+    def _merge(self, slot: int, new: np.ndarray, blocks: np.ndarray | None = None) -> None:
+        """OR a sync's pages into this view (the tracker holds its own lock); blocks: the
+        block summary of `new` (scan.py), or None to look at all of it."""
         with self.lock:
-            self._new_pages += or_new_into(self.bitmaps[slot], new)
+            self._new_pages += or_new_into(self.bitmaps[slot], new, blocks)
 
     def __enter__(self) -> DirtyView:
         return self
@@ -185,9 +193,13 @@ class DirtyTracker:
             self.syncs += 1
             for slot, reported in enumerate(report):
                 new = self._new_to_views(slot, reported)
-                take_and_clear(self.memory.vmm_dirty[slot], new)  # pyvmm's own writes
+                blocks = self._report_blocks(slot)  # None: bits may be anywhere
+                vmm_blocks = self.memory.take_vmm_blocks(slot)
+                take_and_clear(self.memory.vmm_dirty[slot], new, vmm_blocks)  # pyvmm's writes
+                if blocks is not None:
+                    or_into(blocks, vmm_blocks)
                 for view in self._views:
-                    view._merge(slot, new)
+                    view._merge(slot, new, blocks)
             self._after_fan_out()
 
     def _close_view(self, view: DirtyView) -> None:
@@ -216,11 +228,19 @@ class DirtyTracker:
         """Of a slot's report, the bits to hand to every view (may be `reported` itself)."""
         return reported
 
+    def _report_blocks(self, slot: int) -> np.ndarray | None:
+        """The block summary of what _new_to_views returned for the slot, if the mode keeps
+        one (ring mode: a sync then costs what was dirtied, not what the guest has); the
+        tracker ORs into it the blocks of pyvmm's own writes that it adds."""
+        return None
+
     def _join(self, view: DirtyView) -> None:
         """A view opens while others are open: give it what it must not miss."""
 
     def _after_fan_out(self) -> None:
         """After every view got this sync's pages (bitmap mode: eager re-arming)."""
 
-    def _before_copy(self, slot: int, first_page: int, npages: int) -> None:
+    def _before_copy(
+        self, slot: int, first_page: int, npages: int, unpopulated: Unpopulated | None = None
+    ) -> None:
         """Re-arm tracking for pages about to be copied, if that was deferred."""

@@ -12,12 +12,14 @@ that fails releases what it took before it raises.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyvmm.kvm import Kvm, abi
+from pyvmm.kvm import Kvm, KvmError, abi
 from pyvmm.machine import cpuid, pvh
 from pyvmm.machine.devices import (
     COM1_BASE,
@@ -98,9 +100,20 @@ class Machine:
             self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
             self.memory = GuestMemory(config.mem_bytes)
             for region in self.memory.regions:
-                self.vm.set_user_memory_region(
-                    region.slot, 0, region.gpa, region.size_bytes, region.host_addr
-                )
+                try:
+                    self.vm.set_user_memory_region(
+                        region.slot, 0, region.gpa, region.size_bytes, region.host_addr
+                    )
+                except KvmError as exc:
+                    if exc.errno != errno.ENOMEM:
+                        raise
+                    # KVM allocates its per-page metadata (rmap, about 2.5 MiB per GiB of
+                    # slot here) in kernel memory when a slot is registered.
+                    raise MachineError(
+                        f"KVM cannot register {region.size_bytes >> 20} MiB of guest RAM "
+                        f"(slot {region.slot}): {exc}; KVM needs about 2.5 MiB of kernel "
+                        "memory per GiB of guest RAM for its page metadata"
+                    ) from None
         except BaseException:
             self.close()
             raise
@@ -135,6 +148,9 @@ class Machine:
         )
         self.ring_bytes = 0
         self.tsc_khz = 0
+        # Called once, by request_exit's winner, after the VM has ended: a waiter's wake-up
+        # (the VMM's control loop). Must take no lock: it may run in a signal handler.
+        self.on_exit: Callable[[], None] | None = None
         self.timeline: Timeline | None = None  # vCPUs created while it is set record on it
 
     # --- building ----------------------------------------------------------------------------
@@ -247,6 +263,9 @@ class Machine:
         if self._exits[0] is candidate:  # exactly one caller gets here
             log.info("VM ends: %s (exit code %d)", reason, code)
             self._done.release()
+            on_exit = self.on_exit
+            if on_exit is not None:
+                on_exit()
 
     def fail(self, message: str) -> None:
         self.request_exit(1, message, error=True)

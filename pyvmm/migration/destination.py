@@ -10,6 +10,11 @@ the problem; the caller ends the process with a non-zero exit code.
 A connection that ends, or stays silent for a whole deadline, before sending its first
 byte (a port scan, a health check, a load balancer's probe) is logged and the destination
 goes back to waiting: only a connection that sent something can fail the migration.
+
+With multifd (a MULTIFD record after the HEADER) the pages come over extra connections to
+the same address, which migration/multifd/recv.py accepts and receives; this side learns
+the channel count from that record unless multifd was set here by QMP, which then must
+agree.
 """
 
 from __future__ import annotations
@@ -22,10 +27,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from pyvmm.dirty.scan import zero_pages
+from pyvmm.dirty.scan import zero_range
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
@@ -38,6 +42,7 @@ from pyvmm.migration.stream import (
     PAGE_HASH_BYTES,
     RUN,
     RUN_MAY_CHANGE,
+    SYNC_FINAL,
     ZERO,
     NothingReceived,
     RecordType,
@@ -50,9 +55,16 @@ from pyvmm.migration.stream import (
     record_deadline_s,
 )
 
+if TYPE_CHECKING:
+    from pyvmm.migration.multifd.recv import MultifdReceiver
+
 log = logging.getLogger(__name__)
 
 ACCEPT_POLL_S = 0.2
+# Records that may come before a MULTIFD one (multifd set here: anything else is late).
+_BEFORE_MULTIFD = frozenset(
+    {RecordType.HEADER, RecordType.COLO_ENABLE, RecordType.MULTIFD, RecordType.ABANDON}
+)
 LINGER_S = 1.0  # after an ERROR: how long to drain the source's data so it reads the ERROR
 
 StartGuest = Callable[[bool], bool]
@@ -66,7 +78,11 @@ class IncomingResult:
     pages_received: int
     zero_pages: int
     changed_pages: int = 0  # pages that changed while they were sent (then sent again)
+    zero_pages_read: int = 0  # pages of ZERO_RUNs that had to be read (populated here)
+    zero_pages_written: int = 0  # ... and written (they were not zero)
     colo: bool = False  # COLO followed the migration (until its failover)
+    multifd_channels: int = 0  # pages came over this many multifd channels
+    multifd_bytes: int = 0  # bytes received on them
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -94,8 +110,13 @@ def _mib(n: int) -> str:
 
 
 class MigrationDestination:
-    def __init__(self, machine: Machine, uri: str, colo: ColoSecondary | None = None) -> None:
-        """colo: this VM's secondary, should the source ask for COLO (COLO_ENABLE)."""
+    def __init__(
+        self, machine: Machine, uri: str, colo: ColoSecondary | None = None,
+        multifd: Callable[[], int | None] = lambda: None,
+    ) -> None:  # fmt: skip
+        """colo: this VM's secondary, should the source ask for COLO (COLO_ENABLE).
+        multifd: the channel count set here by QMP (the multifd capability), asked when the
+        HEADER arrives; None: learn it from the stream."""
         self.machine = machine
         self.colo = colo
         self.colo_enabled = False  # a COLO_ENABLE came: the guest becomes a COLO secondary
@@ -108,6 +129,9 @@ class MigrationDestination:
         self.config: StreamConfig | None = None
         self.deadline_s = record_deadline_s()  # raises ValueError for a bad environment knob
         self.stray_connections = 0  # connections that ended before sending anything
+        self._multifd_setting = multifd
+        self._multifd: MultifdReceiver | None = None
+        self.multifd_channels = 0  # the channels the stream asked for (MULTIFD)
 
     def listen(self) -> transport.MigrationUri:
         self._listener = transport.listen(self.uri)
@@ -118,6 +142,9 @@ class MigrationDestination:
         """End a wait or a transfer in progress (from any thread)."""
         self._stop_reason = reason
         self._stop.set()
+        multifd = self._multifd
+        if multifd is not None:
+            multifd.abort(ConnectionError(f"{reason} during the incoming migration"))
         sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -215,6 +242,7 @@ class MigrationDestination:
             on_active()
         result = IncomingResult(False, 0, 0, 0, 0)
         checker: PageChecker | None = None  # with checksums, from the HEADER on
+        expect_multifd: int | None = None  # channels set here by QMP, until checked
         try:
             while True:
                 if self._stop.is_set():
@@ -223,28 +251,34 @@ class MigrationDestination:
                 validator.check_record(rtype, length)
                 if checker is not None:
                     checker.raise_error()  # a page check that failed meanwhile
+                if expect_multifd is not None and rtype not in _BEFORE_MULTIFD:
+                    self._expected_multifd(expect_multifd, validator)
+                    expect_multifd = None
                 if rtype is RecordType.HEADER:
                     data = reader.read(length, "the HEADER record")
                     reader.end_record(rtype.name)
                     config = StreamConfig.from_json(data)
                     self._build(config)
                     validator.config = config
+                    expect_multifd = self._multifd_setting()
                     if reader.checksum:
                         assert self.machine.memory is not None
                         checker = PageChecker([r.array for r in self.machine.memory.regions])
                 elif rtype is RecordType.RAM_RUN:
                     self._ram_run(reader, validator, checker, arg, length, result)
                 elif rtype is RecordType.ZERO_RUN:
-                    payload = reader.read(ZERO.size, "a ZERO_RUN record")
+                    self._zero_run(reader, validator, checker, result)
+                elif rtype is RecordType.MULTIFD:
+                    payload = reader.read(length, "the MULTIFD record")
                     reader.end_record(rtype.name)
-                    slot, _, first, npages = ZERO.unpack(payload)
-                    validator.check_pages(slot, first, npages)
-                    result.zero_pages += npages
-                    if checker is not None:
-                        checker.before_write(slot, first, npages)
-                    self._zero(slot, first, npages)
-                    if checker is not None:
-                        checker.zero_run(slot, first, npages)
+                    self._start_multifd(sock, reader, writer, payload, checker, expect_multifd)
+                    expect_multifd = None
+                elif rtype is RecordType.MULTIFD_SYNC:
+                    number = reader.value(length, rtype.name)
+                    final = bool(arg & SYNC_FINAL)
+                    validator.final_sync = final
+                    assert self._multifd is not None
+                    self._multifd.main_sync(number, final, result)
                 elif rtype is RecordType.ITERATION:
                     payload = reader.read(length, "an ITERATION record")
                     reader.end_record(rtype.name)
@@ -273,7 +307,7 @@ class MigrationDestination:
                 elif rtype is RecordType.SWITCHOVER:
                     reader.end_record(rtype.name)
                     result.guest_running = bool(arg & 1)
-                    result.bytes_received = reader.bytes_received
+                    result.bytes_received = reader.bytes_received + result.multifd_bytes
                     self._reply(writer, ReplyType.LOADED)
                     self._await_go(reader)
                     self._go_received = True
@@ -294,8 +328,15 @@ class MigrationDestination:
             found = checker.first_failure() if checker is not None else None
             if found is not None:  # a page that failed its hash came first: report that
                 raise found from None
+            multifd = self._multifd
+            if multifd is not None and multifd.error is not None and not self._stop.is_set():
+                raise multifd.error from None  # a channel failed first: report that
             raise
         finally:
+            multifd, self._multifd = self._multifd, None
+            if multifd is not None:
+                multifd.close()
+                self.stray_connections += multifd.strays
             if checker is not None:
                 checker.close()
 
@@ -318,6 +359,69 @@ class MigrationDestination:
             may_change = bool(arg & RUN_MAY_CHANGE)
             checker.ram_run(reader.record_index, slot, first, table, may_change)
         result.pages_received += npages
+
+    def _zero_run(
+        self, reader: StreamReader, validator: StreamValidator, checker: PageChecker | None,
+        result: IncomingResult,
+    ) -> None:  # fmt: skip
+        payload = reader.read(ZERO.size, "a ZERO_RUN record")
+        reader.end_record("ZERO_RUN")
+        slot, _, first, npages = ZERO.unpack(payload)
+        validator.check_pages(slot, first, npages)
+        result.zero_pages += npages
+        if checker is not None:
+            checker.before_write(slot, first, npages)
+        self._zero(slot, first, npages, result)
+        if checker is not None:
+            checker.zero_run(slot, first, npages)
+
+    # --- multifd (migration/multifd/) ---
+
+    @staticmethod
+    def _expected_multifd(channels: int, validator: StreamValidator) -> None:
+        """multifd was set here by QMP: the source must have announced it first."""
+        if not validator.multifd:
+            raise StreamError(
+                f"multifd is on here ({channels} channels), but the source sends its pages "
+                "without it: set the multifd capability on both sides, or on neither"
+            )
+
+    def _start_multifd(
+        self, sock: socket.socket, reader: StreamReader, writer: StreamWriter,
+        payload: bytearray, checker: PageChecker | None, expected: int | None,
+    ) -> None:  # fmt: skip
+        """The destination's side of the channel handshake (multifd/wire.py)."""
+        from pyvmm.migration.multifd.recv import MultifdReceiver
+        from pyvmm.migration.multifd.wire import parse_request
+
+        channels, session = parse_request(payload)
+        if expected is not None and expected != channels:
+            raise StreamError(
+                f"the source uses {channels} multifd channels, this destination's "
+                f"multifd-channels is {expected}: set the same number on both sides"
+            )
+        assert self.config is not None
+        multifd = MultifdReceiver(
+            self, self.config, channels, session, reader.checksum, self.deadline_s, sock,
+            checker.unconfirmed if checker is not None else None,
+        )  # fmt: skip
+        self._multifd = multifd
+        if self._stop.is_set():
+            raise ConnectionError(f"{self._stop_reason} during the incoming migration")
+        multifd.accept(self._listener, lambda: self._abandon_only(reader), self._stop.is_set)
+        reader.liveness = multifd.liveness
+        self._reply(writer, ReplyType.CHANNELS_READY, channels)
+        self.multifd_channels = channels
+        log.info("incoming migration: %d multifd channels connected", channels)
+
+    @staticmethod
+    def _abandon_only(reader: StreamReader) -> None:
+        """The main stream spoke while the channels connect: only ABANDON may come."""
+        rtype, _, length = reader.record()
+        if rtype is RecordType.ABANDON:
+            reason = reader.reason(length, "ABANDON")
+            raise StreamError(f"the source abandoned the migration: {reason}")
+        raise StreamError(f"{rtype.name} record before the multifd channels connected")
 
     def _load_state(self, data: bytearray) -> None:
         assert self.config is not None
@@ -378,13 +482,15 @@ class MigrationDestination:
         assert self.machine.memory is not None
         return self.machine.memory.regions[slot]
 
-    def _zero(self, slot: int, first: int, npages: int) -> None:
-        """Zero the pages that are not zero already: untouched memory stays untouched."""
-        region = self._region(slot)
-        pages = np.arange(first, first + npages, dtype=np.uint64)
-        is_zero = np.empty(npages, np.uint8)
-        if zero_pages(region.array, pages, is_zero) == npages:
-            return
-        for page in pages[is_zero == 0]:
-            start = int(page) * PAGE_SIZE
-            region.array[start : start + PAGE_SIZE] = 0
+    def _zero(self, slot: int, first: int, npages: int, result: IncomingResult) -> None:
+        """Zero the pages that are not zero already: untouched memory stays untouched.
+        Chunks this process never populated are zero without a look (a fresh destination's
+        RAM is all such chunks, so a ZERO_RUN over never-written memory costs one pagemap
+        query and nothing per page); the others are read, and written only where not
+        zero (zero_range, docs/scan.md)."""
+        memory = self.machine.memory
+        assert memory is not None
+        populated, first_chunk = memory.populated_chunks(slot, first, npages)
+        read, written = zero_range(memory.regions[slot].mm, first, npages, populated, first_chunk)
+        result.zero_pages_read += read
+        result.zero_pages_written += written

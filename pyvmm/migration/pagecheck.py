@@ -44,22 +44,26 @@ class UnconfirmedPages:
         self._slot_pages = list(slot_pages)
         self._maps: list[np.ndarray | None] = [None] * len(self._slot_pages)
         self.first: str | None = None  # the first such record, for the error message
+        self._lock = threading.Lock()  # multifd: one checker per channel shares this
 
     def mark(self, slot: int, pages: np.ndarray, record: str) -> None:
-        bitmap = self._maps[slot]
-        if bitmap is None:
-            bitmap = self._maps[slot] = np.zeros(self._slot_pages[slot], dtype=bool)
-        bitmap[pages] = True
-        if self.first is None:
-            self.first = record
+        with self._lock:
+            bitmap = self._maps[slot]
+            if bitmap is None:
+                bitmap = self._maps[slot] = np.zeros(self._slot_pages[slot], dtype=bool)
+            bitmap[pages] = True
+            if self.first is None:
+                self.first = record
 
     def confirm(self, slot: int, first: int, npages: int) -> None:
-        bitmap = self._maps[slot]
-        if bitmap is not None:
-            bitmap[first : first + npages] = False
+        with self._lock:
+            bitmap = self._maps[slot]
+            if bitmap is not None:
+                bitmap[first : first + npages] = False
 
     def check(self) -> None:
-        left = sum(int(m.sum()) for m in self._maps if m is not None)
+        with self._lock:
+            left = sum(int(m.sum()) for m in self._maps if m is not None)
         if left:
             raise StreamError(
                 f"page checksum mismatch in {self.first}, and {left} such page(s) were never "
@@ -84,9 +88,15 @@ class _Job:
 class PageChecker:
     """Checks received runs against their page hashes on its own thread, in order."""
 
-    def __init__(self, memory: Sequence[np.ndarray]) -> None:
+    def __init__(
+        self, memory: Sequence[np.ndarray], unconfirmed: UnconfirmedPages | None = None,
+        name: str = "page-check",
+    ) -> None:  # fmt: skip
+        """unconfirmed: shared with other checkers (multifd: one checker per channel, and a
+        page that changed in one channel's run may be sent again on another)."""
         self._memory = memory  # one uint8 array per slot (guest RAM)
-        self.unconfirmed = UnconfirmedPages([len(m) // 4096 for m in memory])
+        self._name = name
+        self.unconfirmed = unconfirmed or UnconfirmedPages([len(m) // 4096 for m in memory])
         self.changed_pages = 0  # pages that differed while the guest could change them
         self._pending: deque[_Job] = deque()  # the head may be being checked
         self._cond = threading.Condition()
@@ -129,6 +139,14 @@ class PageChecker:
                 self._cond.wait()
         return self._error
 
+    def drain(self) -> None:
+        """Every check handed over so far is done; raise the first failure (a multifd
+        channel's sync point: no page of the next iteration may land before these checks)."""
+        with self._cond:
+            while self._pending and self._error is None and not self._closing:
+                self._cond.wait()
+        self.raise_error()
+
     def finish(self) -> None:
         """Every check done and passed, and no page left unconfirmed (before the STATE)."""
         with self._cond:
@@ -156,7 +174,7 @@ class PageChecker:
             self._pending.append(job)
             self._cond.notify_all()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="page-check", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
     # --- the checking thread ------------------------------------------------------------------

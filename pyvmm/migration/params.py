@@ -45,6 +45,16 @@ def _colo_check(underscored: str, dashed: str, word: str = "must") -> Callable[[
     return check
 
 
+def _channels_check(value: Any) -> None:
+    """multifd-channels, a uint8 in QAPI: above 255 (or negative, which QAPI's input
+    visitor accepts as a huge unsigned number) fails the visitor's type check
+    (visit_type_uintN); 0 fails migrate_params_check (migration/options.c)."""
+    if not 0 <= value <= 255:
+        raise ParameterError("Parameter 'multifd-channels' expects uint8_t")
+    if value < 1:
+        raise ParameterError("Parameter 'multifd_channels' expects a value between 1 and 255")
+
+
 def _power_of_two_check(qemu_name: str, low: int, high: int) -> Callable[[Any], None]:
     def check(value: Any) -> None:
         if not low <= value <= high or value & (value - 1):
@@ -92,6 +102,9 @@ PARAMETERS: dict[str, Parameter] = {
         ),
         Parameter("x-switchover-during-bulk", "bool", False, None,
                   "allow the switchover before every page was sent once (QEMU's rule)"),
+        Parameter("multifd-channels", "int", 2, _channels_check,
+                  "with the multifd capability: connections (and sender threads) for RAM "
+                  "pages beside the main stream"),
         # --- convergence (docs/convergence.md) ---
         Parameter(
             "throttle-trigger-threshold", "int", 50,
@@ -202,6 +215,7 @@ CAPABILITIES: dict[str, str] = {
     "auto-converge": "throttle every vCPU when the guest dirties memory faster than it is sent",
     "dirty-limit": "limit each vCPU's dirty rate (needs --dirty-ring)",
     "x-record-checksum": "an xxHash64 checksum on every stream record and reply (pyvmm's own)",
+    "multifd": "send RAM pages over multifd-channels extra connections, one thread each",
     "x-colo": "after the migration, both VMs run and the primary checkpoints to the secondary "
     "(COLO fault tolerance)",
 }

@@ -27,7 +27,7 @@ from typing import Any
 from pyvmm.dirty.heatmap import Heatmap
 from pyvmm.machine.memory import PAGE_SIZE
 from pyvmm.migration.clock import Clock
-from pyvmm.migration.dirtypages import STEP_WORDS, DirtyPages
+from pyvmm.migration.dirtypages import STEP_PAGES, DirtyPages
 from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.policy import (
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 WINDOW_MS = 100.0  # QEMU's BUFFER_DELAY
 MAX_ITERATE_MS = 50.0  # QEMU's MAX_WAIT
 RATE_PERIOD_MS = 1000.0
+HOOKED_STEP_PAGES = 512  # pages per step when a policy watches every step (2 MiB)
 MIGRATION_THREAD = "live_migration"  # the thread's name (MigrationSource starts it)
 MIB = 1 << 20
 
@@ -157,6 +158,7 @@ class Precopy:
                 return
             if self.header_sent:
                 self.writer.iteration(ram.dirty_sync_count)  # the destination counts passes
+                self.page_writer.sync_point()  # multifd: a sync point on every channel
             if self.settings.caps.get("events"):
                 # With background syncs the patches number passes by iteration-count.
                 held = self.pages.held is not None
@@ -235,19 +237,21 @@ class Precopy:
         """Send dirty pages from the cursor on; True when a whole lap found nothing left."""
         budget = self.settings["max-bandwidth"] / 10 if limited else 0
         hooks = self._step_hooks if limited else ()  # the live phase only, not the downtime
+        # A per-step hook (the 2013 throttle's clock) wants small steps: QEMU 1.6 looked at
+        # its clock after every page; 2 MiB is a few ms on any link.
+        largest = HOOKED_STEP_PAGES if hooks else STEP_PAGES
         walked = 0
         while walked < self.pages.total_words:
-            step_words = STEP_WORDS
+            step_pages = largest
             if budget:  # never overshoot a small budget by a whole step
                 left = budget - self._window_budget_used
-                step_words = max(1, min(STEP_WORDS, int(left // (64 * PAGE_SIZE))))
+                step_pages = max(1, min(largest, int(left // PAGE_SIZE)))
             with self.lock:
-                taken = self.pages.take(step_words)
+                taken = self.pages.take(step_pages)
                 if taken is None:
                     return True
-                slot, pages, words = taken
-                sent = self.page_writer.send(slot, pages)
-            walked += words
+                sent = self.page_writer.send(taken)
+            walked += taken.words
             self.check_cancel()
             now = self.clock.now_ms()
             for hook in hooks:

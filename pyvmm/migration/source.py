@@ -23,7 +23,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyvmm.dirty.heatmap import Heatmap
 from pyvmm.dirty.tracker import DirtyTracker, DirtyView
@@ -47,6 +47,9 @@ from pyvmm.migration.stream import (
 )
 from pyvmm.migration.switchover import REPLY_TIMEOUT_S, Switchover
 from pyvmm.timeline import Timeline
+
+if TYPE_CHECKING:
+    from pyvmm.migration.multifd.send import MultifdSender
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class MigrationSource:
         self.heatmap: Heatmap | None = None
         self.colo_setup = colo  # with the x-colo capability: COLO follows the switchover
         self.colo: ColoPrimary | None = None
+        self._multifd: MultifdSender | None = None  # the multifd capability's channels
 
     # --- what QMP and the policies see --------------------------------------------------------
 
@@ -142,6 +146,8 @@ class MigrationSource:
             return False
         self._cancel.set()
         self._set_status("cancelling")
+        if self._multifd is not None:  # stop the channel threads' sends
+            self._multifd.abort()
         sock = self._sock
         if sock is not None:  # unblock a send or a reply wait
             with contextlib.suppress(OSError):
@@ -261,8 +267,8 @@ class MigrationSource:
         # Every page must be sent once: the view starts all dirty; the migration re-arms
         # tracking chunk by chunk just before it copies (get, clear, copy).
         self._view = self.tracker.open_view("migration", defer_clear=True, initially_dirty=True)
-        self.pages = DirtyPages(self._view)
-        page_writer = PageWriter(memory, self._writer, self.stats.ram)
+        self.pages = DirtyPages(self._view, memory)
+        page_writer = self._page_writer(checksum)
         self.precopy = Precopy(
             self.pages, page_writer, self._writer, self.stats, self.settings, self.clock,
             self._cancel, self.policies, self, self._emit,
@@ -281,6 +287,8 @@ class MigrationSource:
         self._writer.header(config)
         if self.wants_colo:  # QEMU sends ENABLE_COLO right after its header too
             self._writer.record(RecordType.COLO_ENABLE)
+        if self._multifd is not None:  # the channel handshake (multifd/wire.py)
+            self._multifd.connect(uri, self._writer, self._reader)
         self.precopy.header_sent = True
         for policy in self.policies:
             policy.on_setup(self)
@@ -291,6 +299,18 @@ class MigrationSource:
             tl.complete("setup", t0_us, tl.now_us() - t0_us, migration_track(tl),
                         cat="migration")  # fmt: skip
         self._serialize(self._enter_active)
+
+    def _page_writer(self, checksum: bool) -> PageWriter:
+        """The main stream's page writer, or with the multifd capability the channels'."""
+        memory = self.machine.memory
+        assert memory is not None and self._writer is not None
+        if not self.settings.caps.get("multifd"):
+            return PageWriter(memory, self._writer, self.stats.ram)
+        from pyvmm.migration.multifd.send import MultifdPageWriter, MultifdSender
+
+        channels = int(self.settings["multifd-channels"])
+        self._multifd = MultifdSender(memory, channels, checksum, self._cancel)
+        return MultifdPageWriter(memory, self._writer, self.stats.ram, self._multifd)
 
     def _enter_active(self) -> None:
         if self._cancel.is_set():
@@ -441,6 +461,8 @@ class MigrationSource:
     def _teardown(self) -> None:
         self._in_downtime = False
         self._end_policies()
+        if self._multifd is not None:
+            self._multifd.close()
         if self._view is not None:
             self._view.close()
         if self._sock is not None:

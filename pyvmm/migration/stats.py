@@ -23,6 +23,9 @@ class RamStats:
     pages_per_second: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    read_pages: int = 0  # pyvmm's own: pages whose memory the source read (zero test)
+    unpopulated_pages: int = 0  # pyvmm's own: zero pages never populated, so never read
+    multifd_bytes: int = 0  # bytes handed to the multifd channels (included in transferred)
 
     def to_qmp(self, completed: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -40,9 +43,11 @@ class RamStats:
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
             "postcopy-bytes": 0,
-            "multifd-bytes": 0,
+            "multifd-bytes": self.multifd_bytes,
             "postcopy-requests": 0,
             "dirty-sync-missed-zero-copy": 0,
+            "x-read-pages": self.read_pages,
+            "x-unpopulated-pages": self.unpopulated_pages,
         }
         if not completed:
             out["remaining"] = self.remaining

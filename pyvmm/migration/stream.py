@@ -1,4 +1,4 @@
-"""The pyvmm migration stream, version 4 (documented byte by byte in docs/migration-stream.md).
+"""The pyvmm migration stream, version 5 (documented byte by byte in docs/migration-stream.md).
 
 A stream is a 16-byte preamble (magic b"PYVMM-MG", u32 version, u32 flags) followed by
 records. Every record is a 24-byte header, `<IIQQ`: type, a type-specific argument, the
@@ -27,6 +27,9 @@ Source to destination:
   CHECKPOINT_REQUEST[_PASSIVE]     u64 checkpoint number: a COLO checkpoint begins
   VMSTATE_SEND                     the primary has stopped; the checkpoint's RAM follows
   VMSTATE_SIZE                     u64: the size of the STATE record that follows
+  MULTIFD     at most once, after HEADER   u32 channels, u32 0, 16-byte session: RAM pages
+                              travel over that many extra connections (the multifd capability)
+  MULTIFD_SYNC                u64 sync number (1, 2, ...); arg bit 0: the final one
 
 Destination to source (replies, same record layout and checksum rule):
   LOADED      to SWITCHOVER   the state is loaded and checked; waiting for GO
@@ -37,6 +40,11 @@ Destination to source (replies, same record layout and checksum rule):
   VMSTATE_LOADED              u64: the secondary's vCPU time (us); the checkpoint is applied
 The COLO records and their order are in docs/migration-stream.md ("COLO checkpoints")
 and docs/colo.md.
+
+A multifd channel is a connection of its own to the same address: a preamble with magic
+b"PYVMM-MC", a CHANNEL record (u32 index, u32 channels, the session), then RAM_RUN,
+ZERO_RUN and MULTIFD_SYNC records (migration/multifd/). The destination answers MULTIFD on
+the main stream with CHANNELS_READY once every channel has said CHANNEL.
 
 The receiver checks every length, slot, page range and ordering rule before it touches
 guest memory (StreamValidator), and each record's checksum before it acts on the record,
@@ -65,7 +73,8 @@ from pyvmm.machine.state import MAX_TSC_KHZ, MAX_VCPUS
 from pyvmm.machine.strictjson import JsonReader
 
 PREAMBLE_MAGIC = b"PYVMM-MG"
-STREAM_VERSION = 4  # 4: the COLO records and replies
+STREAM_VERSION = 5  # 4: the COLO records and replies; 5: multifd
+CHANNEL_MAGIC = b"PYVMM-MC"  # the first bytes of a multifd channel's connection
 PREAMBLE = struct.Struct("<8sII")  # magic, version, flags
 PREAMBLE_ID = struct.Struct("<8sI")  # what every version starts with: magic, version
 FLAG_CHECKSUM = 1  # every record and reply carries its xxHash64
@@ -79,6 +88,9 @@ RUN_MAY_CHANGE = 1  # RAM_RUN arg bit 0: read while the guest could run (see bel
 ZERO = struct.Struct("<IIQQ")  # slot, pad, first_page, npages
 ITERATION = struct.Struct("<Q")
 VALUE = struct.Struct("<Q")  # the u64 of a CHECKPOINT_REQUEST, VMSTATE_SIZE and value replies
+MULTIFD = struct.Struct("<II16s")  # MULTIFD: channels, 0, session; CHANNEL: index, channels, ..
+SYNC_FINAL = 1  # MULTIFD_SYNC arg bit 0: the last one; nothing follows on a channel
+MAX_CHANNELS = 255  # QEMU's multifd-channels is a uint8
 PAGE_SIZE = 4096
 MAX_HEADER_BYTES = 64 << 10
 MAX_RUN_PAGES = 4096  # 16 MiB of data per RAM_RUN record
@@ -126,6 +138,10 @@ class RecordType(IntEnum):
     CHECKPOINT_REQUEST_PASSIVE = 11
     VMSTATE_SEND = 12
     VMSTATE_SIZE = 13
+    # multifd (docs/migration-stream.md, "multifd channels")
+    MULTIFD = 14
+    MULTIFD_SYNC = 15
+    CHANNEL = 16
 
 
 COLO_RECORDS = frozenset(
@@ -147,6 +163,7 @@ class ReplyType(IntEnum):
     CHECKPOINT_READY = 0x104
     VMSTATE_RECEIVED = 0x105
     VMSTATE_LOADED = 0x106
+    CHANNELS_READY = 0x107  # to MULTIFD: every channel is connected (arg: how many)
 
 
 VALUE_REPLIES = frozenset(
@@ -160,6 +177,19 @@ class StreamError(RuntimeError):
 
 class NothingReceived(StreamError):
     """The connection closed, or stayed silent past the deadline, before its first byte."""
+
+
+class Liveness:
+    """When any connection of one migration last delivered bytes. With multifd the main
+    stream is silent while the channels carry a pass, and a channel while it waits at a
+    sync point: a reader waiting for a record header then fails for silence only when no
+    connection of the migration has delivered anything for a whole deadline."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
 
 
 # --- HEADER ------------------------------------------------------------------------------------
@@ -258,24 +288,25 @@ class StreamWriter:
     def send(self, parts: list[bytes | memoryview]) -> None:
         """Send every buffer in order, resuming after partial sends."""
         views = [memoryview(p).cast("B") for p in parts]
-        while views:
-            batch = views[: self._iov_max]
-            sent = self.sock.sendmsg(batch)
+        i, n = 0, len(views)  # an index, not pop(0): a step can have thousands of parts
+        while i < n:
+            sent = self.sock.sendmsg(views[i : i + self._iov_max])
             self.bytes_sent += sent
-            # Drop what went out, keep the rest (including a partly sent buffer).
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
+            # Skip what went out, keep the rest (including a partly sent buffer).
+            while sent and i < n:
+                if sent >= len(views[i]):
+                    sent -= len(views[i])
+                    i += 1
                 else:
-                    views[0] = views[0][sent:]
+                    views[i] = views[i][sent:]
                     sent = 0
-            while views and len(views[0]) == 0:
-                views.pop(0)
+            while i < n and len(views[i]) == 0:
+                i += 1
 
-    def preamble(self) -> None:
+    def preamble(self, magic: bytes = PREAMBLE_MAGIC) -> None:
+        """The 16-byte preamble; magic CHANNEL_MAGIC starts a multifd channel."""
         flags = FLAG_CHECKSUM if self.checksum else 0
-        self.send([PREAMBLE.pack(PREAMBLE_MAGIC, STREAM_VERSION, flags)])
+        self.send([PREAMBLE.pack(magic, STREAM_VERSION, flags)])
 
     def frame(
         self, rtype: RecordType | ReplyType, arg: int,
@@ -374,29 +405,44 @@ class StreamReader:
         self._expected = 0
         self._head16 = b""
         self._in_head = False  # waiting for a header: silence is "sent nothing"
+        self.liveness: Liveness | None = None  # multifd: silence counts across connections
 
     # --- bytes, within the deadline ---
 
     def _recv_into(self, view: memoryview, what: str, total: int, before: int) -> int:
         """One recv_into within the record's deadline; 0 at the end of the stream."""
-        if self._deadline is None:
-            return self.sock.recv_into(view)
-        left = self._deadline - time.monotonic()
-        try:
-            if left <= 0:
-                raise TimeoutError
-            self.sock.settimeout(left)
-            return self.sock.recv_into(view)
-        except TimeoutError:
-            if before == 0 and self._in_head:
-                raise StreamError(
-                    f"the {self.peer} sent nothing for {self._allowed_s:g} s"
-                ) from None
-            raise StreamError(
-                f"the {self.peer} is too slow: {what} had {before} of {total} bytes after "
-                f"{self._allowed_s:g} s (each record must arrive within "
-                f"{self.deadline_s:g} s + 1 s per MiB)"
-            ) from None
+        live = self.liveness
+        while True:
+            if self._deadline is None:
+                n = self.sock.recv_into(view)
+                break
+            left = self._deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+                n = self.sock.recv_into(view)
+                break
+            except TimeoutError:
+                # Between records, while another connection of the migration still
+                # speaks, the wait goes on (Liveness).
+                resume = live.last + self._allowed_s if live is not None else 0.0
+                if before == 0 and self._in_head and resume > time.monotonic():
+                    self._deadline = resume
+                    continue
+                self._too_slow(what, total, before)
+        if live is not None:
+            live.touch()
+        return n
+
+    def _too_slow(self, what: str, total: int, before: int) -> None:
+        if before == 0 and self._in_head:
+            raise StreamError(f"the {self.peer} sent nothing for {self._allowed_s:g} s") from None
+        raise StreamError(
+            f"the {self.peer} is too slow: {what} had {before} of {total} bytes after "
+            f"{self._allowed_s:g} s (each record must arrive within "
+            f"{self.deadline_s:g} s + 1 s per MiB)"
+        ) from None
 
     def read_into(self, view: memoryview, what: str, hashed: bool = True, done: int = 0) -> None:
         """Fill view (its first `done` bytes are there already); hashed: part of what the
@@ -422,9 +468,10 @@ class StreamReader:
 
     # --- the preamble ---
 
-    def preamble(self) -> int:
+    def preamble(self, magic: bytes = PREAMBLE_MAGIC) -> int:
         """Read and check the preamble; returns its flags (and sets self.checksum).
-        NothingReceived if the connection ends or stays silent before its first byte."""
+        NothingReceived if the connection ends or stays silent before its first byte.
+        magic: what this connection must be (CHANNEL_MAGIC: a multifd channel)."""
         self._start_deadline()
         buf = memoryview(bytearray(PREAMBLE.size))
         try:
@@ -439,9 +486,14 @@ class StreamReader:
         if n < PREAMBLE_ID.size:
             self.read_into(buf[: PREAMBLE_ID.size], "the stream preamble", done=n)
             n = PREAMBLE_ID.size
-        magic, version = PREAMBLE_ID.unpack(buf[: PREAMBLE_ID.size])
-        if magic != PREAMBLE_MAGIC:
-            raise StreamError(f"not a pyvmm migration stream (magic {bytes(magic)!r})")
+        got, version = PREAMBLE_ID.unpack(buf[: PREAMBLE_ID.size])
+        if got != magic:
+            if got == CHANNEL_MAGIC:
+                raise StreamError("a multifd channel connected where a migration stream began")
+            if got == PREAMBLE_MAGIC:
+                raise StreamError("a second migration stream connected where a multifd "
+                                  "channel was expected")  # fmt: skip
+            raise StreamError(f"not a pyvmm migration stream (magic {bytes(got)!r})")
         if version != STREAM_VERSION:
             raise StreamError(
                 f"migration stream version {version} is not supported (this pyvmm speaks "
@@ -556,12 +608,19 @@ class StreamReader:
 
 
 class StreamValidator:
-    """The ordering and size rules of the stream, checked before anything is applied."""
+    """The ordering and size rules of the stream, checked before anything is applied.
 
-    def __init__(self, checksum: bool = False) -> None:
-        self.seen_header = False
+    channel: the rules of a multifd channel (after its CHANNEL record: page runs and sync
+    points only), instead of the main stream's."""
+
+    def __init__(self, checksum: bool = False, channel: bool = False) -> None:
+        self.seen_header = channel
         self.seen_state = False
         self.colo = False  # a COLO_ENABLE came: COLO checkpoints follow the handshake
+        self.channel = channel
+        self.multifd = False  # a MULTIFD came: pages go over channels until the final sync
+        self.seen_pages = False
+        self.final_sync = False  # the final MULTIFD_SYNC came
         self.config: StreamConfig | None = None
         # A RAM_RUN page is 4096 bytes of data, plus its 8-byte hash with checksums.
         self.page_bytes = PAGE_SIZE + (PAGE_HASH_BYTES if checksum else 0)
@@ -573,6 +632,36 @@ class StreamValidator:
     def check_record(self, rtype: RecordType, length: int) -> None:
         if rtype is RecordType.ABANDON:
             return  # allowed at any point; its length is checked when it is read
+        if self.channel:
+            self._check_channel(rtype, length)
+            return
+        if rtype in (RecordType.RAM_RUN, RecordType.ZERO_RUN):
+            if self.multifd and not self.final_sync:
+                raise StreamError(
+                    f"{rtype.name} record on the main stream of a multifd migration (its "
+                    "pages go over the channels)"
+                )
+            self.seen_pages = True
+        if rtype is RecordType.MULTIFD:
+            if not self.seen_header:
+                raise StreamError("MULTIFD record before the HEADER record")
+            if self.multifd:
+                raise StreamError("duplicate MULTIFD record")
+            if self.seen_pages or self.seen_state:
+                raise StreamError("MULTIFD record after the migration's pages began")
+            if length != MULTIFD.size:
+                raise StreamError(f"MULTIFD record of {length} bytes (expected {MULTIFD.size})")
+            self.multifd = True
+            return
+        if rtype is RecordType.MULTIFD_SYNC:
+            self._check_sync(length)
+            if not self.multifd:
+                raise StreamError("MULTIFD_SYNC record without a MULTIFD record")
+            return
+        if rtype is RecordType.CHANNEL:
+            raise StreamError("CHANNEL record on the main stream (it starts a multifd channel)")
+        if rtype is RecordType.STATE and self.multifd and not self.final_sync:
+            raise StreamError("STATE record before the final MULTIFD_SYNC record")
         if not self.seen_header and rtype is not RecordType.HEADER:
             raise StreamError(f"{rtype.name} record before the HEADER record")
         if rtype is RecordType.HEADER:
@@ -583,14 +672,8 @@ class StreamValidator:
             self.seen_state = True
         elif self.seen_state and rtype is not RecordType.SWITCHOVER:
             raise StreamError(f"{rtype.name} record after the STATE record")
-        elif rtype is RecordType.RAM_RUN:
-            pages = length - RUN.size
-            if length < RUN.size + self.page_bytes or pages % self.page_bytes:
-                raise StreamError(f"RAM_RUN record of {length} bytes is not a whole page run")
-            if pages // self.page_bytes > MAX_RUN_PAGES:
-                raise StreamError(f"RAM_RUN record of {pages // self.page_bytes} pages is too long")
-        elif rtype is RecordType.ZERO_RUN and length != ZERO.size:
-            raise StreamError(f"ZERO_RUN record of {length} bytes (expected {ZERO.size})")
+        elif rtype in (RecordType.RAM_RUN, RecordType.ZERO_RUN):
+            self._check_run(rtype, length)
         elif rtype is RecordType.ITERATION and length != ITERATION.size:
             raise StreamError(f"ITERATION record of {length} bytes (expected 8)")
         elif rtype is RecordType.SWITCHOVER:
@@ -608,6 +691,34 @@ class StreamValidator:
             self.colo = True
         elif rtype in COLO_RECORDS:
             raise StreamError(f"{rtype.name} record before the migration's end")
+
+    def _check_sync(self, length: int) -> None:
+        if length != VALUE.size:
+            raise StreamError(f"MULTIFD_SYNC record of {length} bytes (expected {VALUE.size})")
+        if self.final_sync:
+            raise StreamError("MULTIFD_SYNC record after the final one")
+
+    def _check_channel(self, rtype: RecordType, length: int) -> None:
+        """A multifd channel carries page runs and sync points, and nothing after its
+        final sync point."""
+        if rtype is RecordType.MULTIFD_SYNC:
+            self._check_sync(length)
+        elif self.final_sync:
+            raise StreamError(f"{rtype.name} record after the final MULTIFD_SYNC record")
+        elif rtype in (RecordType.RAM_RUN, RecordType.ZERO_RUN):
+            self._check_run(rtype, length)
+        else:
+            raise StreamError(f"{rtype.name} record on a multifd channel")
+
+    def _check_run(self, rtype: RecordType, length: int) -> None:
+        if rtype is RecordType.RAM_RUN:
+            pages = length - RUN.size
+            if length < RUN.size + self.page_bytes or pages % self.page_bytes:
+                raise StreamError(f"RAM_RUN record of {length} bytes is not a whole page run")
+            if pages // self.page_bytes > MAX_RUN_PAGES:
+                raise StreamError(f"RAM_RUN record of {pages // self.page_bytes} pages is too long")
+        elif length != ZERO.size:
+            raise StreamError(f"ZERO_RUN record of {length} bytes (expected {ZERO.size})")
 
     @staticmethod
     def _once(rtype: RecordType, length: int, limit: int, seen: bool) -> None:

@@ -105,6 +105,7 @@ class Switchover:
             parts.pending_at_stop_bytes = precopy.pages.remaining_bytes()
             while not precopy.send(float("inf"), limited=False):
                 pass
+            precopy.page_writer.finish()  # multifd: every channel synced and drained
         parts.final_bytes = self.writer.bytes_sent - before
         t, parts.ram_ms = self._lap(t, "final sync + pages")
         parts.state_bytes = len(state)

@@ -1,4 +1,5 @@
-"""Migration transports: `tcp:HOST:PORT` and `unix:PATH`, one connection each way."""
+"""Migration transports: `tcp:HOST:PORT` and `unix:PATH`: one connection, plus one per
+multifd channel to the same address (migration/multifd/)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pyvmm.unixsocket import listen_unix
 CONNECT_TIMEOUT_S = 10.0
 SOCKET_BUFFER_BYTES = 8 << 20  # fewer wake-ups per GiB than the defaults (~200 KiB)
 IDLE_TIMEOUT_S = 60.0  # a peer silent for this long has failed
+# Connections waiting to be accepted: the main stream and its multifd channels connect
+# one after another to the same address.
+LISTEN_BACKLOG = 16
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def listen(uri: MigrationUri) -> socket.socket:
     state); a stale one is replaced (unixsocket.py)."""
     if uri.kind == "unix":
         try:
-            return listen_unix(uri.path, 1, "migration socket")[0]
+            return listen_unix(uri.path, LISTEN_BACKLOG, "migration socket")[0]
         except OSError as exc:
             raise OSError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
     family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
@@ -76,7 +80,7 @@ def listen(uri: MigrationUri) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((uri.host, uri.port))
-        sock.listen(1)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {uri}: {exc.strerror or exc}") from None

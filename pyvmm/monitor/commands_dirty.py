@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pyvmm.dirty.rate import DirtyRateError, DirtyRateRequest
-from pyvmm.dirty.ring import RingTracker
 from pyvmm.kvm import abi
 from pyvmm.monitor.schema import ArgSpec, QmpError
 
@@ -19,6 +17,9 @@ def register_dirty_commands(vmm: Vmm) -> None:
     assert qmp is not None
 
     def calc_dirty_rate(args: dict[str, Any]) -> None:
+        from pyvmm.dirty.rate import DirtyRateError, DirtyRateRequest  # numpy: on first use
+        from pyvmm.dirty.ring import RingTracker
+
         req = DirtyRateRequest(
             calc_time=args["calc-time"],
             calc_time_unit=args.get("calc-time-unit", "second"),
@@ -58,6 +59,8 @@ def register_dirty_commands(vmm: Vmm) -> None:
         }
         # The tracker exists once the vCPUs (and their rings) do; before that, nothing ran.
         tracker = vmm.dirty_tracker if machine.vcpus else None
+        from pyvmm.dirty.ring import RingTracker
+
         if isinstance(tracker, RingTracker):
             info["ring-full-exits"] = tracker.ring_full_exits
             info["full-harvests"] = tracker.full_harvests

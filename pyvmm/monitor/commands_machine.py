@@ -6,7 +6,6 @@ that scripts written for QEMU read pyvmm's replies unchanged.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.monitor.schema import QmpError
@@ -61,9 +60,11 @@ def register_machine_commands(vmm: Vmm) -> None:
         migration. Meaningful only while the guest is stopped."""
         if vmm.machine is None or vmm.machine.memory is None:
             raise QmpError("GenericError", "no guest memory")
+        import hashlib
+
         digest = hashlib.sha256()
         for region in vmm.machine.memory.regions:
-            digest.update(memoryview(region.array))
+            digest.update(region.mm)
         return {"sha256": digest.hexdigest(), "status": vmm.run_state}
 
     def query_exits(args: dict[str, Any]) -> dict[str, Any]:

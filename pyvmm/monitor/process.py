@@ -8,17 +8,19 @@ from __future__ import annotations
 from typing import IO
 
 from pyvmm.machine.machine import MachineExit
-from pyvmm.monitor.commands_colo import register_colo_commands
-from pyvmm.monitor.commands_dirty import register_dirty_commands
-from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
-from pyvmm.monitor.commands_machine import register_machine_commands
-from pyvmm.monitor.commands_migration import register_migration_commands
-from pyvmm.monitor.commands_timeline import register_timeline_commands
 from pyvmm.monitor.control import ControlLoop
 from pyvmm.monitor.vmm import RunOptions, Vmm
 
 
 def register_commands(vmm: Vmm) -> None:
+    """Called only with a QMP server: a VM without one never imports the commands."""
+    from pyvmm.monitor.commands_colo import register_colo_commands
+    from pyvmm.monitor.commands_dirty import register_dirty_commands
+    from pyvmm.monitor.commands_dirtylimit import register_dirtylimit_commands
+    from pyvmm.monitor.commands_machine import register_machine_commands
+    from pyvmm.monitor.commands_migration import register_migration_commands
+    from pyvmm.monitor.commands_timeline import register_timeline_commands
+
     register_machine_commands(vmm)
     register_dirty_commands(vmm)
     register_migration_commands(vmm)

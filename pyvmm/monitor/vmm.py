@@ -17,12 +17,8 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from pyvmm.dirty.factory import make_tracker
-from pyvmm.dirty.rate import DirtyRateMonitor
-from pyvmm.dirty.ring_quirk import RingQuirk, decide_ring_quirk
-from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.errors import MachineError
@@ -31,20 +27,26 @@ from pyvmm.machine.machine import Machine, MachineConfig, MachineExit
 from pyvmm.machine.uart import ServiceUart
 from pyvmm.machine.uartsock import UartSocket, parse_uart_address
 from pyvmm.machine.vcpu import install_kick_handler
-from pyvmm.migration.colo.primary import ColoPrimary, ColoSetup
-from pyvmm.migration.colo.secondary import ColoSecondary, SecondaryHooks
 from pyvmm.migration.colo.stats import ColoStats
 from pyvmm.migration.colo.status import ColoStatus
-from pyvmm.migration.convergence import build_policies
-from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
-from pyvmm.migration.destination import MigrationDestination
 from pyvmm.migration.params import MigrationSettings
-from pyvmm.migration.source import MigrationSource
-from pyvmm.migration.stream import StreamError
-from pyvmm.migration.transport import MigrationUri
 from pyvmm.monitor.control import ControlLoop, LoopClosed
-from pyvmm.monitor.recording import Recording
-from pyvmm.monitor.server import QmpServer
+
+# Dirty tracking, migrations and their numpy are imported where they are first used, so
+# that a VM that never migrates or measures starts without them (docs/machine.md,
+# "Start-up").
+if TYPE_CHECKING:
+    from pyvmm.dirty.rate import DirtyRateMonitor
+    from pyvmm.dirty.ring_quirk import RingQuirk
+    from pyvmm.dirty.tracker import DirtyTracker
+    from pyvmm.migration.colo.primary import ColoPrimary, ColoSetup
+    from pyvmm.migration.colo.secondary import ColoSecondary, SecondaryHooks
+    from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
+    from pyvmm.migration.destination import MigrationDestination
+    from pyvmm.migration.source import MigrationSource
+    from pyvmm.migration.transport import MigrationUri
+    from pyvmm.monitor.recording import Recording
+    from pyvmm.monitor.server import QmpServer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class IncomingStatus:
     error_desc: str | None = None
     exit_on_error: bool = True  # QEMU's migrate-incoming exit-on-error (default true)
     uri: MigrationUri | None = None  # where we listen, with the real port for tcp port 0
+    multifd_channels: int = 0  # the pages came over this many multifd channels
 
     def to_qmp(self) -> dict[str, Any]:
         if self.status == "none":
@@ -91,6 +94,8 @@ class IncomingStatus:
             else:
                 address = {"type": "unix", "path": uri.path}
             out["socket-address"] = [address]
+        if self.multifd_channels:  # pyvmm's own: what the stream asked for
+            out["x-multifd-channels"] = self.multifd_channels
         if self.error_desc is not None:
             out["error-desc"] = self.error_desc
         return out
@@ -151,6 +156,8 @@ class Vmm:
                 self._serial2.start()
             ring = self.machine.config.dirty_ring_entries  # 0 resolved to KVM's largest
             if ring:
+                from pyvmm.dirty.ring_quirk import decide_ring_quirk
+
                 self.ring_quirk = decide_ring_quirk(ring, opts.dirty_ring_quirk)
             if opts.incoming is None:
                 if opts.image is None:
@@ -159,6 +166,8 @@ class Vmm:
             elif opts.incoming != "defer":
                 self.listen_incoming(opts.incoming)
             if opts.qmp:
+                from pyvmm.monitor.server import QmpServer
+
                 self.qmp = QmpServer(
                     opts.qmp, allow_remote=opts.qmp_allow_remote, executor=self.serialize
                 )
@@ -186,6 +195,7 @@ class Vmm:
                 self._set_state("paused" if self.options.start_paused else "running")
             machine = self.machine
             limit_s = self.options.time_limit_s
+            machine.on_exit = self.loop.stop  # the loop ends at once, not at its next poll
             ended = self.loop.run(lambda: machine.exit_status is not None, limit_s)
             if not ended:
                 self._shutdown_reason = "host-signal"
@@ -283,18 +293,29 @@ class Vmm:
     def listen_incoming(self, uri: str, exit_on_error: bool = True) -> str:
         """Start listening (at build time, or for QMP migrate-incoming); returns the URI."""
         assert self.machine is not None
+        from pyvmm.migration.colo.secondary import ColoSecondary
+        from pyvmm.migration.destination import MigrationDestination
+
         secondary = ColoSecondary(
             self.machine, lambda: self.dirty_tracker, self._secondary_hooks(),
             self.colo_status, self.colo_stats,
         )  # fmt: skip
         self.colo_session = secondary
-        self.incoming = MigrationDestination(self.machine, uri, colo=secondary)
+        self.incoming = MigrationDestination(
+            self.machine, uri, colo=secondary, multifd=self._incoming_multifd
+        )
         bound = self.incoming.listen()
         self.incoming_status = IncomingStatus("setup", exit_on_error=exit_on_error, uri=bound)
         print(f"pyvmm: waiting for an incoming migration on {bound}", file=sys.stderr)
         if self.loop.on_loop_thread:  # migrate-incoming: the loop is already running
             self._start_incoming_thread()
         return str(bound)
+
+    def _incoming_multifd(self) -> int | None:
+        """multifd set here by QMP: the channels the source must use (None: learn them)."""
+        if not self.settings.caps.get("multifd"):
+            return None
+        return int(self.settings["multifd-channels"])
 
     def _start_incoming_thread(self) -> None:
         self._incoming_thread = threading.Thread(
@@ -305,6 +326,8 @@ class Vmm:
     def _receive_incoming(self) -> None:
         """The incoming thread: receive, then report to the loop."""
         assert self.incoming is not None
+        from pyvmm.migration.stream import StreamError
+
         try:
             result = self.incoming.receive(
                 lambda running: self.serialize(lambda: self._start_incoming_guest(running)),
@@ -339,6 +362,8 @@ class Vmm:
         self.machine.start(paused=not run)
         self._set_state("running" if run else "paused")
         self.incoming_status.status = "completed"
+        if self.incoming is not None:
+            self.incoming_status.multifd_channels = self.incoming.multifd_channels
         self.emit_event("RESUME" if run else "STOP")
         self.record_event("incoming: GO, vCPUs " + ("started" if run else "held (-S)"))
         return run
@@ -362,6 +387,9 @@ class Vmm:
 
     def start_migration(self, uri: str) -> None:
         assert self.machine is not None
+        from pyvmm.migration.convergence import build_policies
+        from pyvmm.migration.source import MigrationSource
+
         self.migration = MigrationSource(
             self.machine,
             self.dirty_tracker,
@@ -380,6 +408,8 @@ class Vmm:
     # --- COLO (migration/colo/) ----------------------------------------------------------------
 
     def _colo_setup(self) -> ColoSetup:
+        from pyvmm.migration.colo.primary import ColoSetup
+
         return ColoSetup(
             self.colo_status, self.colo_stats, self._compare_path(),
             lambda: self.serialize(self._colo_stop),
@@ -417,6 +447,8 @@ class Vmm:
         def set_status(status: str) -> None:
             self.incoming_status.status = status
 
+        from pyvmm.migration.colo.secondary import SecondaryHooks
+
         return SecondaryHooks(
             lambda: self.serialize(self._colo_stop),
             lambda: self.serialize(lambda: self._colo_resume(True)),
@@ -431,6 +463,8 @@ class Vmm:
         machine = self.machine
         if self._dirty_limit is None and machine and machine.ring_bytes and machine.vcpus:
             # Created on first use, once the vCPUs (and their rings) exist; ring mode only.
+            from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
+
             self._dirty_limit = DirtyLimitController(
                 machine, self.dirty_tracker, self.settings, lambda: self.migration
             )
@@ -442,6 +476,8 @@ class Vmm:
     def dirty_tracker(self) -> DirtyTracker:
         if self._tracker is None:
             assert self.machine is not None
+            from pyvmm.dirty.factory import make_tracker
+
             self._tracker = make_tracker(
                 self.machine, self.ring_quirk, ring_reaper=self.options.dirty_ring_reaper
             )
@@ -451,6 +487,8 @@ class Vmm:
     def dirty_rate(self) -> DirtyRateMonitor:
         if self._dirty_rate is None:
             assert self.machine is not None and self.machine.memory is not None
+            from pyvmm.dirty.rate import DirtyRateMonitor
+
             self._dirty_rate = DirtyRateMonitor(self.machine.memory, self.dirty_tracker)
         return self._dirty_rate
 

@@ -145,9 +145,8 @@ class Checkpoint:
     def _send_all(self) -> None:
         """Every page set in the view, read now (the walk clears what it takes)."""
         pages = self.pages
-        while (taken := pages.take()) is not None:
-            slot, numbers, _ = taken
-            self.page_writer.send(slot, numbers)
+        while (table := pages.take()) is not None:
+            self.page_writer.send(table)
 
     def _positions(self, serial2: dict | None) -> tuple[int, int, int]:
         """The primary's COM2 stream positions at its stop: output (every byte its guest

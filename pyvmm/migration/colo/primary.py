@@ -189,7 +189,7 @@ class ColoPrimary:
         assert self._view is not None
         memory = self.machine.memory
         assert memory is not None
-        pages = DirtyPages(self._view)
+        pages = DirtyPages(self._view, memory)
         page_writer = PageWriter(memory, self.writer, RamStats())
         self.checkpoint = Checkpoint(
             self.machine, pages, page_writer, self.writer, self.reader, self.clock, self.link,
