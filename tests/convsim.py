@@ -110,6 +110,12 @@ class FakePageWriter:
         self.clock.advance(sent / self.link_bytes_per_ms)
         return sent
 
+    def sync_point(self) -> None:  # one connection: nothing to drain (see PageWriter)
+        pass
+
+    def finish(self) -> None:
+        pass
+
 
 class SimMigration:
     """A PolicyHost around a real Precopy."""
