@@ -7,8 +7,10 @@ QEMU and iproute2, and a CI machine without KVM cannot test pyvmm.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("kvm") is not None:
             item.fixturenames.insert(0, "require_kvm")
+
+
+# --- two workers (pytest-xdist, pyproject's addopts) ------------------------------------------
+# Most tests wait (on a paced guest, a capped link, QEMU's start), so two run at once. A test
+# that measures a rate or a time against the machine's speed is marked `exclusive` and runs
+# alone: a readers-writer lock over every test, shared by the workers through a file in
+# their common base directory. An exclusive test first takes the turnstile, so that a test
+# starting meanwhile waits behind it instead of starving it.
+
+
+@pytest.fixture(autouse=True)
+def _machine_share(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: nothing runs beside us
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # .../pytest-N, above each popen-gwK
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with (
+        open(shared / "turnstile.lock", "a") as turnstile,
+        open(shared / "machine.lock", "a") as machine,
+    ):
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(machine, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)

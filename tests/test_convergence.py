@@ -92,6 +92,7 @@ WINDOW_S = 2.2
 BASE_WINDOW_S = 3.2
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.kvm
 @pytest.mark.slow
 def test_throttle_engine_slows_the_guest_by_its_percentage() -> None:
@@ -185,6 +186,7 @@ def _sleeps_per_s(pid: int, tids: list[int], seconds: float) -> list[float]:
     return [(b - a) / seconds for a, b in zip(before, count(), strict=True)]
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.kvm
 @pytest.mark.slow
 def test_2013_mode_throttles_only_while_the_send_loop_sends(tmp_path: Path) -> None:
@@ -279,6 +281,7 @@ def test_convergence_parameters_follow_qemu(tmp_path: Path) -> None:
         assert q.execute("query-migrate") == {}  # nothing started
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.kvm
 def test_downtime_limit_0_completes_only_when_nothing_is_pending(tmp_path: Path) -> None:
     """A guest rewriting 8 MiB flat out, a link that takes 250 ms per pass over it (long

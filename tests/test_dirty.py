@@ -227,6 +227,7 @@ def _measure(sock: Path, mode: str) -> tuple[int, list[int]]:
     return int(total.group(1)), per_vcpu
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.slow
 def test_dirty_rate_of_memstress(tmp_path: Path, mode: str) -> None:

@@ -203,6 +203,7 @@ def wait_writer_warm(vm: VmProc, timeout_s: float = 30) -> None:
     raise TimeoutError("memstress's writer did not finish its first pass")
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 def test_limit_slows_the_writer_and_not_the_reader(tmp_path: Path) -> None:
     args = ["memstress", "--vcpus", "2", "--mem", "1G", "--dirty-ring"]
@@ -265,6 +266,7 @@ def ring_reliable_or_skip(entries: int) -> None:
         )
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 @pytest.mark.parametrize("ring", ["virtual", "real"])
 def test_a_hot_set_larger_than_the_ring_is_penalised(tmp_path: Path, ring: str) -> None:
@@ -327,6 +329,7 @@ def test_a_hot_set_larger_than_the_ring_is_penalised(tmp_path: Path, ring: str) 
 # --- the period, and a dirty-limited migration's own syncs ------------------------------------
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 def test_the_period_does_not_change_a_steady_writers_rate(tmp_path: Path) -> None:
     """memstress rewrites a 24 MiB hot set at a steady 60 MiB/s, during a dirty-limited
@@ -443,6 +446,7 @@ def dirty_limited_migration(src: VmProc, uri: str, cancel_when_limited: bool) ->
     return info
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 def test_dirty_limited_migration_converges_and_memory_stays_intact(tmp_path: Path) -> None:
     """memverify rewrites 2 x 32 MiB flat out (far above 32 MiB/s), so every pass leaves the

@@ -364,6 +364,7 @@ def measure_rate(q: SyncQmp, mode: str, calc_time_ms: int) -> int:
     return info["dirty-rate"]
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 @pytest.mark.parametrize("tracking", ["bitmap", "ring"])
 def test_dirty_rate_during_a_migration_is_the_guests_and_loses_no_page(
@@ -413,6 +414,7 @@ def test_dirty_rate_during_a_migration_is_the_guests_and_loses_no_page(
         assert not dst.lines("CORRUPT")
 
 
+@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 def test_downtime_stays_within_its_limit(tmp_path: Path) -> None:
     """A running 512 MiB, 2-vCPU memverify migrated at unlimited bandwidth, 10 times: the

@@ -809,10 +809,26 @@ class QmpServer:
         with self._lock:
             return len(self._clients)
 
+    @property
+    def started(self) -> bool:
+        return self._accept_thread is not None
+
     def start(self) -> None:
-        """Bind, listen, and serve from daemon threads."""
-        if self._listener is not None:
+        """Listen (unless listen() did), and serve from daemon threads."""
+        if self._accept_thread is not None:
             raise RuntimeError(f"QMP server on {self.address_str} is already started")
+        if self._listener is None:
+            self.listen()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"qmp-accept {self.address_str}", daemon=True
+        )
+        self._accept_thread.start()
+
+    def listen(self) -> None:
+        """Bind and listen. A client may connect from now on; its greeting waits for start(),
+        as QEMU's waits for its main loop."""
+        if self._listener is not None:
+            raise RuntimeError(f"QMP server on {self.address_str} is already listening")
         if self.address.kind == "unix":
             self._listener = self._listen_unix(self.address.path)
             self._bound = self.address
@@ -820,10 +836,6 @@ class QmpServer:
             self._listener = self._listen_tcp(self.address)
             port = self._listener.getsockname()[1]
             self._bound = Address("tcp", host=self.address.host, port=port)
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name=f"qmp-accept {self.address_str}", daemon=True
-        )
-        self._accept_thread.start()
         logger.info("QMP server listening on %s", self.address_str)
 
     def close(self) -> None:

@@ -173,7 +173,7 @@ class Vmm:
                 )
                 if self._register_commands is not None:
                     self._register_commands(self)
-                self.qmp.start()
+                self.qmp.listen()  # a bad address fails here, before a vCPU runs
         except BaseException:
             self.close()
             raise
@@ -193,6 +193,10 @@ class Vmm:
             else:
                 self.machine.start(paused=self.options.start_paused)
                 self._set_state("paused" if self.options.start_paused else "running")
+            if self.qmp is not None and not self.qmp.started:
+                # Served only now, as QEMU's monitor answers only from its main loop: the
+                # first query-status of a VM started without -S says "running".
+                self.qmp.start()
             machine = self.machine
             limit_s = self.options.time_limit_s
             machine.on_exit = self.loop.stop  # the loop ends at once, not at its next poll
