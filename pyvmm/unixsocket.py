@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ def listen_unix(path: str, backlog: int, what: str) -> tuple[socket.socket, tupl
             )
         log.info("removing stale %s %s", what, path)
         os.unlink(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".pyvmm-{os.getpid()}-{id(path):x}")
-    if len(os.fsencode(tmp)) > UNIX_PATH_MAX_BYTES:
-        tmp = path  # no room for a temporary name: bind in place (mode set before listen)
+    tmp = _temporary_name(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(tmp)
@@ -75,3 +74,24 @@ def listen_unix(path: str, backlog: int, what: str) -> tuple[socket.socket, tupl
                 os.unlink(tmp)
         raise
     return sock, (st.st_dev, st.st_ino)
+
+
+def _temporary_name(path: str) -> str:
+    """Where to bind before the rename that makes the socket appear, listening. Beside
+    `path` if the name fits in sun_path, else in the temporary directory (rename works
+    within one file system). Binding in place is the last resort: between bind() and
+    listen() a client that sees the file gets ECONNREFUSED (seen with pytest-xdist's
+    longer directories)."""
+    name = f".pyvmm-{os.getpid():x}-{id(path) & 0xFFFFFF:x}"
+    for directory in (os.path.dirname(path) or ".", tempfile.gettempdir()):
+        tmp = os.path.join(directory, name)
+        if len(os.fsencode(tmp)) <= UNIX_PATH_MAX_BYTES and _same_fs(directory, path):
+            return tmp
+    return path
+
+
+def _same_fs(directory: str, path: str) -> bool:
+    try:
+        return os.stat(directory).st_dev == os.stat(os.path.dirname(path) or ".").st_dev
+    except OSError:
+        return False

@@ -267,10 +267,10 @@ class Run:
             out["heatmap"] = heatmap.from_qmp(fetch_heatmap(src_q), self.started_monotonic)
         if opts.trace:
             traces = [fetch_timeline(src_q)]
-            if self.vms["dst"].proc.poll() is None:  # a failed migration may have ended it
+            try:  # a cancelled or failed migration ends the destination, maybe right now
                 traces.append(fetch_timeline(dst_q))
-            else:
-                log.warning("the destination has ended: its timeline is lost")
+            except (QmpClientError, RecordingError) as exc:
+                log.warning("the destination has ended: its timeline is lost (%s)", exc)
             merged = merge(*traces)
             opts.trace.parent.mkdir(parents=True, exist_ok=True)
             write(opts.trace, merged)

@@ -27,6 +27,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.protocol import StateError
 
 from pyvmm.monitor.server import parse_address
 
@@ -204,7 +205,8 @@ class SyncQmp:
             return await self._client.execute(name, args)
         except ExecuteError as exc:
             raise QmpCommandError(exc.error_class, str(exc)) from None
-        except (ExecInterruptedError, EOFError, OSError) as exc:
+        except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
+            # StateError: the connection was already going down (the server closed it)
             raise QmpConnectError(
                 f"lost the QMP connection to {self.address} during {name}: {_describe(exc)}"
             ) from None
