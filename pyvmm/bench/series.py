@@ -100,6 +100,9 @@ def table(reports: list[dict[str, Any]]) -> str:
         key = config if vmm == "pyvmm" else f"{config} [{vmm}]"
         groups.setdefault(load, {}).setdefault(key, []).append(r["result"])
         hw, mib_s = r["hardware"], r["scenario"]["bandwidth"]
+        link_mbit = r["scenario"]["link_mbit"]
+        if link_mbit:  # a shaped link slower than max-bandwidth decides the pass
+            mib_s = min(mib_s, round(link_mbit * 1e6 / 8 / (1 << 20)))
         ws = hw["stress_mem"] or hw["mem"] // hw["cpus"]
         shapes.setdefault(load, f"{hw['cpus']} vCPUs x {ws} MiB at {mib_s} MiB/s, a pass "
                                 f"over them {hw['cpus'] * ws / mib_s:.0f} s")  # fmt: skip
