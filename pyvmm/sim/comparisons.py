@@ -49,6 +49,7 @@ FULL_BASE = Scenario(
 BEYOND_CPUS = 128
 BEYOND_MEM_MIB = 1024 * 1024
 BEYOND_LINK_MBIT = 25000
+BEYOND_LOADS = {k: v for k, v in FULL_LOADS_MB.items() if k != "light"}
 SWEEP_MBIT = (500, 1000, 1590, 2500, 5000, 10000, 25000)
 
 
@@ -91,9 +92,9 @@ def beyond_series() -> Comparison:
             BEYOND_CPUS,
             BEYOND_MEM_MIB,
             BEYOND_LINK_MBIT,
-            {k: v for k, v in FULL_LOADS_MB.items() if k != "light"},
+            BEYOND_LOADS,
             full_ws_mib,
-        ),  # fmt: skip
+        ),
         chart=lambda name: name.split("-", 1)[0],
         summary=series.table,
     )
