@@ -62,6 +62,8 @@ HEADER = (
     "iteration count",
     "max throttle (%)",
     "ratio to original",
+    "series' total time (s)",
+    "series' iterations",
     "series' ratio",
 )
 
@@ -73,6 +75,15 @@ def v1_ratio(load: str, config: str) -> float | None:
         return None
     mean = statistics.fmean(r[0] for r in rows[config])
     return mean / statistics.fmean(r[0] for r in rows["original"])
+
+
+def v1_figures(load: str, config: str) -> tuple[str, str]:
+    """The series' own mean total time (s) and iteration count for a row, or dashes."""
+    rows = V1_TABLE.get(load, {}).get(config)
+    if not rows:
+        return "-", "-"
+    return (f"{statistics.fmean(r[0] for r in rows) / 1000:.1f}",
+            f"{statistics.fmean(r[2] for r in rows):.1f}")  # fmt: skip
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -125,6 +136,7 @@ def table(reports: list[dict[str, Any]]) -> str:
                 summarize([r["iteration_count"] for r in results]),
                 summarize([r["max_throttle_pcent"] for r in results]),
                 _ratio(results, original_s),
+                *v1_figures(load, config),
                 "-" if theirs is None else f"{theirs:.2f}",
             ))  # fmt: skip
         stress = V1_STRESS_MB.get(load)

@@ -1,0 +1,124 @@
+"""`pyvmm sim calibrate`: the same configurations run for real (`pyvmm bench`'s engine) and
+in simulation, side by side with the relative error.
+
+The one figure the simulation takes from the real runs is the guest's unthrottled dirty
+rate: memstress's own progress lines (the report's guest_timings) between `migrate` and
+the first throttle step, i.e. the rate the guest keeps while a migration tracks it (on
+this host every first write after a sync faults, docs/convergence.md), averaged over every
+real run and vCPU. One SimModel then serves every row.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pyvmm.bench import report
+from pyvmm.bench.batch import selected as bench_selected
+from pyvmm.bench.display import Quiet
+from pyvmm.bench.engine import RunOptions, run
+from pyvmm.bench.scenario import ScenarioError
+from pyvmm.bench.table import render
+from pyvmm.sim.engine import simulate
+from pyvmm.sim.model import SimModel
+
+MIN_WINDOW_S = 1.5  # memstress prints once a second: at least two lines per window
+
+
+@dataclass
+class Pair:
+    name: str
+    real: dict[str, Any]
+    sim: dict[str, Any] | None = None
+
+
+def unthrottled_rate_mib_s(rpt: dict[str, Any]) -> float | None:
+    """Mean MiB/s per vCPU from `migrate` until the throttle first moves (or the end)."""
+    start = rpt["result"]["started_at"]
+    end = start + rpt["result"]["total_time"] / 1000
+    for p in rpt["progress_history"]:
+        if p["throttle_pcent"] > 0 or p["dirty_limit_throttle_time_per_round"] > 0:
+            end = p["now"]
+            break
+    rates = []
+    for samples in rpt["guest_timings"]["src"].values():
+        window = [s for s in samples if start <= s["t"] <= end]
+        if len(window) >= 2 and window[-1]["t"] - window[0]["t"] >= MIN_WINDOW_S:
+            rates.append(
+                (window[-1]["mib"] - window[0]["mib"]) / (window[-1]["t"] - window[0]["t"])
+            )
+    return statistics.fmean(rates) if rates else None
+
+
+def real_runs(
+    names: list[str], filter_: str, out: Path, sleep_s: float, max_time: int | None,
+    say: Callable[[str], None],
+) -> list[Pair]:  # fmt: skip
+    """Run (or, with reports already in `out`, reuse) each selected configuration."""
+    pairs = []
+    for comp in bench_selected(names):
+        for scenario, hw in comp.runs:
+            tag = f"{comp.name}/{scenario.name}"
+            if scenario.dirty_limit or not fnmatch.fnmatch(tag, filter_):
+                continue
+            if max_time is not None:
+                scenario = replace(scenario, max_time=min(scenario.max_time, max_time))
+            path = out / comp.name / f"{scenario.name}-real.json"
+            if path.exists():
+                rpt = report.load(path)
+                say(f"{tag}: real run kept from {path}")
+            else:
+                say(f"{tag}: real run")
+                rpt = run(scenario, hw, RunOptions("pyvmm", sleep_s), Quiet())
+                report.write(rpt, path)
+            pairs.append(Pair(tag, rpt))
+    return pairs
+
+
+def simulate_pairs(pairs: list[Pair], model: SimModel) -> None:
+    for pair in pairs:
+        from pyvmm.bench.scenario import hardware_from_dict, scenario_from_dict
+
+        scenario = scenario_from_dict(pair.real["scenario"])
+        hw = hardware_from_dict(pair.real["hardware"])
+        pair.sim = simulate(scenario, hw, model)
+
+
+def _err(real: float, sim: float) -> str:
+    return f"{(sim - real) / real * 100:+.1f} %" if real else "-"
+
+
+HEADER = (
+    "configuration", "status (real / sim)", "total time real (s)", "sim (s)", "error",
+    "iterations real", "sim", "diff", "max throttle real (%)", "sim (%)",
+)  # fmt: skip
+
+
+def table(pairs: list[Pair]) -> str:
+    rows = []
+    for p in pairs:
+        assert p.sim is not None
+        r, s = p.real["result"], p.sim["result"]
+        rows.append((
+            p.name, f"{r['status']} / {s['status']}",
+            f"{r['total_time'] / 1000:.1f}", f"{s['total_time'] / 1000:.1f}",
+            _err(r["total_time"], s["total_time"]),
+            str(r["iteration_count"]), str(s["iteration_count"]),
+            f"{s['iteration_count'] - r['iteration_count']:+d}",
+            str(r["max_throttle_pcent"]), str(s["max_throttle_pcent"]),
+        ))  # fmt: skip
+    return render(HEADER, rows)
+
+
+def measured_model(pairs: list[Pair], base: SimModel) -> tuple[SimModel, list[float]]:
+    rates = [r for p in pairs if (r := unthrottled_rate_mib_s(p.real)) is not None]
+    if not rates:
+        raise ScenarioError(
+            "no real run has two memstress progress lines before its throttle moved: "
+            "cannot measure the guest's rate"
+        )
+    return replace(base, guest_rate_mib_s=statistics.fmean(rates)), rates
