@@ -121,7 +121,8 @@ def test_sync_generations_during_a_long_pass_in_virtual_time() -> None:
         t0 = next(t for t, ram in history if ram["dirty_sync_count"] >= 2)
         window = [(t, ram) for t, ram in history if t0 <= t <= t0 + 12]
         counts = [ram["dirty_sync_count"] for _, ram in window]
-        increases = [t - t0 for (t, _), a, b in zip(window[1:], counts, counts[1:]) if b > a]
+        steps = zip(window[1:], counts, counts[1:], strict=False)
+        increases = [t - t0 for (t, _), a, b in steps if b > a]
         ram = window[-1][1]
         if sync == "timer":
             assert increases and increases[0] <= 10.5, increases
