@@ -201,3 +201,25 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- calibration against a real run ----------------------------------------------------------
+
+
+@pytest.mark.kvm
+def test_calibration_reduced(tmp_path: Path) -> None:
+    """One tiny real run (1 vCPU rewriting 16 MiB at 4 MiB/s, max-bandwidth 16 MiB/s), then
+    its simulation with the rate measured from that run: the same outcome, close."""
+    from pyvmm.sim import calibrate
+
+    hw = Hardware(cpus=1, mem=16, stress_rate=4)
+    sc = Scenario(name="tiny", bandwidth=16, max_time=30)
+    pairs = calibrate.real_runs([("calib/tiny", sc, hw)], tmp_path, 0.5, lambda _t: None)
+    model, rates = calibrate.measured_model(pairs, SimModel())
+    assert 2 <= model.guest_rate_mib_s <= 6, rates  # memstress keeps to its 4 MiB/s
+    calibrate.simulate_pairs(pairs, model)
+    real, sim = pairs[0].real["result"], pairs[0].sim["result"]  # type: ignore[index]
+    assert real["status"] == sim["status"] == "completed", (real, sim)
+    assert abs(sim["iteration_count"] - real["iteration_count"]) <= 2, (real, sim)
+    assert abs(sim["total_time"] - real["total_time"]) <= 0.5 * real["total_time"], (real, sim)
+    assert "tiny" in calibrate.table(pairs)

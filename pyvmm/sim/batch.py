@@ -79,5 +79,10 @@ def run_batch(opts: SimBatchOptions, say: Callable[[str], None]) -> list[SimResu
                 (out_dir / "table.md").write_text(res.text)
                 if opts.charts:
                     res.charts = charts(comp, res.reports, out_dir)
+                    if len({r["scenario"]["link_mbit"] for r in res.reports}) > 1:
+                        from pyvmm.sim.plot import render_sweep
+
+                        res.charts.append(render_sweep(res.reports, out_dir / "sweep.png",
+                                                       comp.name))  # fmt: skip
         results.append(res)
     return results

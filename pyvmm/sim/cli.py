@@ -163,9 +163,10 @@ def cmd_calibrate(argv: Sequence[str]) -> int:
 
     a = calibrate_parser().parse_args(argv)
     say = lambda t: print(t, file=sys.stderr, flush=True)  # noqa: E731
-    pairs = calibrate.real_runs(a.comparisons, a.filter, a.output, a.sleep, a.max_time, say)
-    if not pairs:
+    runs = calibrate.selected_runs(a.comparisons, a.filter, a.max_time)
+    if not runs:
         raise ValueError(f"--filter {a.filter!r} selects no run")
+    pairs = calibrate.real_runs(runs, a.output, a.sleep, say)
     model, rates = calibrate.measured_model(pairs, _model(a))
     calibrate.simulate_pairs(pairs, model)
     print(f"guest rate measured from the real runs: {model.guest_rate_mib_s:.0f} MiB/s per vCPU "
