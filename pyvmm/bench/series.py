@@ -140,6 +140,6 @@ def table(reports: list[dict[str, Any]]) -> str:
                 "-" if theirs is None else f"{theirs:.2f}",
             ))  # fmt: skip
         stress = V1_STRESS_MB.get(load)
-        series = f"; the series: {stress} MB per vCPU" if stress else ""
+        series = f"; the series: {stress} MB of stress" if stress else ""
         out += [f"**{load}** ({shapes[load]}{series})", "", render(HEADER, rows)]
     return "\n".join(out)
