@@ -208,16 +208,17 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
 
 @pytest.mark.kvm
 def test_calibration_reduced(tmp_path: Path) -> None:
-    """One tiny real run (1 vCPU rewriting 16 MiB at 4 MiB/s, max-bandwidth 8 MiB/s: three
-    passes, the first over 2 s), then its simulation with the rate measured from that run:
-    the same outcome, close."""
+    """A tiny guest (1 vCPU rewriting 8 MiB at 4 MiB/s): its rate measured with
+    calc-dirty-rate, one real run at max-bandwidth 6 MiB/s, and its simulation with the
+    measured rate: the same outcome, close."""
     from pyvmm.sim import calibrate
 
-    hw = Hardware(cpus=1, mem=16, stress_rate=4)
-    sc = Scenario(name="tiny", bandwidth=8, max_time=30)
-    pairs = calibrate.real_runs([("calib/tiny", sc, hw)], tmp_path, 0.5, lambda _t: None)
-    model, rates = calibrate.measured_model(pairs, SimModel())
+    hw = Hardware(cpus=1, mem=8, stress_rate=4)
+    sc = Scenario(name="tiny", bandwidth=6, max_time=30)
+    runs = [("calib/tiny", sc, hw)]
+    model, rates = calibrate.measured_model(runs, SimModel(), lambda _t: None)
     assert 2 <= model.guest_rate_mib_s <= 6, rates  # memstress keeps to its 4 MiB/s
+    pairs = calibrate.real_runs(runs, tmp_path, 0.5, lambda _t: None)
     calibrate.simulate_pairs(pairs, model)
     real, sim = pairs[0].real["result"], pairs[0].sim["result"]  # type: ignore[index]
     assert real["status"] == sim["status"] == "completed", (real, sim)

@@ -1,15 +1,22 @@
 """`pyvmm sim calibrate`: the same configurations run for real (`pyvmm bench`'s engine) and
 in simulation, side by side with the relative error.
 
-The one figure the simulation takes from the real runs is the guest's unthrottled dirty
-rate, measured from the source's dirty-pages-rate (unthrottled_rate_mib_s), averaged
-over the real runs. One SimModel then serves every row.
+The one figure the simulation takes from the real guest is its unthrottled dirty rate:
+measure_guest_rate boots the configuration's guest alone, lets it reach steady state and
+asks it for `calc-dirty-rate` in dirty-bitmap mode over short windows. That is the rate at
+which it dirties *new* pages while something tracks it, which on this host is not
+memstress's store rate: every first write to a page after a sync faults (tens of
+microseconds, docs/convergence.md). The windows are short enough that the working set is
+not exhausted in one. One SimModel then serves every row.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import shutil
 import statistics
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,15 +29,14 @@ from pyvmm.bench.engine import RunOptions, run
 from pyvmm.bench.scenario import (
     Hardware,
     Scenario,
-    ScenarioError,
     hardware_from_dict,
     scenario_from_dict,
 )
 from pyvmm.bench.table import render
+from pyvmm.bench.vms import BenchError, host_tsc_khz, start_vm, vm_command, wait_for_socket
+from pyvmm.monitor.client import SyncQmp
 from pyvmm.sim.engine import simulate
 from pyvmm.sim.model import SimModel
-
-PAGE_SIZE = 4096
 
 
 @dataclass
@@ -40,26 +46,49 @@ class Pair:
     sim: dict[str, Any] | None = None
 
 
-def unthrottled_rate_mib_s(rpt: dict[str, Any]) -> float | None:
-    """MiB/s of pages each vCPU newly dirties when nothing throttles it, from the source's
-    own dirty-pages-rate: the highest that any period showed, divided by the share of time
-    the throttle left the guest in that period (rate / (1 - p)).
+WINDOW_MS = 500  # calc-dirty-rate window: short, so that a fast guest is not capped by its set
+WINDOWS = 3
+STEADY_TIMEOUT_S = 120.0
 
-    memstress's store rate is not it: under tracking every first write to a page after a
-    sync faults (tens of microseconds here, docs/convergence.md), so the rate at which a
-    guest dirties *new* pages is the fault rate, not its store rate, and unthrottled it is
-    often capped by the working set (the whole set is dirty every period). The period that
-    tells is one where the throttle brought the guest below that cap."""
-    cpus = rpt["hardware"]["cpus"]
-    best, prev_rate, prev_pct = 0.0, 0, 0
-    for p in rpt["progress_history"]:
-        rate = p["ram"]["dirty_pages_rate"]
-        if rate != prev_rate and rate > 0:  # a period closed; prev_pct ruled it
-            best = max(best, rate / max(1 - prev_pct / 100, 0.01))
-        prev_rate, prev_pct = rate, p["throttle_pcent"]
-    if best <= 0:
-        return None
-    return best * PAGE_SIZE / (1 << 20) / cpus
+
+def measure_guest_rate(hw: Hardware, say: Callable[[str], None]) -> float:
+    """MiB/s of new pages per vCPU that this guest dirties under tracking, unthrottled: the
+    median of WINDOWS calc-dirty-rate windows of WINDOW_MS on a pyvmm VM of its own."""
+    work = Path(tempfile.mkdtemp(prefix="pyvmm-calibrate-"))
+    qmp, serial = work / "src.qmp", work / "src.serial"
+    vm = start_vm("src", vm_command("pyvmm", hw, qmp, serial, None, host_tsc_khz()), work,
+                  qmp, serial)  # fmt: skip
+    try:
+        wait_for_socket(vm)
+        ws = hw.working_set_mib()
+        deadline = time.monotonic() + STEADY_TIMEOUT_S
+        while True:  # every vCPU has rewritten its set once: first touch is over
+            vm.check_alive()
+            vm.console.poll()
+            latest = vm.console.latest_mib()
+            if len(latest) == hw.cpus and min(latest.values()) >= ws:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"the guest did not reach steady state (progress {latest})")
+            time.sleep(0.05)
+        rates = []
+        with SyncQmp(f"unix:{qmp}", timeout_s=30) as q:
+            for _ in range(WINDOWS):
+                q.execute("calc-dirty-rate", {"calc-time": WINDOW_MS,
+                          "calc-time-unit": "millisecond", "mode": "dirty-bitmap"})  # fmt: skip
+                while (info := q.execute("query-dirty-rate"))["status"] != "measured":
+                    time.sleep(0.05)
+                rates.append(info["dirty-rate"] / hw.cpus)
+        rate = statistics.median(rates)
+        cap = ws * 1000 / WINDOW_MS  # the whole set in one window: a lower bound only
+        if rate >= 0.9 * cap:
+            say(f"warning: the guest dirtied its whole working set in {WINDOW_MS} ms windows: "
+                f"{rate:.0f} MiB/s is a lower bound")  # fmt: skip
+        say(f"{hw.cpus} vCPU(s) x {ws} MiB: calc-dirty-rate {rates} MiB/s per vCPU")
+        return rate
+    finally:
+        vm.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def selected_runs(
@@ -130,11 +159,11 @@ def table(pairs: list[Pair]) -> str:
     return render(HEADER, rows)
 
 
-def measured_model(pairs: list[Pair], base: SimModel) -> tuple[SimModel, list[float]]:
-    rates = [r for p in pairs if (r := unthrottled_rate_mib_s(p.real)) is not None]
-    if not rates:
-        raise ScenarioError(
-            "no real run closed a dirty-rate period (a sync >= 1 s after the previous one): "
-            "cannot measure the guest's rate"
-        )
+def measured_model(
+    runs: list[tuple[str, Scenario, Hardware]], base: SimModel, say: Callable[[str], None]
+) -> tuple[SimModel, list[float]]:
+    """The model with the guest's rate measured on each distinct guest, averaged."""
+    guests = {(hw.cpus, hw.working_set_mib(), hw.vm_mem_mib(), hw.stress_rate,
+               hw.stress_pattern): hw for _, _, hw in runs}  # fmt: skip
+    rates = [measure_guest_rate(hw, say) for hw in guests.values()]
     return replace(base, guest_rate_mib_s=statistics.fmean(rates)), rates

@@ -96,7 +96,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="pyvmm sim calibrate",
         description="Run a comparison's configurations for real and in simulation and print "
-        "them side by side; the guest's unthrottled rate is measured from the real runs.",
+        "them side by side; the guest's unthrottled rate is measured on the real guest.",
     )
     p.add_argument("comparisons", nargs="*", default=["series-2024"], metavar="COMPARISON",
                    help="bench comparisons (default series-2024)")  # fmt: skip
@@ -166,11 +166,12 @@ def cmd_calibrate(argv: Sequence[str]) -> int:
     runs = calibrate.selected_runs(a.comparisons, a.filter, a.max_time)
     if not runs:
         raise ValueError(f"--filter {a.filter!r} selects no run")
+    model, rates = calibrate.measured_model(runs, _model(a), say)
     pairs = calibrate.real_runs(runs, a.output, a.sleep, say)
-    model, rates = calibrate.measured_model(pairs, _model(a))
     calibrate.simulate_pairs(pairs, model)
-    print(f"guest rate measured from the real runs: {model.guest_rate_mib_s:.0f} MiB/s per vCPU "
-          f"(runs: {', '.join(f'{r:.0f}' for r in rates)})\n")  # fmt: skip
+    print(f"guest rate measured on the real guest: {model.guest_rate_mib_s:.0f} MiB/s per vCPU "
+          f"(calc-dirty-rate, dirty-bitmap; per guest: {', '.join(f'{r:.0f}' for r in rates)})"
+          "\n")  # fmt: skip
     print(calibrate.table(pairs))
     return 0
 
