@@ -7,7 +7,8 @@ asks it for `calc-dirty-rate` in dirty-bitmap mode over short windows. That is t
 which it dirties *new* pages while something tracks it, which on this host is not
 memstress's store rate: every first write to a page after a sync faults (tens of
 microseconds, docs/convergence.md). The windows are short enough that the working set is
-not exhausted in one. One SimModel then serves every row.
+not exhausted in one. Each guest gets its own measured rate; everything else is one
+SimModel for every row.
 """
 
 from __future__ import annotations
@@ -126,11 +127,15 @@ def real_runs(
     return pairs
 
 
-def simulate_pairs(pairs: list[Pair], model: SimModel) -> None:
+def simulate_pairs(
+    pairs: list[Pair], model: SimModel, rates: dict[tuple[int, int, int, int, str], float]
+) -> None:
+    """Simulate each real run with the model, and its guest's measured rate."""
     for pair in pairs:
         scenario = scenario_from_dict(pair.real["scenario"])
         hw = hardware_from_dict(pair.real["hardware"])
-        pair.sim = simulate(scenario, hw, model)
+        rate = rates.get(guest_key(hw), model.guest_rate_mib_s)
+        pair.sim = simulate(scenario, hw, replace(model, guest_rate_mib_s=rate))
 
 
 def _err(real: float, sim: float) -> str:
@@ -159,11 +164,14 @@ def table(pairs: list[Pair]) -> str:
     return render(HEADER, rows)
 
 
-def measured_model(
-    runs: list[tuple[str, Scenario, Hardware]], base: SimModel, say: Callable[[str], None]
-) -> tuple[SimModel, list[float]]:
-    """The model with the guest's rate measured on each distinct guest, averaged."""
-    guests = {(hw.cpus, hw.working_set_mib(), hw.vm_mem_mib(), hw.stress_rate,
-               hw.stress_pattern): hw for _, _, hw in runs}  # fmt: skip
-    rates = [measure_guest_rate(hw, say) for hw in guests.values()]
-    return replace(base, guest_rate_mib_s=statistics.fmean(rates)), rates
+def guest_key(hw: Hardware) -> tuple[int, int, int, int, str]:
+    """What makes two configurations the same guest (its rate is measured once)."""
+    return (hw.cpus, hw.working_set_mib(), hw.vm_mem_mib(), hw.stress_rate, hw.stress_pattern)
+
+
+def measured_rates(
+    runs: list[tuple[str, Scenario, Hardware]], say: Callable[[str], None]
+) -> dict[tuple[int, int, int, int, str], float]:
+    """Each distinct guest's rate, measured on it (measure_guest_rate)."""
+    guests = {guest_key(hw): hw for _, _, hw in runs}
+    return {key: measure_guest_rate(hw, say) for key, hw in guests.items()}

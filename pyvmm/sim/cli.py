@@ -166,12 +166,13 @@ def cmd_calibrate(argv: Sequence[str]) -> int:
     runs = calibrate.selected_runs(a.comparisons, a.filter, a.max_time)
     if not runs:
         raise ValueError(f"--filter {a.filter!r} selects no run")
-    model, rates = calibrate.measured_model(runs, _model(a), say)
+    rates = calibrate.measured_rates(runs, say)
     pairs = calibrate.real_runs(runs, a.output, a.sleep, say)
-    calibrate.simulate_pairs(pairs, model)
-    print(f"guest rate measured on the real guest: {model.guest_rate_mib_s:.0f} MiB/s per vCPU "
-          f"(calc-dirty-rate, dirty-bitmap; per guest: {', '.join(f'{r:.0f}' for r in rates)})"
-          "\n")  # fmt: skip
+    calibrate.simulate_pairs(pairs, _model(a), rates)
+    for key, rate in rates.items():
+        print(f"guest {key[0]} vCPU(s) x {key[1]} MiB: {rate:.0f} MiB/s per vCPU measured "
+              "(calc-dirty-rate, dirty-bitmap)")  # fmt: skip
+    print()
     print(calibrate.table(pairs))
     return 0
 
