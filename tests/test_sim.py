@@ -108,6 +108,38 @@ def test_the_simulator_runs_the_vmms_policy_code(monkeypatch: pytest.MonkeyPatch
     assert after["status"] == "cancelled" and after["cancel_reason"] == "max-time"
 
 
+def _guest_rate_mib_s(rpt: dict, t0: float, t1: float) -> float:
+    """The guest's mean rate per vCPU between t0 and t1 (its memstress-like progress)."""
+    rates = []
+    for samples in rpt["guest_timings"]["src"].values():
+        window = [s for s in samples if t0 <= s["t"] <= t1]
+        rates.append((window[-1]["mib"] - window[0]["mib"]) / (window[-1]["t"] - window[0]["t"]))
+    return sum(rates) / len(rates)
+
+
+def test_the_dirty_limit_runs_the_vmms_controller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dirty limit's controller (DirtyLimitController, QEMU's dirtylimit.c arithmetic)
+    on the modelled rings: once the trigger fires the vCPUs sleep per ring-full until they
+    dirty about the quota; with its adjustment patched out they are never slowed."""
+    import pyvmm.migration.convergence.dirtylimit as dirtylimit
+
+    hw = Hardware(cpus=2, mem=1024, stress_mem=512, dirty_ring_size=4096)
+    sc = Scenario(bandwidth=64, dirty_limit=True, vcpu_dirty_limit=16, max_time=200)
+    model = SimModel(guest_rate_mib_s=135)
+    rpt = simulate(sc, hw, model)
+    limited = [p for p in rpt["progress_history"] if p["dirty_limit_throttle_time_per_round"]]
+    assert rpt["result"]["status"] == "completed" and limited, rpt["result"]
+    start = limited[0]["elapsed"]
+    rate = _guest_rate_mib_s(rpt, start + 5, start + 15)
+    assert 8 <= rate <= 16 * 1e6 / (1 << 20) + 25, rate  # QEMU's tolerance is 25 MB/s
+    monkeypatch.setattr(dirtylimit, "adjust_throttle", lambda old, *args: dirtylimit.Adjustment(
+        0, 0, old, old, "patched"))  # fmt: skip
+    free = simulate(sc, hw, model)
+    assert not any(p["dirty_limit_throttle_time_per_round"] for p in free["progress_history"])
+    assert free["result"]["status"] == "cancelled"
+    assert _guest_rate_mib_s(free, start + 5, start + 15) > 100
+
+
 def test_sync_generations_during_a_long_pass_in_virtual_time() -> None:
     """(Was a 2 x 30 s real test.) A pass over 96 MiB at 6 MiB/s takes 16 s. QEMU 9.2's
     timer syncs within 10 s during it; QEMU <= 9.1 syncs once per pass. Timer syncs are
@@ -187,7 +219,7 @@ def test_sim_writes_a_bench_report_that_table_and_plot_read(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["sim", "--dirty-limit", "--dirty-ring-size", "4096"], "no model of dirty rings"),
+        (["sim", "--dirty-limit"], "--dirty-limit needs --dirty-ring-size"),
         (["sim", "--mem", "12X"], "invalid size '12X'"),
         (["sim", "--guest-rate-mib-s", "0"], "--guest-rate-mib-s must be positive"),
         (["sim", "batch", "nope"], "unknown comparison 'nope'"),

@@ -34,6 +34,7 @@ from pyvmm.bench.engine import _host, progress_sample
 from pyvmm.bench.scenario import Hardware, Scenario, ScenarioError, to_dict
 from pyvmm.migration.clock import VirtualClock
 from pyvmm.migration.convergence import build_policies
+from pyvmm.migration.convergence.dirtylimit import DirtyLimitController
 from pyvmm.migration.dirtypages import DirtyPages
 from pyvmm.migration.params import MigrationSettings, ParameterError
 from pyvmm.migration.policy import SYNC_FORCED
@@ -42,6 +43,7 @@ from pyvmm.migration.stats import ACTIVE_STATES, MigrationStats
 from pyvmm.sim.guest import PAGE_SIZE, GuestModel, SimDirtyView, SimMachine
 from pyvmm.sim.link import Link, SimPageWriter, SimStreamWriter
 from pyvmm.sim.model import MIB, SimModel, model_to_dict
+from pyvmm.sim.rings import SimRingTracker
 
 log = logging.getLogger("pyvmm.sim")
 
@@ -57,16 +59,16 @@ class SimRun:
         scenario.check()
         hw.check()
         model.check()
-        if scenario.dirty_limit:
-            raise ScenarioError(
-                "pyvmm sim has no model of dirty rings: the dirty limit's controller runs "
-                "on RingTracker's entry counters (use --auto-converge)"
-            )
+        if scenario.dirty_limit and not hw.dirty_ring_size:
+            raise ScenarioError("--dirty-limit needs --dirty-ring-size")
         self.scenario, self.hw, self.model = scenario, hw, model
         self.settings = MigrationSettings()
         try:
             self.settings.set_capabilities(scenario.capabilities(), bool(hw.dirty_ring_size))
-            self.settings.set_parameters(scenario.parameters())
+            params = scenario.parameters()
+            if hw.dirty_ring_size:
+                params["x-vcpu-dirty-limit-ring-size"] = hw.dirty_ring_size
+            self.settings.set_parameters(params)
             self.settings.check_migrate()
         except ParameterError as exc:
             raise ScenarioError(str(exc)) from None
@@ -91,7 +93,17 @@ class SimRun:
             self.writer, self.stats.ram, self.guest.nonzero_pages, self.link
         )
         self.cancel = threading.Event()
-        self.policies = build_policies(self.settings.caps)
+        self.dirty_limit: DirtyLimitController | None = None
+        if scenario.dirty_limit:
+            rings = SimRingTracker(self.guest, self.machine, hw.dirty_ring_size)
+            self.dirty_limit = DirtyLimitController(
+                self.machine,
+                rings,
+                self.settings,
+                lambda: self,
+                self.clock,  # type: ignore[arg-type]
+            )
+        self.policies = build_policies(self.settings.caps, self.dirty_limit)
         self.events: list[tuple[str, dict[str, Any] | None]] = []
         self.precopy = Precopy(
             self.pages, self.page_writer, self.writer, self.stats,  # type: ignore[arg-type]
@@ -143,6 +155,8 @@ class SimRun:
             self.stats.end_ms = self.clock.now_ms()
             for policy in self.policies:
                 policy.on_end(self)  # type: ignore[arg-type]
+            if self.dirty_limit is not None:
+                self.dirty_limit.close()
             self._monitor.close()
         self._sample(force=True)
         wall_s = time.monotonic() - t0
@@ -189,7 +203,7 @@ class SimRun:
         if self.stats.status not in ACTIVE_STATES:
             return
         self._sample()
-        pct = self.stats.extra.get("cpu-throttle-percentage", 0)
+        pct = self.stats.extra.get("cpu-throttle-percentage", 0)  # (the dirty limit has none)
         self.max_pct = max(self.max_pct, pct if isinstance(pct, int) else 0)
         s = self.scenario
         if self.cancel_reason is None and self.stats.status == "active":

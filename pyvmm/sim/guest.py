@@ -76,8 +76,10 @@ class SimVcpu:
         """Kicked out of the guest at once; fn runs on "its thread" now."""
         fn(self)
 
-    def sleep_us(self, microseconds: int) -> None:
+    def sleep_us(self, microseconds: int) -> int:
+        """Queue the sleep; returns it (the dirty limit counts what was slept)."""
         self.guest.sleep(self.index, microseconds / 1000)
+        return microseconds
 
     def wake(self) -> None:
         self.guest.wake(self.index)
@@ -117,6 +119,13 @@ class GuestModel:
         self.log = np.zeros(words_for(total_pages), np.uint64)  # the "KVM" dirty log
         self.stopped = False
         self.sleeps = 0
+        # Dirty rings (rings.py): entries per vCPU since its ring was last reset, and in
+        # all; `ring_full` is called at the instant a ring fills while it is set.
+        self.ring_entries = 0
+        self.entries = np.zeros(cpus)
+        self.entries_total = np.zeros(cpus)
+        self.ring_full: Callable[[int], None] | None = None
+        self._at: float | None = None  # "now" for sleeps queued by a ring-full
 
     @property
     def nonzero_pages(self) -> int:
@@ -127,7 +136,7 @@ class GuestModel:
 
     def sleep(self, index: int, ms: float) -> None:
         """A sleep queued on vCPU `index` now: it starts now or when its last one ends."""
-        now = self.clock.now_ms()
+        now = self.clock.now_ms() if self._at is None else self._at
         start = max(now, float(self.sleep_end_ms[index]))
         self.sleep_end_ms[index] = start + ms
         self.slept_ms[index] += ms
@@ -153,17 +162,50 @@ class GuestModel:
 
     # --- writes -----------------------------------------------------------------------------
 
+    def reset_rings(self) -> None:
+        """A harvest of every ring (any sync in ring mode): each starts empty again."""
+        self.entries.fill(0)
+
     def advance_to(self, t: float) -> None:
-        """Log every page the vCPUs wrote from last_ms to t."""
+        """Log every page the vCPUs wrote from last_ms to t; with a ring-full hook set, stop
+        at each instant a vCPU's ring fills, reset that ring and call the hook there (the
+        KVM_EXIT_DIRTY_RING_FULL exit), so that a penalty it queues starts at that instant.
+        Every write is a new ring entry: the working sets are larger than the rings."""
         if t <= self.last_ms:
             return
         if self.stopped:
             self.last_ms = t
             return
+        hook, n = self.ring_full, self.ring_entries
+        while hook is not None and n:
+            start = np.maximum(self.sleep_end_ms, self.last_ms)
+            with np.errstate(divide="ignore"):
+                fill = start + (n - self.entries) / self.rate
+            index = int(np.argmin(fill))
+            at = float(fill[index])
+            if at > t:
+                break
+            self._advance(max(at, self.last_ms))
+            for full in np.flatnonzero(self.entries >= n - 1e-6):
+                self.entries[full] = 0  # the exit reaps this vCPU's ring
+                self._at = at
+                try:
+                    hook(int(full))
+                finally:
+                    self._at = None
+            hook = self.ring_full
+        self._advance(t)
+
+    def _advance(self, t: float) -> None:
+        if t <= self.last_ms:
+            return
         slept_now = self.slept_ms - np.maximum(self.sleep_end_ms - t, 0.0)
         ran = np.maximum((t - self.last_ms) - (slept_now - self._slept_at_last), 0.0)
         before = np.floor(self.written).astype(np.int64)
-        self.written += ran * self.rate
+        pages = ran * self.rate
+        self.written += pages
+        self.entries += pages
+        self.entries_total += pages
         after = np.floor(self.written).astype(np.int64)
         self._slept_at_last = slept_now
         self.last_ms = t
@@ -201,6 +243,7 @@ class SimDirtyView:
             self.syncs += 1
             new = or_new_into(self.bitmaps[0], guest.log)
             guest.log.fill(0)
+            guest.reset_rings()
             self._cleared.clear()
             return new
 
