@@ -73,10 +73,11 @@ def measure_guest_rate(hw: Hardware, say: Callable[[str], None]) -> float:
                 raise BenchError(f"the guest did not reach steady state (progress {latest})")
             time.sleep(0.05)
         rates = []
+        mode = "dirty-ring" if hw.dirty_ring_size else "dirty-bitmap"  # what the guest has
         with SyncQmp(f"unix:{qmp}", timeout_s=30) as q:
             for _ in range(WINDOWS):
                 q.execute("calc-dirty-rate", {"calc-time": WINDOW_MS,
-                          "calc-time-unit": "millisecond", "mode": "dirty-bitmap"})  # fmt: skip
+                          "calc-time-unit": "millisecond", "mode": mode})  # fmt: skip
                 while (info := q.execute("query-dirty-rate"))["status"] != "measured":
                     time.sleep(0.05)
                 rates.append(info["dirty-rate"] / hw.cpus)
@@ -85,7 +86,7 @@ def measure_guest_rate(hw: Hardware, say: Callable[[str], None]) -> float:
         if rate >= 0.9 * cap:
             say(f"warning: the guest dirtied its whole working set in {WINDOW_MS} ms windows: "
                 f"{rate:.0f} MiB/s is a lower bound")  # fmt: skip
-        say(f"{hw.cpus} vCPU(s) x {ws} MiB: calc-dirty-rate {rates} MiB/s per vCPU")
+        say(f"{hw.cpus} vCPU(s) x {ws} MiB: calc-dirty-rate ({mode}) {rates} MiB/s per vCPU")
         return rate
     finally:
         vm.stop()
@@ -95,12 +96,12 @@ def measure_guest_rate(hw: Hardware, say: Callable[[str], None]) -> float:
 def selected_runs(
     names: list[str], filter_: str, max_time: int | None
 ) -> list[tuple[str, Scenario, Hardware]]:
-    """The bench comparisons' runs that the simulator can model (no dirty limit)."""
+    """The bench comparisons' runs, filtered."""
     runs = []
     for comp in bench_selected(names):
         for scenario, hw in comp.runs:
             tag = f"{comp.name}/{scenario.name}"
-            if scenario.dirty_limit or not fnmatch.fnmatch(tag, filter_):
+            if not fnmatch.fnmatch(tag, filter_):
                 continue
             if max_time is not None:
                 scenario = replace(scenario, max_time=min(scenario.max_time, max_time))

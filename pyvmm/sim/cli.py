@@ -171,7 +171,7 @@ def cmd_calibrate(argv: Sequence[str]) -> int:
     calibrate.simulate_pairs(pairs, _model(a), rates)
     for key, rate in rates.items():
         print(f"guest {key[0]} vCPU(s) x {key[1]} MiB: {rate:.0f} MiB/s per vCPU measured "
-              "(calc-dirty-rate, dirty-bitmap)")  # fmt: skip
+              "(calc-dirty-rate)")  # fmt: skip
     print()
     print(calibrate.table(pairs))
     return 0

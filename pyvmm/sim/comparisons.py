@@ -1,7 +1,6 @@
 """The comparisons `pyvmm sim batch` runs: the bench's, and those only a simulator can run.
 
-- series-2024 and qemu-reference: `pyvmm bench batch`'s own runs (calibration's subject);
-  the dirty limit's row is left out (no ring model, docs/sim.md).
+- series-2024 and qemu-reference: `pyvmm bench batch`'s own runs (calibration's subject).
 - series-2024-full: the v1 cover letter's scenario at its own scale. 16 vCPUs, 100 GiB,
   a 1.59 Gbit/s link, downtime-limit 500 ms, cpu-throttle-increment 10, max-bandwidth
   left at guestperf's "unlimited"; original, background sync and background sync +
@@ -131,12 +130,6 @@ def link_sweep() -> Comparison:
     )
 
 
-def series_2024_small() -> Comparison:
-    comp = BENCH["series-2024"]()
-    comp.runs = [(sc, hw) for sc, hw in comp.runs if not sc.dirty_limit]
-    return comp
-
-
 # Per comparison: SimModel fields that differ from the defaults (options given on the
 # command line win), and seeds per configuration.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -147,7 +140,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 SEEDS: dict[str, int] = {"series-2024-full": 3}
 
 COMPARISONS: dict[str, Callable[[], Comparison]] = {
-    "series-2024": series_2024_small,
+    "series-2024": BENCH["series-2024"],
     "qemu-reference": BENCH["qemu-reference"],
     "series-2024-full": series_2024_full,
     "beyond-series": beyond_series,
