@@ -64,6 +64,30 @@ def test_guest_writes_sequentially_and_sleeps_take_its_time() -> None:
     assert not view.bitmaps[0][2000 // 64 + 1 :].any()  # the rest of RAM stays clean
 
 
+def test_a_ring_full_stops_the_vcpu_where_its_ring_fills() -> None:
+    """100-entry rings, 10 pages/ms, a 5 ms penalty per fill (what the dirty limit's
+    controller queues): fills at 10, 25, 40, ... ms, each penalty from its own instant."""
+    clock = VirtualClock()
+    guest = GuestModel(clock, 1 << 16, 1, 10_000, np.array([10.0]), np.zeros(1))
+    guest.ring_entries = 100
+    fills: list[float] = []
+
+    def ring_full(index: int) -> None:
+        fills.append(guest._at or -1.0)
+        guest.sleep(index, 5.0)
+
+    guest.ring_full = ring_full
+    clock.advance(100)
+    guest.advance_to(clock.now_ms())
+    assert [round(f, 6) for f in fills] == [10, 25, 40, 55, 70, 85, 100]
+    assert round(guest.entries_total[0]) == 700 and guest.entries[0] == 0
+    guest.reset_rings()  # a harvest empties the rings: the next fill is 100 entries away
+    guest.ring_full = None
+    clock.advance(1)
+    guest.advance_to(clock.now_ms())
+    assert round(guest.entries[0]) == 0  # still asleep (100 to 105 ms)
+
+
 def test_a_page_written_before_its_copy_is_not_sent_twice() -> None:
     """The log of a 1 GiB chunk is cleared at its first copy after a sync (QEMU's clear
     bitmap): what the guest wrote between the sync and the copy goes with the copy."""

@@ -231,10 +231,7 @@ class SimRun:
                 )
         if force or now >= self._next_cpu_ms:
             self._next_cpu_ms = now + CPU_SAMPLE_MS
-            g = self.guest
-            slept = g.slept_ms - np.maximum(g.sleep_end_ms - now, 0.0)
-            for index in range(g.cpus):
-                cpu_ms = max(0.0, now - float(slept[index])) if not g.stopped else 0.0
+            for index, cpu_ms in enumerate(self.guest.running_ms()):
                 self.vcpu_cpu.setdefault(str(index), []).append(
                     {"t": now / 1000, "cpu_ms": round(cpu_ms, 3), "tid": index}
                 )

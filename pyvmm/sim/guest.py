@@ -118,6 +118,7 @@ class GuestModel:
         self.last_ms = clock.now_ms()
         self.log = np.zeros(words_for(total_pages), np.uint64)  # the "KVM" dirty log
         self.stopped = False
+        self.stopped_at_ms = 0.0
         self.sleeps = 0
         # Dirty rings (rings.py): entries per vCPU since its ring was last reset, and in
         # all; `ring_full` is called at the instant a ring fills while it is set.
@@ -154,6 +155,13 @@ class GuestModel:
         """The switchover's stop: what was written until now is logged, then nothing."""
         self.advance_to(self.clock.now_ms())
         self.stopped = True
+        self.stopped_at_ms = self.clock.now_ms()
+
+    def running_ms(self) -> list[float]:
+        """Each vCPU's time in the guest so far (its CPU time: sleeps excluded)."""
+        now = self.stopped_at_ms if self.stopped else self.clock.now_ms()
+        slept = self.slept_ms - np.maximum(self.sleep_end_ms - now, 0.0)
+        return [max(0.0, now - float(x)) for x in slept]
 
     def written_mib(self) -> list[float]:
         """MiB each vCPU has written since the model started (memstress's progress)."""
