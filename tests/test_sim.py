@@ -107,6 +107,28 @@ def test_a_page_written_before_its_copy_is_not_sent_twice() -> None:
     assert view.sync() == 100
 
 
+def test_the_link_counts_data_and_zero_pages_from_pages_or_runs() -> None:
+    """Pages below the working sets' end are data, the rest never written (zero); the
+    page writer takes page numbers or a range table's runs (first, npages)."""
+    from types import SimpleNamespace
+
+    from pyvmm.migration.stats import RamStats
+    from pyvmm.sim.link import Link, SimPageWriter, SimStreamWriter
+
+    clock = VirtualClock()
+    link = Link.of(8000, 0.0, 1.0)  # 1 GB/s, 1 GiB/s of zero pages
+    ram = RamStats()
+    writer = SimPageWriter(SimStreamWriter(clock, link), ram, 1000, link)
+    runs = SimpleNamespace(count=3, first=np.array([0, 900, 2000], np.uint64),
+                           npages=np.array([10, 200, 50], np.uint64), pages=260)  # fmt: skip
+    sent = writer.send(runs)
+    assert (ram.normal, ram.duplicate) == (110, 150)
+    assert sent == 2 * 40 + 110 * 4096 + 48
+    assert clock.now_ms() == pytest.approx(sent / 1e6 * 1000 + 150 * 4096 / (1 << 30) * 1000)
+    writer.send(0, np.array([1, 2, 999, 1000, 1001], np.uint64))
+    assert (ram.normal, ram.duplicate) == (113, 152)
+
+
 # --- the simulation --------------------------------------------------------------------------
 
 

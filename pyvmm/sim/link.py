@@ -12,6 +12,7 @@ on their own threads while the migration thread sends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from pyvmm.migration.stats import RamStats
 
 PAGE_SIZE = 4096
 RECORD_HEADER_BYTES = 24  # every record's header (docs/migration-stream.md)
-RAM_RUN_OVERHEAD_BYTES = 40  # a RAM_RUN's record and run headers (one run per step here)
+RAM_RUN_OVERHEAD_BYTES = 40  # a RAM_RUN's record and run headers, per run of data pages
 ZERO_RUN_BYTES = 48  # one record for any number of zero pages
 
 
@@ -68,12 +69,28 @@ class SimPageWriter:
         self.clock = writer.clock
         self.in_downtime = False
 
-    def send(self, slot: int, pages: np.ndarray) -> int:
-        """Send these pages (ascending); returns the bytes written."""
-        normal = int(np.searchsorted(pages, self.nonzero_pages))
-        zero = len(pages) - normal
-        sent = (RAM_RUN_OVERHEAD_BYTES + normal * PAGE_SIZE if normal else 0) + (
-            ZERO_RUN_BYTES if zero else 0
+    def send(self, taken: Any, pages: np.ndarray | None = None) -> int:
+        """Send what DirtyPages took; returns the bytes written. Either (slot, page numbers,
+        ascending) or one RangeTable (runs of pages, the range-table DirtyPages, which
+        with no GuestMemory calls every page data: zero pages are decided here)."""
+        end = self.nonzero_pages
+        if pages is not None:
+            total = len(pages)
+            normal = int(np.searchsorted(pages, end))
+            data_runs = 1 if normal else 0
+        else:
+            n = taken.count
+            first = taken.first[:n].astype(np.int64)
+            last = first + taken.npages[:n].astype(np.int64)
+            below = np.clip(np.minimum(last, end) - first, 0, None)
+            total = int(taken.pages)
+            normal = int(below.sum())
+            data_runs = int(np.count_nonzero(below))
+        zero = total - normal
+        sent = (
+            data_runs * RAM_RUN_OVERHEAD_BYTES
+            + normal * PAGE_SIZE
+            + (ZERO_RUN_BYTES if zero else 0)
         )
         writer, ram = self.writer, self.ram
         writer.bytes_sent += sent
@@ -86,3 +103,9 @@ class SimPageWriter:
             ram.precopy_bytes += sent
         self.clock.advance(self.link.transfer_ms(sent) + zero / self.link.zero_pages_per_ms)
         return sent
+
+    def sync_point(self) -> None:
+        """Multifd's sync point at each sync: one modelled connection, nothing to drain."""
+
+    def finish(self) -> None:
+        """The end of the page stream: nothing buffered."""
