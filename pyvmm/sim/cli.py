@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,8 +65,10 @@ def sim_run_parser() -> argparse.ArgumentParser:
         "pre-copy loop and convergence policies; write the same JSON report as pyvmm bench."
     )
     for action in p._actions:  # the real engine's own knobs mean nothing here
-        if action.dest in ("binary", "trace", "heatmap", "sleep"):
+        if action.dest in ("binary", "trace", "heatmap", "sleep", "transport"):
             action.help = argparse.SUPPRESS
+        elif action.dest == "link_mbit":
+            action.help = "the modelled link's rate in Mbit/s (default: --loopback-mib-s)"
     _model_options(p)
     return p
 
@@ -124,6 +127,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         a.transport = "tcp"  # a modelled link needs no veth pair; the option reads the same
     scenario = Scenario(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Scenario)})
     hw = Hardware(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Hardware)})
+    if a.verbose:  # every policy decision, as the VMM logs it
+        logging.basicConfig(level=logging.INFO, format="pyvmm: %(name)s: %(message)s")
     rpt = simulate(scenario, hw, _model(a))
     if a.output:
         report.write(rpt, a.output)
