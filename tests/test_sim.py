@@ -186,6 +186,15 @@ def test_the_dirty_limit_runs_the_vmms_controller(monkeypatch: pytest.MonkeyPatc
     assert _guest_rate_mib_s(free, start + 5, start + 15) > 100
 
 
+def test_a_sync_cost_delays_the_migration_thread() -> None:
+    """--sync-ms-per-gib: each sync holds the migration thread; the final one is downtime."""
+    base = simulate(SMALL, SMALL_HW, SMALL_MODEL)["result"]
+    gib = SMALL_HW.vm_mem_mib() / 1024
+    slow = simulate(SMALL, SMALL_HW, replace(SMALL_MODEL, sync_ms_per_gib=40 / gib))["result"]
+    assert slow["downtime"] >= base["downtime"] + 38, (base, slow)
+    assert slow["total_time"] > base["total_time"]
+
+
 def test_sync_generations_during_a_long_pass_in_virtual_time() -> None:
     """(Was a 2 x 30 s real test.) A pass over 96 MiB at 6 MiB/s takes 16 s. QEMU 9.2's
     timer syncs within 10 s during it; QEMU <= 9.1 syncs once per pass. Timer syncs are

@@ -29,6 +29,7 @@ MODEL_HELP = {
     "loopback_mib_s": "the link's rate without --link-mbit",
     "latency_ms": "one-way link latency",
     "zero_scan_gib_s": "how fast the source gets through never-written (zero) pages",
+    "sync_ms_per_gib": "what a dirty sync costs the migration thread per GiB of RAM",
     "state_bytes": "machine state sent at the switchover",
     "state_bytes_per_vcpu": "machine state per vCPU",
     "dest_load_ms": "the destination's restore",

@@ -92,6 +92,9 @@ class SimRun:
         self.page_writer = SimPageWriter(
             self.writer, self.stats.ram, self.guest.nonzero_pages, self.link
         )
+        if model.sync_ms_per_gib:
+            sync_ms = model.sync_ms_per_gib * total_pages * PAGE_SIZE / (1 << 30)
+            self.view.on_sync = lambda: self._charge(sync_ms)
         self.cancel = threading.Event()
         self.dirty_limit: DirtyLimitController | None = None
         if scenario.dirty_limit:
@@ -119,6 +122,11 @@ class SimRun:
         self._next_sample_ms = 0.0
         self._next_cpu_ms = 0.0
         self._monitor = self.clock.timer(self._poll, "sim-monitor")
+
+    def _charge(self, ms: float) -> None:
+        """A sync's cost: the migration thread's next send starts that much later (timers
+        that fire inside a sync would re-enter it, so the clock does not move here)."""
+        self.page_writer.busy_ms += ms
 
     # --- PolicyHost ---------------------------------------------------------------------------
 

@@ -243,6 +243,7 @@ class SimDirtyView:
         self.lock = threading.RLock()
         self.syncs = 0
         self._cleared: set[int] = set()
+        self.on_sync: Callable[[], None] | None = None  # the engine charges a sync's cost
 
     def sync(self) -> int:
         guest = self.guest
@@ -253,6 +254,8 @@ class SimDirtyView:
             guest.log.fill(0)
             guest.reset_rings()
             self._cleared.clear()
+            if self.on_sync is not None:
+                self.on_sync()
             return new
 
     def before_copy(self, slot: int, first_page: int, npages: int) -> None:

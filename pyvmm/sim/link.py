@@ -68,6 +68,7 @@ class SimPageWriter:
         self.link = link
         self.clock = writer.clock
         self.in_downtime = False
+        self.busy_ms = 0.0  # migration-thread time owed (a sync's cost), paid at the next send
 
     def send(self, taken: Any, pages: np.ndarray | None = None) -> int:
         """Send what DirtyPages took; returns the bytes written. Either (slot, page numbers,
@@ -101,7 +102,8 @@ class SimPageWriter:
             ram.downtime_bytes += sent
         else:
             ram.precopy_bytes += sent
-        self.clock.advance(self.link.transfer_ms(sent) + zero / self.link.zero_pages_per_ms)
+        busy, self.busy_ms = self.busy_ms, 0.0
+        self.clock.advance(busy + self.link.transfer_ms(sent) + zero / self.link.zero_pages_per_ms)
         return sent
 
     def sync_point(self) -> None:

@@ -29,6 +29,9 @@ class SimModel:
     latency_ms: float = 0.05
     # Zero pages (never written): what it costs the source to find and send one.
     zero_scan_gib_s: float = 8.0
+    # What a dirty sync costs the migration thread per GiB of guest RAM (0: nothing, the
+    # default; docs/sim.md uses it to ask what a costly sync would change).
+    sync_ms_per_gib: float = 0.0
     # The switchover: machine state per VM and per vCPU, the destination's restore.
     state_bytes: int = 8192
     state_bytes_per_vcpu: int = 4096
@@ -40,7 +43,7 @@ class SimModel:
         for name in ("guest_rate_mib_s", "loopback_mib_s", "zero_scan_gib_s", "sample_ms"):
             if getattr(self, name) <= 0:
                 raise ScenarioError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("jitter_pct", "latency_ms", "dest_load_ms", "setup_ms"):
+        for name in ("jitter_pct", "latency_ms", "dest_load_ms", "setup_ms", "sync_ms_per_gib"):
             if getattr(self, name) < 0:
                 raise ScenarioError(f"--{name.replace('_', '-')} must not be negative")
         if self.jitter_pct >= 100:
