@@ -509,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(func=cmd_colo_compare)
 
     sub.add_parser("bench", help="migration benchmark harness (pyvmm bench --help)", add_help=False)
+    sub.add_parser("sim", help="migration simulator on a virtual clock (pyvmm sim --help)",
+                   add_help=False)  # fmt: skip
     return parser  # fmt: skip
 
 
@@ -518,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyvmm.bench.cli import main as bench_main
 
         return guarded(lambda _args: bench_main(argv[1:]), argparse.Namespace())
+    if argv[:1] == ["sim"]:  # likewise: pyvmm sim [run|batch|calibrate]
+        from pyvmm.sim.cli import main as sim_main
+
+        return guarded(lambda _args: sim_main(argv[1:]), argparse.Namespace())
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

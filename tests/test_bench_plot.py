@@ -242,7 +242,8 @@ def test_markdown_escapes_pipes() -> None:
 
 def test_series_2024_table_in_the_v1_layout_with_both_ratios() -> None:
     """pyvmm bench batch series-2024 prints, per load, the v1 cover letter's columns and
-    each configuration's ratio to original beside the series' own."""
+    each configuration's ratio to original beside the series' own mean total time,
+    iteration count and ratio."""
     runs = [
         make_report("heavy-original", total_s=300.0, syncs=20, iterations=20, max_throttle=99),
         make_report("heavy-original", total_s=310.0, syncs=21, iterations=21, max_throttle=99),
@@ -258,7 +259,7 @@ def test_series_2024_table_in_the_v1_layout_with_both_ratios() -> None:
         r["scenario"]["bandwidth"] = 64
     text = series.table(runs)
     assert "**heavy** (2 vCPUs x 1024 MiB at 64 MiB/s, a pass over them 32 s; the series: " \
-        "5000 MB per vCPU)" in text  # fmt: skip
+        "5000 MB of stress)" in text  # fmt: skip
     header = next(line for line in text.splitlines() if line.startswith("| configuration"))
     assert [c.strip() for c in header.strip("|").split("|")] == list(series.HEADER)
     heavy = text[: text.index("**light**")]
@@ -269,14 +270,17 @@ def test_series_2024_table_in_the_v1_layout_with_both_ratios() -> None:
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
     assert rows["original"][1:] == ["2", "305.0 ± 5.0", "120.0 ± 0.0", "20.5 ± 0.5",
-                                    "99.0 ± 0.0", "1.00", "1.00"]  # fmt: skip
-    assert rows["background"][4] == "12" and rows["background"][6:] == ["0.40", "0.46"]
-    assert rows["background-responsive"][6:] == ["0.30", "0.41"]
-    assert rows["2013"][2] == "> 290 (cancelled)" and rows["2013"][6:] == ["> 0.95", "-"]
-    assert rows["original [qemu]"][6:] == ["1.05", "-"]
+                                    "99.0 ± 0.0", "1.00", "592.3", "22.3", "1.00"]  # fmt: skip
+    assert rows["background"][4] == "12"
+    assert rows["background"][6:] == ["0.40", "274.8", "27.7", "0.46"]
+    assert rows["background-responsive"][6:] == ["0.30", "242.8", "22.7", "0.41"]
+    assert rows["2013"][2] == "> 290 (cancelled)"
+    assert rows["2013"][6:] == ["> 0.95", "-", "-", "-"]
+    assert rows["original [qemu]"][6:] == ["1.05", "-", "-", "-"]
     # The light table has its own original and the series' light ratios.
     light = text[text.index("**light**") :]
-    assert re.search(r"\| background +\|.*\| +1\.00 \| +1\.00 \|$", light, re.MULTILINE)
+    assert re.search(r"\| background +\|.*\| +1\.00 \| +116\.3 \| +33\.0 \| +1\.00 \|$", light,
+                     re.MULTILINE)  # fmt: skip
 
 
 def test_series_ratios_are_the_cover_letters() -> None:

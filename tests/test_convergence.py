@@ -170,6 +170,10 @@ def test_auto_converge_makes_an_impossible_migration_complete(tmp_path: Path) ->
         assert dst.proc.wait(10) != 0  # the first destination saw its stream cancelled
 
 
+# test_sync_generations_during_a_long_pass (two 30 s real migrations) runs in virtual time
+# now: tests/test_sim.py::test_sync_generations_during_a_long_pass_in_virtual_time.
+
+
 def _sleeps_per_s(pid: int, tids: list[int], seconds: float) -> list[float]:
     """Voluntary context switches per second of each vCPU thread: a vCPU in KVM_RUN makes
     none; each throttle sleep makes one (plus the odd wait for the GIL)."""

@@ -47,6 +47,25 @@ def _int(low: int) -> type[int]:
     return parse  # type: ignore[return-value]
 
 
+def _mib(low: int) -> type[int]:
+    """MiB, or a size with a unit: 512, 512M, 100G (binary units, as QEMU's -m)."""
+
+    def parse(text: str) -> int:
+        units = {"M": 1, "G": 1024, "T": 1024 * 1024}
+        scale = units.get(text[-1:].upper(), 0)
+        try:
+            value = int(text[:-1] if scale else text) * (scale or 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid size '{text}' (MiB, or with M, G or T)"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"'{text}' must be at least {low} MiB")
+        return value
+
+    return parse  # type: ignore[return-value]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sleep",
@@ -71,9 +90,10 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus", type=_int(1), default=h.cpus, help=f"vCPUs (default {h.cpus})")
     g.add_argument(
         "--mem",
-        type=_int(1),
+        type=_mib(1),
         default=h.mem,
-        help=f"MiB of working set in total (default {h.mem}); the VM gets 256 more",
+        help=f"working set in total, MiB or with a unit (100G) (default {h.mem}); the VM "
+        "gets 256 MiB more",
     )
     g.add_argument(
         "--dirty-ring-size",
@@ -84,7 +104,7 @@ def run_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--stress-mem",
-        type=_int(0),
+        type=_mib(0),
         default=0,
         metavar="MIB",
         help="MiB each vCPU rewrites (default --mem / --cpus)",

@@ -153,6 +153,17 @@ HEATMAP = _object(
     }
 )
 SCHEMA["properties"]["heatmap"] = HEATMAP
+# `pyvmm sim` (docs/sim.md): the report of a simulated run says so, with its model.
+SIMULATION = _object(
+    {
+        "model": {"type": "object"},  # pyvmm/sim/model.py's SimModel, field by field
+        "link_mbit": _NUM,
+        "guest_rate_mib_s": _NUM,  # per vCPU, unthrottled
+        "throttle_sleeps": _INT,
+        "wall_s": _NUM,  # how long the simulation took
+    }
+)
+SCHEMA["properties"]["simulation"] = SIMULATION
 
 
 class ReportError(ValueError):
@@ -188,7 +199,8 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def label(report: dict[str, Any]) -> str:
-    """How tables and plots name a run: the scenario, and the VMM when it is not pyvmm."""
+    """How tables and plots name a run: the scenario, and the VMM when it is not pyvmm
+    (a simulated run is "[sim]")."""
     name = report["scenario"]["name"]
-    vmm = report["hardware"]["vmm"]
+    vmm = "sim" if "simulation" in report else report["hardware"]["vmm"]
     return name if vmm == "pyvmm" else f"{name} [{vmm}]"

@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.dirty.rate import pages_to_mib_s
@@ -49,6 +48,7 @@ from pyvmm.dirty.ring import RingTracker
 from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpu import Vcpu, VcpuRunState
+from pyvmm.migration.clock import WALL_CLOCK, Clock, Timer
 from pyvmm.migration.convergence.trigger import DirtyTrigger, TriggerVerdict
 from pyvmm.migration.params import MigrationSettings
 
@@ -62,7 +62,6 @@ LINEAR_ADJUSTMENT_PCT = 50  # DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT: "far" beyond thi
 THROTTLE_PCT_MAX = 99  # DIRTYLIMIT_THROTTLE_PCT_MAX: sleep <= 99 ring-full times
 CALC_TIME_MS = 1000  # DIRTYLIMIT_CALC_TIME_MS: the period outside a dirty-limit migration
 PAGE_SIZE = 4096
-STOP_TIMEOUT_S = 5.0
 
 QMP_THROTTLE_TIME = "dirty-limit-throttle-time-per-round"
 QMP_RING_FULL_TIME = "dirty-limit-ring-full-time"
@@ -161,6 +160,17 @@ class VcpuLimit:
     slept_us: int = 0  # sleep actually served since the last decision (for the log)
 
 
+@dataclass
+class _Stat:
+    """One run of the "dirtyrate-stat" measurement: its view, its timer, the period's start."""
+
+    view: DirtyView
+    timer: Timer | None = None
+    before: list[int] = field(default_factory=list)
+    t0_ms: float = 0.0
+    stopped: bool = False
+
+
 # --- the controller ---------------------------------------------------------------------------
 
 
@@ -181,11 +191,13 @@ class DirtyLimitController:
         tracker: DirtyTracker,
         settings: MigrationSettings,
         migration: Callable[[], PolicyHost | None] = lambda: None,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
-        if not isinstance(tracker, RingTracker):
+        if getattr(tracker, "mode", None) != "ring":  # RingTracker, or the simulator's rings
             raise ValueError("the dirty limit needs ring-mode dirty tracking (--dirty-ring)")
         self.machine = machine
-        self.tracker: RingTracker = tracker
+        self.tracker: RingTracker = tracker  # type: ignore[assignment]
+        self.clock = clock
         self.settings = settings
         self._migration = migration
         self.vcpus = [VcpuLimit(i) for i in range(len(machine.vcpus))]
@@ -194,8 +206,7 @@ class DirtyLimitController:
         self.listeners: list[Callable[[], None]] = []  # run after each adjustment pass
         self._lock = threading.RLock()  # QEMU's dirtylimit_mutex: limits and throttles
         self._penalty_lock = threading.Lock()  # owed_us / penalty_queued
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stat: _Stat | None = None  # the measurement while a limit is in service
         tracker.on_counted_full = self._on_counted_full
         tracker.on_ring_full = self._on_ring_full
 
@@ -306,57 +317,56 @@ class DirtyLimitController:
         return self.vcpus if cpu_index is None else [self.vcpus[cpu_index]]
 
     def _start_thread(self) -> None:
-        old = self._thread
-        if old is not None and old is not threading.current_thread() and old.is_alive():
-            old.join(STOP_TIMEOUT_S)  # a thread still ending after a cancel
+        """vcpu_dirty_rate_stat_start. QEMU's "dirtyrate-stat" thread is a timer of the
+        controller's Clock here (on the wall clock, a thread of that name): each expiry
+        ends one period (vcpu_calculate_dirtyrate: snapshot, wait, sync, snapshot) and
+        adjusts the throttles, and the next period starts right after it."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
+            if self._stat is not None:
                 return
             for v in self.vcpus:
                 v.current_mbps = 0  # vcpu_dirty_rate_stat_initialize
-            self._stop = threading.Event()
-            self._thread = threading.Thread(
-                target=self._run, args=(self._stop,), name="dirtyrate-stat", daemon=True
-            )
-            self._thread.start()
+            # The view keeps dirty logging on while we measure (vcpu_dirty_rate_stat_thread's
+            # global_dirty_log_change); the rates come from the tracker's per-vCPU entry
+            # counters, so its bitmaps are never read. As in QEMU, no sync before the first
+            # period.
+            stat = _Stat(self.tracker.open_view("dirty-limit"))
+            stat.timer = self.clock.timer(lambda: self._stat_tick(stat), "dirtyrate-stat")
+            self._stat = stat
+            self._begin_period(stat)
+
+    def _begin_period(self, stat: _Stat) -> None:
+        stat.t0_ms = self.clock.now_ms()
+        stat.before = self.tracker.vcpu_dirty_pages() or []
+        assert stat.timer is not None
+        stat.timer.mod(stat.t0_ms + self.period_ms())
 
     def _stop_thread(self) -> None:
         with self._lock:
-            self._stop.set()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(STOP_TIMEOUT_S)
-            if thread.is_alive():
-                log.warning("dirty-limit stat thread did not stop within %.0f s", STOP_TIMEOUT_S)
+            stat, self._stat = self._stat, None
+        if stat is None:
+            return
+        stat.stopped = True
+        assert stat.timer is not None
+        stat.timer.close()  # waits for a period being processed (unless called from it)
+        stat.view.close()
 
-    def _run(self, stop: threading.Event) -> None:
-        # The view keeps dirty logging on while we run (vcpu_dirty_rate_stat_thread's
-        # global_dirty_log_change); the rates come from the tracker's per-vCPU entry
-        # counters, so its bitmaps are never read. As in QEMU, no sync before the first
-        # period: each later one starts right after the previous period's sync.
-        view = self.tracker.open_view("dirty-limit")
+    def _stat_tick(self, stat: _Stat) -> None:
+        """One period has passed: global_dirty_log_sync (reaps every ring, so the counters
+        are current), the rates, dirtylimit_process, and the next period."""
+        if stat.stopped:
+            return
         try:
-            while not stop.is_set():
-                rates, elapsed_ms = self._measure(stop, view)
-                if stop.is_set():
-                    break
-                self._process(rates, elapsed_ms)
+            stat.view.sync()
+            after = self.tracker.vcpu_dirty_pages() or []
+            elapsed_ms = self.clock.now_ms() - stat.t0_ms
+            if stat.stopped:
+                return
+            self._process(vcpu_rates(stat.before, after, elapsed_ms), elapsed_ms)
+            if not stat.stopped:
+                self._begin_period(stat)
         except Exception:  # the VM may be ending under us; never die silently
-            log.exception("dirty-limit stat thread failed")
-        finally:
-            view.close()
-
-    def _measure(self, stop: threading.Event, view: DirtyView) -> tuple[list[int], float]:
-        """vcpu_calculate_dirtyrate: snapshot, wait a period, sync, snapshot."""
-        period_ms = self.period_ms()
-        t0 = time.monotonic()
-        before = self.tracker.vcpu_dirty_pages() or []
-        if stop.wait(period_ms / 1000):
-            return [], 0.0
-        view.sync()  # global_dirty_log_sync: reaps every ring, so the counters are current
-        after = self.tracker.vcpu_dirty_pages() or []
-        elapsed_ms = (time.monotonic() - t0) * 1000
-        return vcpu_rates(before, after, elapsed_ms), elapsed_ms
+            log.exception("dirty-limit stat timer failed")
 
     def _process(self, rates: list[int], elapsed_ms: float) -> None:
         """dirtylimit_process: adjust every limited vCPU's sleep per ring-full."""
@@ -429,9 +439,11 @@ class DirtyLimitController:
                 if owed <= 0:
                     v.penalty_queued = False
                     return
-            t0 = time.monotonic()
-            vcpu.sleep_us(owed)
-            slept = int((time.monotonic() - t0) * 1e6)
+            t0_ms = self.clock.now_ms()
+            scheduled = vcpu.sleep_us(owed)
+            # A vCPU whose sleeps are scheduled rather than slept (the simulator's) says
+            # how long it will sleep; a real one has slept when sleep_us returns.
+            slept = int((self.clock.now_ms() - t0_ms) * 1000) if scheduled is None else scheduled
             v.slept_us += slept
             log.debug(
                 "penalty policy=dirty-limit vcpu=%d owed_us=%d slept_us=%d", v.index, owed, slept
