@@ -107,9 +107,9 @@ def test_a_page_written_before_its_copy_is_not_sent_twice() -> None:
     assert view.sync() == 100
 
 
-def test_the_link_counts_data_and_zero_pages_from_pages_or_runs() -> None:
+def test_the_link_counts_data_and_zero_pages_of_a_range_table() -> None:
     """Pages below the working sets' end are data, the rest never written (zero); the
-    page writer takes page numbers or a range table's runs (first, npages)."""
+    page writer takes a range table's runs (first, npages), as PageWriter does."""
     from types import SimpleNamespace
 
     from pyvmm.migration.stats import RamStats
@@ -125,7 +125,9 @@ def test_the_link_counts_data_and_zero_pages_from_pages_or_runs() -> None:
     assert (ram.normal, ram.duplicate) == (110, 150)
     assert sent == 2 * 40 + 110 * 4096 + 48
     assert clock.now_ms() == pytest.approx(sent / 1e6 + 150 * 4096 / (1 << 30) * 1000)
-    writer.send(0, np.array([1, 2, 999, 1000, 1001], np.uint64))
+    runs = SimpleNamespace(count=2, first=np.array([1, 999], np.uint64),
+                           npages=np.array([2, 3], np.uint64), pages=5)  # fmt: skip
+    writer.send(runs)
     assert (ram.normal, ram.duplicate) == (113, 152)
 
 

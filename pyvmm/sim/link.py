@@ -12,12 +12,15 @@ on their own threads while the migration thread sends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pyvmm.migration.clock import VirtualClock
 from pyvmm.migration.stats import RamStats
+
+if TYPE_CHECKING:
+    from pyvmm.dirty.ranges import RangeTable
 
 PAGE_SIZE = 4096
 RECORD_HEADER_BYTES = 24  # every record's header (docs/migration-stream.md)
@@ -70,23 +73,18 @@ class SimPageWriter:
         self.in_downtime = False
         self.busy_ms = 0.0  # migration-thread time owed (a sync's cost), paid at the next send
 
-    def send(self, taken: Any, pages: np.ndarray | None = None) -> int:
-        """Send what DirtyPages took; returns the bytes written. Either (slot, page numbers,
-        ascending) or one RangeTable (runs of pages, the range-table DirtyPages, which
-        with no GuestMemory calls every page data: zero pages are decided here)."""
+    def send(self, table: RangeTable) -> int:
+        """Send one RangeTable DirtyPages took; returns the bytes written. With no
+        GuestMemory the walk calls every page data: zero pages (those past what the guest
+        ever wrote) are decided here."""
         end = self.nonzero_pages
-        if pages is not None:
-            total = len(pages)
-            normal = int(np.searchsorted(pages, end))
-            data_runs = 1 if normal else 0
-        else:
-            n = taken.count
-            first = taken.first[:n].astype(np.int64)
-            last = first + taken.npages[:n].astype(np.int64)
-            below = np.clip(np.minimum(last, end) - first, 0, None)
-            total = int(taken.pages)
-            normal = int(below.sum())
-            data_runs = int(np.count_nonzero(below))
+        n = table.count
+        first = table.first[:n].astype(np.int64)
+        last = first + table.npages[:n].astype(np.int64)
+        below = np.clip(np.minimum(last, end) - first, 0, None)
+        total = int(table.pages)
+        normal = int(below.sum())
+        data_runs = int(np.count_nonzero(below))
         zero = total - normal
         sent = (
             data_runs * RAM_RUN_OVERHEAD_BYTES
