@@ -87,8 +87,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.fixturenames.insert(0, "require_kvm")
 
 
-# --- two workers (pytest-xdist, pyproject's addopts) ------------------------------------------
-# Most tests wait (on a paced guest, a capped link, QEMU's start), so two run at once. A test
+# --- several workers (pytest-xdist, pyproject's addopts) ------------------------------------------
+# Most tests wait (on a paced guest, a capped link, QEMU's start), so several run at once. A test
 # that measures a rate or a time against the machine's speed is marked `exclusive` and runs
 # alone: a readers-writer lock over every test, shared by the workers through a file in
 # their common base directory. An exclusive test first takes the turnstile, so that a test

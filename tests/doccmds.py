@@ -264,6 +264,7 @@ SUBSTITUTIONS: dict[str, Sub] = {
     ),
     # --- docs/course/07-qemu.md ---
     LAB7_WAIT: Sub(LAB7_WAIT, "QEMU needs seconds to start the guest here", slow=True),
+    "sleep 3": Sub("sleep 1", "the guest is running after 1 s; the steady state is not checked"),
     # --- docs/course/04-precopy.md ---
     LAB4_BENCH: Sub(LAB4_BENCH, "about 20 s", slow=True),
     # --- docs/course/05-convergence.md: smaller --cancel-after, and the generations only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -65,6 +66,9 @@ def wait_for_line(path: Path, needle: str, timeout_s: float = 10.0) -> str:
 
 
 def open_fds() -> int:
+    """This process's open fds, after a collection: an object an earlier test dropped
+    would otherwise close its fd whenever the collector runs, in the middle of a count."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 

@@ -404,6 +404,6 @@ def test_series_2024_reduced_batch(tmp_path: Path) -> None:
     page = summary.read_text()
     assert "| light-original " in page and "| iterations |" in page.replace("  ", " ")
     assert "**light** (2 vCPUs x 384 MiB at 64 MiB/s, a pass over them 12 s; the series: " \
-        "150 MB per vCPU)" in page  # fmt: skip
+        "150 MB of stress)" in page  # fmt: skip
     assert "| configuration" in page and "series' ratio" in page
     assert (out / "series-2024" / "chart-light.png").exists()

@@ -141,7 +141,9 @@ def test_signal_bursts_end_a_fresh_destination_quickly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_signal_bursts_twenty_runs_each(tmp_path: Path) -> None:
-    """The issue's figures: bursts of 2, 50 and 300, 20 runs each, both targets."""
-    running_guests(tmp_path, runs=20)
-    fresh_destinations(tmp_path, runs=20)
+def test_signal_bursts_ten_runs_each(tmp_path: Path) -> None:
+    """Bursts of 2, 50 and 300, ten runs each, both targets. The issue measured 20; before
+    the control loop 7 of 20 hung on a running guest and 19 of 20 on a fresh destination,
+    so ten runs would have caught either with a probability above 98 %, in half the time."""
+    running_guests(tmp_path, runs=10)
+    fresh_destinations(tmp_path, runs=10)
