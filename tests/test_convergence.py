@@ -159,7 +159,9 @@ def test_auto_converge_makes_an_impossible_migration_complete(tmp_path: Path) ->
                 seen_pct = 0
                 deadline = time.monotonic() + 90
                 while (info := q.execute("query-migrate"))["status"] in (
-                    "setup", "active", "device",  # device: the switchover is under way
+                    "setup",
+                    "active",
+                    "device",  # device: the switchover is under way
                 ):
                     seen_pct = max(seen_pct, info.get("cpu-throttle-percentage", 0))
                     assert time.monotonic() < deadline, info
