@@ -85,6 +85,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("kvm") is not None:
             item.fixturenames.insert(0, "require_kvm")
+    # The long tests first (a stable sort: the same order on every worker), so that the
+    # workers end on short ones instead of one of them running a long test alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # --- several workers (pytest-xdist, pyproject's addopts) ------------------------------------------
