@@ -7,7 +7,7 @@ import datetime
 import fnmatch
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,17 @@ class ComparisonResult:
     charts: list[Path] = field(default_factory=list)
 
 
-def selected(names: list[str]) -> list[Comparison]:
-    unknown = [n for n in names if n != "all" and n not in COMPARISONS]
+def select(names: list[str], table: Mapping[str, Callable[[], Comparison]]) -> list[Comparison]:
+    """The comparisons `names` asks for from `table` ("all": every one, in its order)."""
+    unknown = [n for n in names if n != "all" and n not in table]
     if unknown:
-        raise ScenarioError(
-            f"unknown comparison {unknown[0]!r} (have: {', '.join(COMPARISONS)}, all)"
-        )
-    wanted = list(COMPARISONS) if "all" in names else names
-    return [COMPARISONS[n]() for n in wanted]
+        raise ScenarioError(f"unknown comparison {unknown[0]!r} (have: {', '.join(table)}, all)")
+    wanted = list(table) if "all" in names else names
+    return [table[n]() for n in wanted]
+
+
+def selected(names: list[str]) -> list[Comparison]:
+    return select(names, COMPARISONS)
 
 
 def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],

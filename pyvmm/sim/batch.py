@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvmm.bench import report
-from pyvmm.bench.batch import charts, tables
+from pyvmm.bench.batch import charts, select, tables
 from pyvmm.bench.comparisons import Comparison
-from pyvmm.bench.scenario import ScenarioError
 from pyvmm.sim.comparisons import COMPARISONS, MODEL_DEFAULTS, SEEDS
 from pyvmm.sim.engine import simulate
 from pyvmm.sim.model import SimModel
@@ -37,12 +36,7 @@ class SimResult:
 
 
 def selected(names: list[str]) -> list[Comparison]:
-    unknown = [n for n in names if n != "all" and n not in COMPARISONS]
-    if unknown:
-        raise ScenarioError(
-            f"unknown comparison {unknown[0]!r} (have: {', '.join(COMPARISONS)}, all)"
-        )
-    return [COMPARISONS[n]() for n in (list(COMPARISONS) if "all" in names else names)]
+    return select(names, COMPARISONS)
 
 
 def run_batch(opts: SimBatchOptions, say: Callable[[str], None]) -> list[SimResult]:
