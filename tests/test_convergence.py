@@ -289,7 +289,6 @@ def test_convergence_parameters_follow_qemu(tmp_path: Path) -> None:
         assert q.execute("query-migrate") == {}  # nothing started
 
 
-@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.kvm
 def test_downtime_limit_0_completes_only_when_nothing_is_pending(tmp_path: Path) -> None:
     """A guest rewriting 8 MiB flat out, a link that takes 250 ms per pass over it (long

@@ -414,7 +414,6 @@ def test_dirty_rate_during_a_migration_is_the_guests_and_loses_no_page(
         assert not dst.lines("CORRUPT")
 
 
-@pytest.mark.exclusive  # measures rates or times: runs alone
 @pytest.mark.slow
 def test_downtime_stays_within_its_limit(tmp_path: Path) -> None:
     """A running 512 MiB, 2-vCPU memverify migrated at unlimited bandwidth, 10 times: the
