@@ -86,7 +86,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.get_closest_marker("kvm") is not None:
             item.fixturenames.insert(0, "require_kvm")
     # The long tests first (a stable sort: the same order on every worker), so that the
-    # workers end on short ones instead of one of them running a long test alone at the end.
+    # workers end on short ones; `--dist worksteal` (pyproject) lets an idle worker take
+    # half of a busy one's queue, as xdist hands each worker one consecutive chunk first.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
