@@ -27,6 +27,7 @@ def _vm_hwm_bytes(pid: int) -> int:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
+@pytest.mark.exclusive  # a peak RSS: once 426 MiB beside other tests (24 MiB alone)
 def test_a_64_gib_guest_that_touches_little_runs_on_any_host(tmp_path: Path) -> None:
     out, err = tmp_path / "out", tmp_path / "err"
     with out.open("w") as stdout, err.open("w") as stderr:
