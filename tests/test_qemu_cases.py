@@ -213,6 +213,7 @@ def test_migrate_incoming_only_once(tmp_path: Path) -> None:
             dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{free_tcp_port()}")
 
 
+@pytest.mark.exclusive  # the trigger compares the guest's dirtying with the link's rate
 @pytest.mark.slow
 def test_auto_converge_custom_steps_never_pass_max_cpu_throttle(tmp_path: Path) -> None:
     # /migration/auto_converge: custom initial and increment; the throttle starts at the
