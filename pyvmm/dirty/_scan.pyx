@@ -908,6 +908,22 @@ cdef int _check_window(Py_ssize_t nwords, Py_ssize_t start, Py_ssize_t stop) exc
     return 0
 
 
+cdef int _check_populated(Py_ssize_t pop_len, Py_ssize_t first_chunk, Py_ssize_t start_word,
+                          Py_ssize_t stop_word) except -1:
+    """The populated mask (chunks [first_chunk, first_chunk + pop_len)) must cover the
+    chunks of words [start_word, stop_word)."""
+    if start_word < stop_word and (
+        first_chunk < 0
+        or first_chunk > (start_word >> _CHUNK_WORD_SHIFT)
+        or first_chunk + pop_len < ((stop_word + 7) >> _CHUNK_WORD_SHIFT)
+    ):
+        raise ValueError(
+            f"populated covers chunks [{first_chunk}, {first_chunk + pop_len}) but words "
+            f"[{start_word}, {stop_word}) need chunks [{start_word >> 3}, {(stop_word + 7) >> 3})"
+        )
+    return 0
+
+
 def dirty_window(const uint64_t[::1] bitmap not None, Py_ssize_t from_word, Py_ssize_t limit_word,
                  uint64_t max_pages, populated=None, Py_ssize_t populated_first_chunk=0):
     """Where the next take should go: (start, stop, pages).
@@ -927,16 +943,7 @@ def dirty_window(const uint64_t[::1] bitmap not None, Py_ssize_t from_word, Py_s
     if populated is not None:
         pop_view = populated
         pop_len = pop_view.shape[0]
-        if from_word < limit_word and (
-            populated_first_chunk < 0
-            or populated_first_chunk > (from_word >> _CHUNK_WORD_SHIFT)
-            or populated_first_chunk + pop_len < ((limit_word + 7) >> _CHUNK_WORD_SHIFT)
-        ):
-            raise ValueError(
-                f"populated covers chunks [{populated_first_chunk}, "
-                f"{populated_first_chunk + pop_len}) but words [{from_word}, {limit_word}) "
-                f"need chunks [{from_word >> 3}, {(limit_word + 7) >> 3})"
-            )
+        _check_populated(pop_len, populated_first_chunk, from_word, limit_word)
         if pop_len:
             pop = &pop_view[0]
     with nogil:
@@ -994,16 +1001,7 @@ def walk_runs(uint64_t[::1] bitmap not None, Py_ssize_t start_word, Py_ssize_t s
     if populated is not None:
         pop_view = populated
         pop_len = pop_view.shape[0]
-        if start_word < stop_word and (
-            populated_first_chunk < 0
-            or populated_first_chunk > (start_word >> _CHUNK_WORD_SHIFT)
-            or populated_first_chunk + pop_len < ((stop_word + 7) >> _CHUNK_WORD_SHIFT)
-        ):
-            raise ValueError(
-                f"populated covers chunks [{populated_first_chunk}, "
-                f"{populated_first_chunk + pop_len}) but words [{start_word}, {stop_word}) "
-                f"need chunks [{start_word >> 3}, {(stop_word + 7) >> 3})"
-            )
+        _check_populated(pop_len, populated_first_chunk, start_word, stop_word)
         if pop_len:
             pop = &pop_view[0]
     if cap == 0 or start_word == stop_word:
