@@ -40,6 +40,27 @@ class DestinationRefused(Exception):
     """The destination answered ERROR; the message is its reason."""
 
 
+def expect_reply(
+    reader: StreamReader, want: ReplyType, doing: str, peer: str,
+    refused: type[Exception] = ConnectionError,
+) -> int:  # fmt: skip
+    """Wait for one reply from `peer` (within the reader's REPLY_TIMEOUT_S); returns its
+    arg. ERROR raises `refused` with the peer's reason; anything else ConnectionError."""
+    try:
+        reply, arg, reason = reader.reply()
+    except TimeoutError:
+        raise ConnectionError(
+            f"the {peer} did not answer within {REPLY_TIMEOUT_S:.0f} s while {doing}"
+        ) from None
+    except StreamError as exc:
+        raise ConnectionError(f"while {doing}: {exc}") from None
+    if reply is ReplyType.ERROR:
+        raise refused(f"the {peer} failed {doing}: {reason}")
+    if reply is not want:
+        raise ConnectionError(f"the {peer} answered {reply.name} instead of {want.name}")
+    return arg
+
+
 @dataclass
 class DowntimeParts:
     """Where the downtime went, in ms, measured on the source (docs/migration.md)."""
@@ -132,17 +153,4 @@ class Switchover:
         return t, t - t0
 
     def _expect(self, want: ReplyType, doing: str) -> int:
-        """Wait for one reply; returns its arg. ERROR and anything else raise."""
-        try:
-            reply, arg, reason = self.reader.reply()  # within the reader's REPLY_TIMEOUT_S
-        except TimeoutError:
-            raise ConnectionError(
-                f"the destination did not answer within {REPLY_TIMEOUT_S:.0f} s while {doing}"
-            ) from None
-        except StreamError as exc:
-            raise ConnectionError(f"while {doing}: {exc}") from None
-        if reply is ReplyType.ERROR:
-            raise DestinationRefused(f"the destination failed {doing}: {reason}")
-        if reply is not want:
-            raise ConnectionError(f"the destination answered {reply.name} instead of {want.name}")
-        return arg
+        return expect_reply(self.reader, want, doing, "destination", DestinationRefused)

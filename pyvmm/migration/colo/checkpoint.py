@@ -38,10 +38,10 @@ from pyvmm.migration.pagewriter import PageWriter
 from pyvmm.migration.stream import (
     RecordType,
     ReplyType,
-    StreamError,
     StreamReader,
     StreamWriter,
 )
+from pyvmm.migration.switchover import expect_reply
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,5 @@ class Checkpoint:
         return pos["tx"], pos["sent"], int(serial2["rx_end"])
 
     def _expect(self, want: ReplyType, doing: str) -> int:
-        try:
-            reply, _, reason = self.reader.reply()
-        except TimeoutError:
-            raise ConnectionError(
-                f"the secondary did not answer within {REPLY_TIMEOUT_S:.0f} s while {doing}"
-            ) from None
-        except StreamError as exc:
-            raise ConnectionError(f"while {doing}: {exc}") from None
-        if reply is ReplyType.ERROR:
-            raise ConnectionError(f"the secondary failed {doing}: {reason}")
-        if reply is not want:
-            raise ConnectionError(f"the secondary answered {reply.name} instead of {want.name}")
+        expect_reply(self.reader, want, doing, "secondary")
         return self.reader.reply_value
