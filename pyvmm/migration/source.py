@@ -193,8 +193,11 @@ class MigrationSource:
             self._emit("MIGRATION", {"status": status})
 
     def _set_status(self, status: str) -> None:
-        self.stats.status = status
+        # The event first: a client's events and answers leave in order, so one that sees
+        # the new status in query-migrate has its MIGRATION event already (under QEMU's
+        # big lock a query cannot come between the two either).
         self._emit_status(status)
+        self.stats.status = status
         tl = self.timeline
         if tl is not None:  # a line across the whole process
             tl.instant(f"status {status}", 0, scope="p", cat="migration")
