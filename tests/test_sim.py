@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from pyvmm.bench import report, series
-from pyvmm.bench.scenario import Hardware, Scenario
+from pyvmm.bench.scenario import Hardware, Scenario, ScenarioError
 from pyvmm.migration.clock import VirtualClock
 from pyvmm.migration.convergence.autoconverge import AutoConverge
 from pyvmm.sim.comparisons import MODEL_DEFAULTS, series_2024_full
-from pyvmm.sim.engine import SimRun, simulate
+from pyvmm.sim.engine import SimRun, lag_function, simulate
 from pyvmm.sim.guest import GuestModel, SimDirtyView, set_range
-from pyvmm.sim.model import SimModel
+from pyvmm.sim.model import SimModel, lag_points
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,27 @@ def test_guest_writes_sequentially_and_sleeps_take_its_time() -> None:
     clock.advance(1000)  # more than a whole working set: each vCPU's 1000 pages, no more
     assert view.sync() == 2000 - 170
     assert not view.bitmaps[0][2000 // 64 + 1 :].any()  # the rest of RAM stays clean
+
+
+def test_a_wake_lag_takes_time_after_each_sleep() -> None:
+    """The measured wake lag: after a sleep of S ms a vCPU writes nothing for lag(S) ms
+    more, interpolated between the points and flat beyond them."""
+    lag = lag_function(lag_points("10:1,90:3"))
+    assert [lag(0), lag(10), lag(50), lag(90), lag(990)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+    clock = VirtualClock()
+    guest = GuestModel(clock, 4096, 1, 2000, np.array([10.0]), np.zeros(1), lag)
+    view = SimDirtyView(guest)
+    view.bitmaps[0].fill(0)
+    guest.sleep(0, 50.0)  # 50 ms asleep, then 2 ms of lag: writes from 52 ms on
+    clock.advance(60)
+    assert view.sync() == 80
+    assert guest.running_ms()[0] == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("text", ["10", "10:x", "-1:2", "5:-1"])
+def test_a_bad_wake_lag_is_refused(text: str) -> None:
+    with pytest.raises(ScenarioError, match="--wake-lag-ms"):
+        SimModel(wake_lag_ms=text).check()
 
 
 def test_a_ring_full_stops_the_vcpu_where_its_ring_fills() -> None:
@@ -281,7 +302,9 @@ def test_sim_writes_a_bench_report_that_table_and_plot_read(tmp_path: Path) -> N
         (["sim", "--guest-rate-mib-s", "0"], "--guest-rate-mib-s must be positive"),
         (["sim", "batch", "nope"], "unknown comparison 'nope'"),
         (["sim", "batch", "series-2024-full", "--filter", "x*"], "selects no run"),
-        (["sim", "calibrate"], "the following arguments are required: --output"),
+        (["sim", "calibrate"], "give either --output DIR"),
+        (["sim", "calibrate", "--real", "nowhere"], "nowhere holds no pyvmm report"),
+        (["sim", "--wake-lag-ms", "90"], "--wake-lag-ms: '90' is not SLEEP_MS:LAG_MS"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -292,24 +315,49 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_calibrate_takes_every_repeat_of_a_batch(tmp_path: Path) -> None:
+    """--real DIR: the pyvmm repeats of each configuration (NAME-N.json), not the QEMU
+    ones, compared with their mean; the goal allows 2 iterations around their range."""
+    from pyvmm.sim import calibrate
+
+    sc = replace(SMALL, name="small")
+    runs = [("series-2024/small", sc, SMALL_HW)]
+    (tmp_path / "series-2024").mkdir()
+    for n, seed in ((1, 1), (2, 2)):
+        rpt = simulate(sc, SMALL_HW, replace(SMALL_MODEL, seed=seed))
+        report.write(rpt, tmp_path / "series-2024" / f"small-{n}.json")
+    report.write(rpt, tmp_path / "series-2024" / "small-qemu-1.json")
+    pairs = calibrate.batch_runs(runs, tmp_path)
+    assert len(pairs) == 1 and len(pairs[0].reals) == 2
+    iters = [r["result"]["iteration_count"] for r in pairs[0].reals]
+    pairs[0].sim = simulate(sc, SMALL_HW, replace(SMALL_MODEL, seed=3))
+    pairs[0].sim["result"]["iteration_count"] = max(iters) + 2
+    assert calibrate.within_goal(pairs[0])
+    pairs[0].sim["result"]["iteration_count"] = max(iters) + 3
+    assert not calibrate.within_goal(pairs[0])
+    assert "small" in calibrate.table(pairs)
+
+
 # --- calibration against a real run ----------------------------------------------------------
 
 
 @pytest.mark.kvm
 def test_calibration_reduced(tmp_path: Path) -> None:
-    """A tiny guest (1 vCPU rewriting 8 MiB at 4 MiB/s): its rate measured with
-    calc-dirty-rate, one real run at max-bandwidth 6 MiB/s, and its simulation with the
-    measured rate: the same outcome, close."""
+    """A tiny guest (1 vCPU rewriting 8 MiB at 4 MiB/s): its rate measured on it, one real
+    run at max-bandwidth 6 MiB/s, and its simulation with the measured rate: the same
+    outcome, close."""
     from pyvmm.sim import calibrate
 
     hw = Hardware(cpus=1, mem=8, stress_rate=4)
     sc = Scenario(name="tiny", bandwidth=6, max_time=30)
     runs = [("calib/tiny", sc, hw)]
-    rates = calibrate.measured_rates(runs, lambda _t: None)
-    assert 2 <= rates[calibrate.guest_key(hw)] <= 6, rates  # memstress keeps to its 4 MiB/s
+    measures = calibrate.measured_guests([hw], lambda _t: None)
+    m = measures[calibrate.guest_key(hw)]
+    assert 2 <= m.rate_mib_s <= 6, m  # memstress keeps to its 4 MiB/s
+    assert m.lag == [], m  # a guest that keeps to a rate makes up its sleeps: not measured
     pairs = calibrate.real_runs(runs, tmp_path, 0.5, lambda _t: None)
-    calibrate.simulate_pairs(pairs, SimModel(), rates)
-    real, sim = pairs[0].real["result"], pairs[0].sim["result"]  # type: ignore[index]
+    calibrate.simulate_pairs(pairs, SimModel(), measures)
+    real, sim = pairs[0].reals[0]["result"], pairs[0].sim["result"]  # type: ignore[index]
     assert real["status"] == sim["status"] == "completed", (real, sim)
     assert abs(sim["iteration_count"] - real["iteration_count"]) <= 2, (real, sim)
     assert abs(sim["total_time"] - real["total_time"]) <= 0.5 * real["total_time"], (real, sim)

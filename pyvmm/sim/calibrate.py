@@ -1,25 +1,31 @@
 """`pyvmm sim calibrate`: the same configurations run for real (`pyvmm bench`'s engine) and
 in simulation, side by side with the relative error.
 
-The one figure the simulation takes from the real guest is its unthrottled dirty rate:
-measure_guest_rate boots the configuration's guest alone, lets it reach steady state and
-asks it for `calc-dirty-rate` in dirty-bitmap mode over short windows. That is the rate at
-which it dirties *new* pages while something tracks it, which on this host is not
-memstress's store rate: every first write to a page after a sync faults (tens of
-microseconds, docs/convergence.md). The windows are short enough that the working set is
-not exhausted in one. Each guest gets its own measured rate; everything else is one
-SimModel for every row.
+What the simulation takes from the real guest is measured on it (measure_guest): its
+dirty rate under tracking, unthrottled, and how a CPU throttle slows it. A pyvmm machine
+of the configuration's guest runs in this process, memstress reaches steady state, and
+new pages are counted over short windows through an eager dirty view (what calc-dirty-rate
+does in dirty-bitmap mode). That rate is not memstress's store rate: every first write to
+a page after a sync faults (tens of microseconds on this host, docs/convergence.md). Then
+pyvmm's own CpuThrottle holds the guest at 50 to 99 %: at p % each vCPU should write for
+10 ms in every 10 ms / (1 - p), so the rate it keeps says how much of each 10 ms it loses
+after waking from its sleep (the wake lag, SimModel.wake_lag_ms). Each guest is measured
+once; everything else is one SimModel for every row.
+
+The real side is either run here (DIR/COMPARISON/NAME-real.json, reused when present) or
+taken from a `pyvmm bench batch` output directory (--real DIR: every repeat of each
+configuration; the simulation is compared with their mean).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import shutil
+import io
+import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,63 +40,107 @@ from pyvmm.bench.scenario import (
     scenario_from_dict,
 )
 from pyvmm.bench.table import render
-from pyvmm.bench.vms import BenchError, host_tsc_khz, start_vm, vm_command, wait_for_socket
-from pyvmm.monitor.client import SyncQmp
+from pyvmm.bench.vms import GUEST, BenchError
 from pyvmm.sim.engine import simulate
-from pyvmm.sim.model import SimModel
+from pyvmm.sim.model import SimModel, format_lag
 
 
 @dataclass
 class Pair:
     name: str
-    real: dict[str, Any]
+    reals: list[dict[str, Any]]  # one report per real run (repeats of one configuration)
     sim: dict[str, Any] | None = None
 
 
-WINDOW_MS = 500  # calc-dirty-rate window: short, so that a fast guest is not capped by its set
+@dataclass
+class GuestMeasure:
+    rate_mib_s: float  # new pages per vCPU per second under tracking, unthrottled
+    lag: list[tuple[float, float]] = field(default_factory=list)  # (sleep ms, wake lag ms)
+    rates_by_pct: dict[int, float] = field(default_factory=dict)  # MiB/s per vCPU
+
+
+WINDOW_S = 0.5  # short, so that a fast guest does not exhaust its set in one window
 WINDOWS = 3
+THROTTLE_PCTS = (50, 80, 90, 95, 99)
+TIMESLICE_MS = 10.0  # CpuThrottle's: the run between two sleeps
 STEADY_TIMEOUT_S = 120.0
+PROGRESS = re.compile(r"memstress vcpu=(\d+) mib=(\d+)")
+MIB = 1 << 20
 
 
-def measure_guest_rate(hw: Hardware, say: Callable[[str], None]) -> float:
-    """MiB/s of new pages per vCPU that this guest dirties under tracking, unthrottled: the
-    median of WINDOWS calc-dirty-rate windows of WINDOW_MS on a pyvmm VM of its own."""
-    work = Path(tempfile.mkdtemp(prefix="pyvmm-calibrate-"))
-    qmp, serial = work / "src.qmp", work / "src.serial"
-    vm = start_vm("src", vm_command("pyvmm", hw, qmp, serial, None, host_tsc_khz()), work,
-                  qmp, serial)  # fmt: skip
-    try:
-        wait_for_socket(vm)
-        ws = hw.working_set_mib()
+def _new_pages(view: Any, seconds: float) -> tuple[int, float]:
+    """Pages first written in a window of `seconds`: sync and forget, wait, sync, count."""
+    view.sync()
+    with view.lock:
+        for bitmap in view.bitmaps:
+            bitmap.fill(0)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    view.sync()
+    return view.dirty_pages(), time.monotonic() - t0
+
+
+def measure_guest(hw: Hardware, say: Callable[[str], None]) -> GuestMeasure:
+    """This guest's unthrottled rate and its wake lag at THROTTLE_PCTS (none for a guest
+    that keeps to a --stress-rate: it would make up what a sleep took)."""
+    from pyvmm.dirty.factory import make_tracker
+    from pyvmm.machine.devices import SerialConsole, SerialLine
+    from pyvmm.machine.elf import load_pvh_image
+    from pyvmm.machine.images import resolve_image
+    from pyvmm.machine.machine import Machine, MachineConfig
+    from pyvmm.migration.convergence.throttle import CpuThrottle
+
+    progress: dict[int, int] = {}
+
+    def on_line(line: SerialLine) -> None:
+        if m := PROGRESS.search(line.text):
+            progress[int(m.group(1))] = int(m.group(2))
+
+    serial = SerialConsole(io.StringIO())
+    serial.listeners.append(on_line)
+    ws = hw.working_set_mib()
+    config = MachineConfig(hw.vm_mem_mib() * MIB, hw.cpus, hw.guest_cmdline())
+    with Machine(config, serial) as machine:
+        machine.boot(load_pvh_image(resolve_image(GUEST)))
+        machine.start()
         deadline = time.monotonic() + STEADY_TIMEOUT_S
-        while True:  # every vCPU has rewritten its set once: first touch is over
-            vm.check_alive()
-            vm.console.poll()
-            latest = vm.console.latest_mib()
-            if len(latest) == hw.cpus and min(latest.values()) >= ws:
-                break
+        while len(progress) < hw.cpus or min(progress.values()) < ws:  # first touch over
             if time.monotonic() > deadline:
-                raise BenchError(f"the guest did not reach steady state (progress {latest})")
+                raise BenchError(f"the guest did not reach steady state (progress {progress})")
             time.sleep(0.05)
-        rates = []
-        mode = "dirty-ring" if hw.dirty_ring_size else "dirty-bitmap"  # what the guest has
-        with SyncQmp(f"unix:{qmp}", timeout_s=30) as q:
-            for _ in range(WINDOWS):
-                q.execute("calc-dirty-rate", {"calc-time": WINDOW_MS,
-                          "calc-time-unit": "millisecond", "mode": mode})  # fmt: skip
-                while (info := q.execute("query-dirty-rate"))["status"] != "measured":
-                    time.sleep(0.05)
-                rates.append(info["dirty-rate"] / hw.cpus)
-        rate = statistics.median(rates)
-        cap = ws * 1000 / WINDOW_MS  # the whole set in one window: a lower bound only
-        if rate >= 0.9 * cap:
-            say(f"warning: the guest dirtied its whole working set in {WINDOW_MS} ms windows: "
-                f"{rate:.0f} MiB/s is a lower bound")  # fmt: skip
-        say(f"{hw.cpus} vCPU(s) x {ws} MiB: calc-dirty-rate ({mode}) {rates} MiB/s per vCPU")
-        return rate
-    finally:
-        vm.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        tracker = make_tracker(machine)
+        throttle = CpuThrottle(lambda: machine.vcpus)
+        try:
+            with tracker.open_view("calibrate") as view:
+
+                def rate(seconds: float, windows: int) -> float:
+                    counts = [_new_pages(view, seconds) for _ in range(windows)]
+                    return statistics.median(
+                        pages * 4096 / MIB / elapsed / hw.cpus for pages, elapsed in counts
+                    )
+
+                base = rate(WINDOW_S, WINDOWS)
+                measure = GuestMeasure(base, rates_by_pct={0: base})
+                if base * WINDOW_S >= 0.9 * ws:
+                    say(f"warning: the guest dirtied its whole working set in {WINDOW_S} s "
+                        f"windows: {base:.0f} MiB/s is a lower bound")  # fmt: skip
+                if hw.stress_rate:
+                    return measure
+                for pct in THROTTLE_PCTS:
+                    p = pct / 100
+                    cycle_s = TIMESLICE_MS / (1 - p) / 1000
+                    throttle.set_percentage(pct)
+                    time.sleep(2 * cycle_s)  # the first sleeps at this percentage are over
+                    r = rate(max(WINDOW_S, 4 * cycle_s), 2)
+                    measure.rates_by_pct[pct] = r
+                    # At p a vCPU should write 10 ms per cycle; r / base of the cycle it did.
+                    lag_ms = TIMESLICE_MS - r / base * cycle_s * 1000
+                    sleep_ms = p / (1 - p) * TIMESLICE_MS
+                    measure.lag.append((round(sleep_ms, 1), min(TIMESLICE_MS, max(0.0, lag_ms))))
+                return measure
+        finally:
+            throttle.stop()
+            tracker.close()
 
 
 def selected_runs(
@@ -124,55 +174,107 @@ def real_runs(
             say(f"{tag}: real run")
             rpt = run(scenario, hw, RunOptions("pyvmm", sleep_s), Quiet())
             report.write(rpt, path)
-        pairs.append(Pair(tag, rpt))
+        pairs.append(Pair(tag, [rpt]))
+    return pairs
+
+
+def batch_runs(runs: list[tuple[str, Scenario, Hardware]], batch_dir: Path) -> list[Pair]:
+    """Every pyvmm repeat of each configuration from a `pyvmm bench batch --output` tree
+    (DIR/COMPARISON/NAME-N.json); a configuration with none is left out."""
+    pairs = []
+    for tag, _scenario, _hw in runs:
+        comp, name = tag.split("/", 1)
+        paths = sorted((batch_dir / comp).glob(f"{name}-[0-9]*.json"))
+        reports = [report.load(p) for p in paths if re.fullmatch(rf"{re.escape(name)}-\d+", p.stem)]
+        if reports:
+            pairs.append(Pair(tag, reports))
     return pairs
 
 
 def simulate_pairs(
-    pairs: list[Pair], model: SimModel, rates: dict[tuple[int, int, int, int, str], float]
+    pairs: list[Pair], model: SimModel, measures: dict[tuple[int, int, int, int, str], GuestMeasure]
 ) -> None:
-    """Simulate each real run with the model, and its guest's measured rate."""
+    """Simulate each configuration with the model and its guest's measured rate and lag."""
     for pair in pairs:
-        scenario = scenario_from_dict(pair.real["scenario"])
-        hw = hardware_from_dict(pair.real["hardware"])
-        rate = rates.get(guest_key(hw), model.guest_rate_mib_s)
-        pair.sim = simulate(scenario, hw, replace(model, guest_rate_mib_s=rate))
+        scenario = scenario_from_dict(pair.reals[0]["scenario"])
+        hw = hardware_from_dict(pair.reals[0]["hardware"])
+        m = measures.get(guest_key(hw))
+        if m is not None:
+            model = replace(model, guest_rate_mib_s=m.rate_mib_s, wake_lag_ms=format_lag(m.lag))
+        pair.sim = simulate(scenario, hw, model)
 
 
 def _err(real: float, sim: float) -> str:
     return f"{(sim - real) / real * 100:+.1f} %" if real else "-"
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """The mean, and the range when there are several runs."""
+    mean = format(statistics.fmean(values), fmt)
+    if len(values) == 1:
+        return mean
+    return f"{mean} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 HEADER = (
     "configuration", "status (real / sim)", "total time real (s)", "sim (s)", "error",
-    "iterations real", "sim", "diff", "max throttle real (%)", "sim (%)",
+    "iterations real", "sim", "diff", "max throttle real (%)", "sim (%)", "goal",
 )  # fmt: skip
+TIME_GOAL = 0.10  # within 10 % of the real mean total time
+ITER_GOAL = 2  # within 2 of the real runs' iteration counts (of their range)
+
+
+def within_goal(pair: Pair) -> bool:
+    """Total time within 10 % of the real mean, iterations within 2 of the real range."""
+    assert pair.sim is not None
+    s = pair.sim["result"]
+    times = [r["result"]["total_time"] for r in pair.reals]
+    iters = [r["result"]["iteration_count"] for r in pair.reals]
+    mean = statistics.fmean(times)
+    return (
+        abs(s["total_time"] - mean) <= TIME_GOAL * mean
+        and min(iters) - ITER_GOAL <= s["iteration_count"] <= max(iters) + ITER_GOAL
+    )
 
 
 def table(pairs: list[Pair]) -> str:
     rows = []
     for p in pairs:
         assert p.sim is not None
-        r, s = p.real["result"], p.sim["result"]
+        s = p.sim["result"]
+        results = [r["result"] for r in p.reals]
+        statuses = sorted({r["status"] for r in results})
+        times = [r["total_time"] / 1000 for r in results]
+        iters = [r["iteration_count"] for r in results]
+        completed = all(r["status"] == "completed" for r in results)
+        goal = ("yes" if within_goal(p) else "no") if completed else "-"
         rows.append((
-            p.name, f"{r['status']} / {s['status']}",
-            f"{r['total_time'] / 1000:.1f}", f"{s['total_time'] / 1000:.1f}",
-            _err(r["total_time"], s["total_time"]),
-            str(r["iteration_count"]), str(s["iteration_count"]),
-            f"{s['iteration_count'] - r['iteration_count']:+d}",
-            str(r["max_throttle_pcent"]), str(s["max_throttle_pcent"]),
+            p.name, f"{'/'.join(statuses)} / {s['status']}",
+            _spread(times, ".1f"), f"{s['total_time'] / 1000:.1f}",
+            _err(statistics.fmean(times), s["total_time"] / 1000),
+            _spread(iters, ".0f" if len(iters) == 1 else ".1f"), str(s["iteration_count"]),
+            f"{s['iteration_count'] - statistics.fmean(iters):+.1f}",
+            "/".join(str(v) for v in sorted({r["max_throttle_pcent"] for r in results})),
+            str(s["max_throttle_pcent"]), goal,
         ))  # fmt: skip
     return render(HEADER, rows)
 
 
 def guest_key(hw: Hardware) -> tuple[int, int, int, int, str]:
-    """What makes two configurations the same guest (its rate is measured once)."""
+    """What makes two configurations the same guest (it is measured once)."""
     return (hw.cpus, hw.working_set_mib(), hw.vm_mem_mib(), hw.stress_rate, hw.stress_pattern)
 
 
-def measured_rates(
-    runs: list[tuple[str, Scenario, Hardware]], say: Callable[[str], None]
-) -> dict[tuple[int, int, int, int, str], float]:
-    """Each distinct guest's rate, measured on it (measure_guest_rate)."""
-    guests = {guest_key(hw): hw for _, _, hw in runs}
-    return {key: measure_guest_rate(hw, say) for key, hw in guests.items()}
+def measured_guests(
+    hws: list[Hardware], say: Callable[[str], None]
+) -> dict[tuple[int, int, int, int, str], GuestMeasure]:
+    """Each distinct guest, measured on it (measure_guest)."""
+    guests = {guest_key(hw): hw for hw in hws}
+    measures = {}
+    for key, hw in guests.items():
+        m = measure_guest(hw, say)
+        by_pct = ", ".join(f"{pct} %: {r:.1f}" for pct, r in m.rates_by_pct.items())
+        say(f"guest {hw.cpus} vCPU(s) x {hw.working_set_mib()} MiB: MiB/s per vCPU at "
+            f"throttle {by_pct}; wake lag {format_lag(m.lag) or '-'}")  # fmt: skip
+        measures[key] = m
+    return measures

@@ -2,7 +2,7 @@
 
 pyvmm sim [run] [BENCH SCENARIO OPTIONS] [MODEL OPTIONS] [--output REPORT.json]
 pyvmm sim batch COMPARISON... [--output DIR] [--seeds N] [--filter GLOB] [MODEL OPTIONS]
-pyvmm sim calibrate [COMPARISON...] --output DIR [--filter GLOB] [--max-time S]
+pyvmm sim calibrate [COMPARISON...] --output DIR | --real DIR [--filter GLOB] [--max-time S]
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from pathlib import Path
 
 from pyvmm.bench import report
 from pyvmm.bench.cli import Parser, _int, run_parser
-from pyvmm.bench.scenario import Hardware, Scenario
+from pyvmm.bench.scenario import Hardware, Scenario, hardware_from_dict
 from pyvmm.sim.model import SimModel
 
 COMMANDS = ("run", "batch", "calibrate")
 
 MODEL_HELP = {
     "guest_rate_mib_s": "MiB/s each vCPU rewrites unthrottled (--stress-rate, if set, wins)",
+    "wake_lag_ms": "after a throttle sleep of S ms a vCPU writes nothing for L ms more: "
+    "S:L,S:L,... (linear between points)",
     "jitter_pct": "each vCPU's rate drawn within +- this %% of it, per seed",
     "seed": "the first seed",
     "loopback_mib_s": "the link's rate without --link-mbit",
@@ -104,9 +106,12 @@ def calibrate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("comparisons", nargs="*", default=["series-2024"], metavar="COMPARISON",
                    help="bench comparisons (default series-2024)")  # fmt: skip
-    p.add_argument("--output", type=Path, required=True, metavar="DIR",
-                   help="real reports go to DIR/COMPARISON/NAME-real.json and are reused "
-                   "when present")  # fmt: skip
+    p.add_argument("--output", type=Path, metavar="DIR",
+                   help="run the real side: reports go to DIR/COMPARISON/NAME-real.json and "
+                   "are reused when present")  # fmt: skip
+    p.add_argument("--real", type=Path, metavar="DIR",
+                   help="take the real side from a `pyvmm bench batch --output DIR` tree "
+                   "(every repeat; compared with their mean)")  # fmt: skip
     p.add_argument("--filter", default="*", metavar="GLOB", help="on COMPARISON/SCENARIO")
     p.add_argument("--max-time", type=_int(1), metavar="S", help="cap every real run's --max-time")
     p.add_argument("--sleep", type=float, default=3.0, metavar="S",
@@ -166,20 +171,33 @@ def cmd_batch(argv: Sequence[str]) -> int:
 
 def cmd_calibrate(argv: Sequence[str]) -> int:
     from pyvmm.sim import calibrate
+    from pyvmm.sim.model import format_lag
 
     a = calibrate_parser().parse_args(argv)
+    if (a.output is None) == (a.real is None):
+        raise ValueError("give either --output DIR (run the real side here) or --real DIR "
+                         "(a bench batch's output)")  # fmt: skip
     say = lambda t: print(t, file=sys.stderr, flush=True)  # noqa: E731
     runs = calibrate.selected_runs(a.comparisons, a.filter, a.max_time)
     if not runs:
         raise ValueError(f"--filter {a.filter!r} selects no run")
-    rates = calibrate.measured_rates(runs, say)
-    pairs = calibrate.real_runs(runs, a.output, a.sleep, say)
-    calibrate.simulate_pairs(pairs, _model(a), rates)
-    for key, rate in rates.items():
-        print(f"guest {key[0]} vCPU(s) x {key[1]} MiB: {rate:.0f} MiB/s per vCPU measured "
-              "(calc-dirty-rate)")  # fmt: skip
+    if a.real is not None:
+        pairs = calibrate.batch_runs(runs, a.real)
+        if not pairs:
+            raise ValueError(f"{a.real} holds no pyvmm report of the selected runs")
+    else:
+        pairs = calibrate.real_runs(runs, a.output, a.sleep, say)
+    hws = [hardware_from_dict(pair.reals[0]["hardware"]) for pair in pairs]
+    measures = calibrate.measured_guests(hws, say)
+    calibrate.simulate_pairs(pairs, _model(a), measures)
+    for key, m in measures.items():
+        print(f"guest {key[0]} vCPU(s) x {key[1]} MiB: {m.rate_mib_s:.0f} MiB/s per vCPU "
+              f"unthrottled, wake lag {format_lag(m.lag) or '-'} (sleep ms:lag ms)")  # fmt: skip
     print()
     print(calibrate.table(pairs))
+    done = [p for p in pairs if all(r["result"]["status"] == "completed" for r in p.reals)]
+    print(f"\nwithin the goal (10 % on total time, 2 on iterations): "
+          f"{sum(calibrate.within_goal(p) for p in done)} of {len(done)} completed")  # fmt: skip
     return 0
 
 

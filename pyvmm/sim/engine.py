@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from pyvmm.migration.precopy import MigrationCancelled, Precopy
 from pyvmm.migration.stats import ACTIVE_STATES, MigrationStats
 from pyvmm.sim.guest import PAGE_SIZE, GuestModel, SimDirtyView, SimMachine
 from pyvmm.sim.link import Link, SimPageWriter, SimStreamWriter
-from pyvmm.sim.model import MIB, SimModel, model_to_dict
+from pyvmm.sim.model import MIB, SimModel, lag_points, model_to_dict
 from pyvmm.sim.rings import SimRingTracker
 
 log = logging.getLogger("pyvmm.sim")
@@ -80,7 +81,8 @@ class SimRun:
         spread = model.jitter_pct / 100 * rng.uniform(-1.0, 1.0, hw.cpus)
         rates = rate_mib_s * (1 + spread) * MIB / PAGE_SIZE / 1000
         offsets = rng.uniform(0, ws_pages, hw.cpus)
-        self.guest = GuestModel(self.clock, total_pages, hw.cpus, ws_pages, rates, offsets)
+        self.guest = GuestModel(self.clock, total_pages, hw.cpus, ws_pages, rates, offsets,
+                                lag_function(lag_points(model.wake_lag_ms)))  # fmt: skip
         self.machine = SimMachine(self.guest)
         mbit = scenario.link_mbit or model.loopback_mib_s * MIB * 8 / 1e6
         self.link = Link.of(mbit, model.latency_ms, model.zero_scan_gib_s)
@@ -282,6 +284,14 @@ class SimRun:
                 "wall_s": round(wall_s, 3),
             },
         }
+
+
+def lag_function(points: list[tuple[float, float]]) -> Callable[[float], float]:
+    """The wake lag after a sleep: linear between the measured points, flat beyond."""
+    if not points:
+        return lambda _sleep_ms: 0.0
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return lambda sleep_ms: float(np.interp(sleep_ms, xs, ys))
 
 
 def simulate(scenario: Scenario, hw: Hardware, model: SimModel) -> dict[str, Any]:

@@ -5,7 +5,9 @@ Each vCPU does what memstress and guestperf's stress.c do: it walks its own work
 around, at `rate` pages per ms of the time it runs. Throttle sleeps take time away from
 it exactly as the real ones do: a sleep queued on a vCPU (Vcpu.run_on_thread + sleep_us,
 what CpuThrottle and LegacyThrottle call) starts when the vCPU is kicked (at once) or when
-its previous sleep ends, and the vCPU writes nothing while it lasts.
+its previous sleep ends, and the vCPU writes nothing while it lasts, nor for its wake lag
+after it (`lag_ms(sleep)`, measured by `pyvmm sim calibrate`: on this host a vCPU back
+from a long sleep takes a few milliseconds to get going; docs/sim.md).
 
 Writes are accounted lazily and as ranges: `advance_to(t)` turns each vCPU's running time
 since the previous call into one or two page ranges (at most its whole working set) and
@@ -102,6 +104,7 @@ class GuestModel:
         ws_pages: int,
         rates_pages_per_ms: np.ndarray,
         start_offsets: np.ndarray,
+        lag_ms: Callable[[float], float] = lambda _sleep_ms: 0.0,
     ) -> None:
         if cpus * ws_pages > total_pages:
             raise ValueError("the working sets do not fit in guest RAM")
@@ -110,6 +113,7 @@ class GuestModel:
         self.cpus = cpus
         self.ws_pages = ws_pages
         self.rate = np.asarray(rates_pages_per_ms, np.float64)
+        self.lag_ms = lag_ms
         self.start = np.asarray(start_offsets, np.float64).copy()  # each cursor's phase
         self.written = self.start.copy()  # the cursors: pages written, cumulative
         self.slept_ms = np.zeros(cpus)  # every sleep queued so far, in total
@@ -136,9 +140,11 @@ class GuestModel:
     # --- vCPU time --------------------------------------------------------------------------
 
     def sleep(self, index: int, ms: float) -> None:
-        """A sleep queued on vCPU `index` now: it starts now or when its last one ends."""
+        """A sleep queued on vCPU `index` now: it starts now or when its last one ends, and
+        the vCPU writes again its wake lag after it ends."""
         now = self.clock.now_ms() if self._at is None else self._at
         start = max(now, float(self.sleep_end_ms[index]))
+        ms += self.lag_ms(ms)
         self.sleep_end_ms[index] = start + ms
         self.slept_ms[index] += ms
         self.sleeps += 1

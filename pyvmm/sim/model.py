@@ -22,6 +22,9 @@ class SimModel:
     # The guest: MiB/s of pages each vCPU rewrites when nothing throttles it (memstress
     # flat out); Hardware.stress_rate, when set, is a rate the guest itself keeps to.
     guest_rate_mib_s: float = 1024.0
+    # After a throttle sleep of S ms a vCPU writes nothing for L ms more: "S:L,S:L,..."
+    # points, linear between them and flat beyond (empty: none; calibrate measures it).
+    wake_lag_ms: str = ""
     jitter_pct: float = 0.0  # each vCPU's rate drawn in rate x (1 +- jitter), per seed
     seed: int = 0
     # The link: with Scenario.link_mbit 0 (loopback) this rate; latency one way.
@@ -48,6 +51,25 @@ class SimModel:
                 raise ScenarioError(f"--{name.replace('_', '-')} must not be negative")
         if self.jitter_pct >= 100:
             raise ScenarioError("--jitter-pct must be below 100")
+        lag_points(self.wake_lag_ms)
+
+
+def lag_points(text: str) -> list[tuple[float, float]]:
+    """`--wake-lag-ms` "S:L,S:L" as sorted (sleep ms, lag ms) points."""
+    points = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            sleep_ms, lag_ms = (float(x) for x in item.split(":"))
+        except ValueError:
+            raise ScenarioError(f"--wake-lag-ms: {item!r} is not SLEEP_MS:LAG_MS") from None
+        if sleep_ms < 0 or lag_ms < 0:
+            raise ScenarioError(f"--wake-lag-ms: {item!r} has a negative time")
+        points.append((sleep_ms, lag_ms))
+    return sorted(points)
+
+
+def format_lag(points: list[tuple[float, float]]) -> str:
+    return ",".join(f"{s:g}:{lag:.2f}" for s, lag in points)
 
 
 def model_to_dict(model: SimModel) -> dict[str, Any]:
