@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nullwriter import NullPageWriter, null_precopy
 
 from pyvmm.dirty.bitmap import BitmapTracker
-from pyvmm.dirty.ranges import RangeTable
 from pyvmm.dirty.ring import RingTracker
 from pyvmm.dirty.tracker import DirtyTracker
 from pyvmm.machine.devices import SerialConsole
@@ -44,11 +44,7 @@ from pyvmm.machine.elf import load_pvh_image
 from pyvmm.machine.images import resolve_image
 from pyvmm.machine.machine import Machine, MachineConfig
 from pyvmm.machine.memory import GuestMemory
-from pyvmm.migration.clock import WALL_CLOCK
 from pyvmm.migration.dirtypages import DirtyPages
-from pyvmm.migration.params import MigrationSettings
-from pyvmm.migration.precopy import Precopy
-from pyvmm.migration.stats import MigrationStats
 
 GIB = 1 << 30
 PAGE = 4096
@@ -107,25 +103,6 @@ class HarvestClock:
             self.cpu_seconds += cpu_seconds
 
 
-class NullPageWriter:
-    in_downtime = False
-
-    def __init__(self) -> None:
-        self.pages = self.read = 0
-
-    def send(self, table: RangeTable) -> int:
-        self.pages += table.pages
-        self.read += table.read_pages
-        return 0
-
-
-class NullWriter:
-    bytes_sent = 0
-
-    def iteration(self, number: int) -> None:
-        pass
-
-
 def best_pass_ms(view: object, memory: object, laps: int, rounds: int,
                  refill: object) -> tuple[float, NullPageWriter]:  # fmt: skip
     """Best of `rounds` passes; refill() puts the dirty bits back before each."""
@@ -141,10 +118,7 @@ def best_pass_ms(view: object, memory: object, laps: int, rounds: int,
 
 def one_pass_ms(pages: DirtyPages) -> tuple[float, NullPageWriter]:
     writer = NullPageWriter()
-    precopy = Precopy(
-        pages, writer, NullWriter(), MigrationStats(), MigrationSettings(), WALL_CLOCK,  # type: ignore[arg-type]
-        threading.Event(), [], None, lambda name, data: None,  # type: ignore[arg-type]
-    )  # fmt: skip
+    precopy = null_precopy(pages, writer)
     t0 = time.perf_counter()
     while not precopy.send(float("inf"), limited=False):
         pass

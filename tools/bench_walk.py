@@ -25,11 +25,11 @@ import argparse
 import io
 import mmap
 import os
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
+from nullwriter import NullPageWriter, null_precopy
 
 from pyvmm.dirty.bitmap import BitmapTracker
 from pyvmm.dirty.ranges import RangeTable
@@ -38,36 +38,12 @@ from pyvmm.dirty.tracker import DirtyView
 from pyvmm.machine.devices import SerialConsole
 from pyvmm.machine.machine import Machine, MachineConfig
 from pyvmm.machine.memory import GuestMemory
-from pyvmm.migration.clock import WALL_CLOCK
 from pyvmm.migration.dirtypages import DirtyPages
-from pyvmm.migration.params import MigrationSettings
 from pyvmm.migration.precopy import Precopy
-from pyvmm.migration.stats import MigrationStats
 from pyvmm.migration.stream import MAX_RUN_PAGES
 
 PAGE = 4096
 GIB = 1 << 30
-
-
-class NullPageWriter:
-    """Counts what the walk hands over and sends nothing: the walk alone."""
-
-    def __init__(self) -> None:
-        self.in_downtime = False
-        self.pages = self.runs = self.read = 0
-
-    def send(self, table: RangeTable) -> int:
-        self.pages += table.pages
-        self.runs += table.count
-        self.read += table.read_pages
-        return 0
-
-
-class NullWriter:
-    bytes_sent = 0
-
-    def iteration(self, number: int) -> None:
-        pass
 
 
 def best_s(fn: Callable[[], object], setup: Callable[[], object], rounds: int) -> float:
@@ -127,11 +103,7 @@ class Bench:
                 self.tracker._stale[slot].fill(0)
 
     def precopy(self, pages: DirtyPages, writer: NullPageWriter) -> Precopy:
-        settings = MigrationSettings()
-        return Precopy(
-            pages, writer, NullWriter(), MigrationStats(), settings, WALL_CLOCK,  # type: ignore[arg-type]
-            threading.Event(), [], None, lambda name, data: None,  # type: ignore[arg-type]
-        )  # fmt: skip
+        return null_precopy(pages, writer)
 
     def close(self) -> None:
         self.view.close()
