@@ -152,6 +152,30 @@ def test_an_eager_view_sees_writes_to_pages_a_migration_has_not_sent() -> None:
         tracker.close()
 
 
+def test_another_views_harvest_reaches_a_migration_only_at_its_own_sync() -> None:
+    """QEMU's order: the dirty limit's (or calc-dirty-rate's) log sync fills the global
+    dirty bitmap, and a migration's bitmap takes it at its next migration_bitmap_sync.
+    A page harvested by another view between two migration syncs must not appear in the
+    migration's bitmap before the migration syncs (it would be sent in the current pass)."""
+    written = [0x300, 0x301, 0x1500]
+    with bitmap_machine(32, guestgen.write_pages([p * PAGE for p in written])) as machine:
+        tracker = make_tracker(machine)
+        migration = tracker.open_view("migration", defer_clear=True)
+        stat = tracker.open_view("dirty-limit")
+        migration.sync()
+        stat.sync()
+        forget(migration)
+        forget(stat)
+        machine.start()
+        assert machine.wait(20).reason == "all vCPUs halted"
+        assert stat.sync() == len(written)  # the other view harvests them...
+        assert pages_of(migration) == set()  # ...and the migration does not see them yet
+        assert migration.sync() == len(written)  # its own sync takes them, counted once
+        assert pages_of(migration) == set(written)
+        assert migration.sync() == 0 and stat.sync() == 0
+        tracker.close()
+
+
 def test_before_copy_rearms_the_whole_1gib_chunk_and_only_stale_pages() -> None:
     chunk = bitmap_mod.CLEAR_CHUNK_PAGES
     low, high = 0x2000, chunk + 0x2000  # one page in each of the two chunks

@@ -5,9 +5,13 @@ measurement, the dirty limit) opens its own DirtyView: per-slot bitmaps in
 KVM's layout (numpy uint64, bit i of word w is page 64*w+i of the slot) that
 only it reads and clears. Any view's `sync()` harvests what KVM recorded since
 the previous harvest, plus the pages pyvmm itself wrote (GuestMemory.vmm_dirty),
-and ORs it into every open view. Harvesting consumes KVM's record, so fanning
-out in one place is what lets several users watch the same guest at once.
-Dirty logging is on while at least one view is open.
+ORs it into its own bitmaps and holds it for every other open view, which gets it
+at its own next `sync()`. Harvesting consumes KVM's record, so fanning out in one
+place is what lets several users watch the same guest at once; holding it is
+QEMU's order: another user's log sync (the dirty limit's, calc-dirty-rate's) fills
+ram_list.dirty_memory, and a migration's bitmap takes it only at its own
+migration_bitmap_sync, so a page dirtied after a migration's sync is sent in its
+next pass, never in the current one. Dirty logging is on while a view is open.
 
 With manual protection (bitmap mode), a page stays marked dirty in KVM from the
 GET that reported it until a CLEAR re-arms it; a later GET reports it again.
@@ -28,7 +32,14 @@ from types import TracebackType
 
 import numpy as np
 
-from pyvmm.dirty.scan import count_set, or_into, or_new_into, take_and_clear
+from pyvmm.dirty.scan import (
+    block_summary_words,
+    clear_blocks,
+    count_set,
+    or_into,
+    or_new_into,
+    take_and_clear,
+)
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import MemoryRegion
 
@@ -50,9 +61,10 @@ def set_every_page(bitmaps: list[np.ndarray], regions: list[MemoryRegion]) -> No
 class DirtyView:
     """One user's dirty bitmaps. Create with DirtyTracker.open_view(); close when done.
 
-    Threads: any view's sync may OR into `bitmaps` at any time, always holding `lock`.
-    The owner holds `lock` while it reads and clears bits, and must not call sync(),
-    before_copy() or close() while holding it (a sync waits for the lock).
+    Threads: only this view's own sync() ORs into `bitmaps` (holding `lock`); other
+    views' syncs go to `_held`, under the tracker's lock. The owner holds `lock` while it
+    reads and clears bits, and must not call sync(), before_copy() or close() while
+    holding it (its sync waits for the lock).
     """
 
     def __init__(
@@ -66,15 +78,24 @@ class DirtyView:
         self.lock = threading.RLock()
         self.closed = False
         self._new_pages = 0  # bits newly set in `bitmaps` since this view's last sync()
+        # What other views' syncs harvested since this view's last sync (QEMU's
+        # ram_list.dirty_memory for this user), with the block summary of what was held
+        # (None: bits may be anywhere; scan.py's block summaries).
+        self._held = tracker.new_bitmaps()
+        self._held_blocks: list[np.ndarray | None] = [
+            np.zeros(block_summary_words(len(b)), np.uint64) for b in self._held
+        ]
+        self._held_any = False
         if initially_dirty:
             set_every_page(self.bitmaps, tracker.memory.regions)
 
     def sync(self) -> int:
-        """Harvest KVM into every open view; returns the pages newly set in this view's
-        bitmaps since this view's previous sync(), counting bits other views' syncs added."""
+        """Harvest KVM, take what other views' syncs held for this one, and hand the harvest
+        to every other open view; returns the pages newly set in this view's bitmaps by
+        this sync."""
         if self.closed:
             raise RuntimeError(f"dirty view {self.name!r} is closed")
-        self.tracker._sync()
+        self.tracker._sync(self)
         with self.lock:
             new, self._new_pages = self._new_pages, 0
         return new
@@ -99,10 +120,36 @@ class DirtyView:
         self.tracker._close_view(self)
 
     def _merge(self, slot: int, new: np.ndarray, blocks: np.ndarray | None = None) -> None:
-        """OR a sync's pages into this view (the tracker holds its own lock); blocks: the
+        """OR pages into this view now (the tracker holds its own lock); blocks: the
         block summary of `new` (scan.py), or None to look at all of it."""
         with self.lock:
             self._new_pages += or_new_into(self.bitmaps[slot], new, blocks)
+
+    def _hold(self, slot: int, new: np.ndarray, blocks: np.ndarray | None) -> None:
+        """Keep another view's harvest for this view's next sync (tracker lock held)."""
+        held_blocks = self._held_blocks[slot]
+        if blocks is None or held_blocks is None:
+            self._held_blocks[slot] = None
+            or_into(self._held[slot], new)
+        else:
+            or_new_into(self._held[slot], new, blocks)
+            or_into(held_blocks, blocks)
+        self._held_any = True
+
+    def _take_held(self) -> None:
+        """At this view's own sync: what other views harvested meanwhile becomes its own."""
+        if not self._held_any:
+            return
+        for slot, held in enumerate(self._held):
+            blocks = self._held_blocks[slot]
+            self._merge(slot, held, blocks)
+            if blocks is None:
+                held.fill(0)
+                self._held_blocks[slot] = np.zeros(block_summary_words(len(held)), np.uint64)
+            else:
+                clear_blocks(held, blocks)
+                blocks.fill(0)
+        self._held_any = False
 
     def __enter__(self) -> DirtyView:
         return self
@@ -184,13 +231,14 @@ class DirtyTracker:
 
     # --- what DirtyView calls ----------------------------------------------------------------
 
-    def _sync(self) -> None:
+    def _sync(self, syncing: DirtyView) -> None:
         with self._lock:
             if not self._views:
                 return
             report = self._report
             self._harvest(report)
             self.syncs += 1
+            syncing._take_held()
             for slot, reported in enumerate(report):
                 new = self._new_to_views(slot, reported)
                 blocks = self._report_blocks(slot)  # None: bits may be anywhere
@@ -199,7 +247,10 @@ class DirtyTracker:
                 if blocks is not None:
                     or_into(blocks, vmm_blocks)
                 for view in self._views:
-                    view._merge(slot, new, blocks)
+                    if view is syncing:
+                        view._merge(slot, new, blocks)
+                    else:
+                        view._hold(slot, new, blocks)
             self._after_fan_out()
 
     def _close_view(self, view: DirtyView) -> None:
