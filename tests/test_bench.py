@@ -264,6 +264,41 @@ def test_batch_writes_reports_tables_charts_and_a_summary(tmp_path: Path) -> Non
     assert "--resume" not in summary.read_text() and "| downtime-1000ms " in summary.read_text()
 
 
+def test_summary_only_runs_nothing_and_lists_what_is_missing(
+    tmp_path: Path, qemu_binary: str
+) -> None:
+    """--summary-only: the page from the reports in DIR (here one simulated report of two
+    repeats, and a QEMU peer's kept refusal); nothing runs, the missing repeat is named."""
+    from pyvmm.sim.engine import simulate
+    from pyvmm.sim.model import SimModel
+
+    out, summary = tmp_path / "results", tmp_path / "results.md"
+    ((scenario, hw),) = [r for r in COMPARISONS["downtime"]().runs if r[0].name.endswith("1000ms")]
+    (out / "downtime").mkdir(parents=True)
+    report.write(simulate(scenario, hw, SimModel(guest_rate_mib_s=64)),
+                 out / "downtime" / "downtime-1000ms-1.json")  # fmt: skip
+    refusal = "not run on qemu-system-x86_64: QEMU 7.2 cannot run this scenario"
+    (out / "downtime" / "downtime-1000ms-qemu.skipped").write_text(refusal + "\n")
+    proc = bench(tmp_path, "batch", "downtime", "--filter", "*1000ms", "--repeat", "2",
+                 "--output", str(out), "--summary", str(summary), "--summary-only",
+                 timeout_s=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "== " not in proc.stderr, proc.stderr  # no run started
+    page = summary.read_text()
+    assert "**Incomplete:** 1 of 2 runs have a report" in page, page
+    assert "not run yet: downtime/downtime-1000ms #2" in page
+    assert "| downtime-1000ms [sim]" in page and "--summary-only" not in page
+    proc = bench(tmp_path, "batch", "downtime", "--filter", "*1000ms", "--binary",
+                 qemu_binary, "--output", str(out), "--summary", str(summary),
+                 "--summary-only", timeout_s=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"- {refusal}" in summary.read_text()  # the kept refusal, without starting QEMU
+    empty = bench(tmp_path, "batch", "downtime", "--output", str(tmp_path / "none"),
+                  "--summary-only")  # fmt: skip
+    assert empty.returncode != 0 and "holds no report of the selected runs" in empty.stderr
+    assert len(empty.stderr.strip().splitlines()) == 1, empty.stderr
+
+
 @pytest.mark.kvm
 @pytest.mark.slow
 def test_the_same_scenario_runs_on_qemu(tmp_path: Path, qemu_binary: str) -> None:

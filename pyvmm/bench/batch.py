@@ -32,6 +32,7 @@ class BatchOptions:
     sleep_s: float = 5.0
     max_time: int | None = None  # caps every run's max_time (a quick look at a comparison)
     resume: bool = False  # keep the reports an earlier (interrupted) batch wrote
+    summary_only: bool = False  # run nothing: tables, charts and page from the reports there
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ComparisonResult:
     notes: list[str] = field(default_factory=list)  # runs a peer could not do
     failures: list[str] = field(default_factory=list)
     charts: list[Path] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # --summary-only: runs with no report
 
 
 def select(names: list[str], table: Mapping[str, Callable[[], Comparison]]) -> list[Comparison]:
@@ -71,10 +73,21 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                 scenario = replace(scenario, max_time=min(scenario.max_time, opts.max_time))
             for binary in ["pyvmm", *opts.peers]:
                 suffix = "" if binary == "pyvmm" else "-qemu"
+                # A peer's refusal is kept, so that --resume and --summary-only know it.
+                skipped = out_dir / f"{scenario.name}{suffix}.skipped"
+                if (opts.resume or opts.summary_only) and skipped.exists():
+                    res.notes.append(skipped.read_text().strip())
+                    continue
                 for rep in range(1, opts.repeat + 1):
                     tag = f"{comp.name}/{scenario.name}{suffix} #{rep}"
-                    say(f"== {tag}")
                     path = out_dir / f"{scenario.name}{suffix}-{rep}.json"
+                    if opts.summary_only:
+                        if path.exists():
+                            res.reports.append(report.load(path))
+                        else:
+                            res.missing.append(tag)
+                        continue
+                    say(f"== {tag}")
                     if opts.resume and path.exists():
                         res.reports.append(report.load(path))
                         say("   kept from an earlier batch")
@@ -84,7 +97,10 @@ def run_batch(opts: BatchOptions, display_for: Callable[[str], Display],
                     except ScenarioError as exc:
                         if not is_qemu(binary):
                             raise
-                        res.notes.append(f"not run on {Path(binary).name}: {exc}")
+                        note = f"not run on {Path(binary).name}: {exc}"
+                        res.notes.append(note)
+                        out_dir.mkdir(parents=True, exist_ok=True)
+                        skipped.write_text(note + "\n")
                         say(f"   skipped: {exc}")
                         break
                     except BenchError as exc:
@@ -148,12 +164,23 @@ def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
         "docs/convergence.md discusses the convergence results.",
         "",
     ]
+    missing = [tag for res in results for tag in res.missing]
+    if missing:
+        done = sum(len(res.reports) for res in results)
+        lines += [
+            f"**Incomplete:** {done} of {done + len(missing)} runs have a report; the runs "
+            "listed under each table had not run when this page was written (the same "
+            "command with `--resume` runs them).",
+            "",
+        ]
     for res in results:
         comp = res.comparison
         lines += [f"## {comp.name}", "", comp.description, ""]
         if res.reports:
             lines += [tables(comp, res.reports), ""]
         notes = list(dict.fromkeys(res.notes + res.failures))  # the same skip, once
+        if res.missing:
+            notes.append("not run yet: " + ", ".join(res.missing))
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         for png in res.charts:
             lines += [f"![{comp.name}: {png.stem}]({_rel(png, base)})", ""]

@@ -226,6 +226,12 @@ def batch_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep reports already in DIR (an interrupted batch goes on where it stopped)",
     )
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: write the tables, charts and --summary page from the reports "
+        "already in DIR, listing the runs that have none",
+    )
     _common(p)
     return p
 
@@ -307,15 +313,19 @@ def cmd_batch(argv: Sequence[str]) -> int:
         peers=[resolve_binary(b) for b in a.binary],
         summary=a.summary,
         # Resuming changes how long the batch took, not what it measured.
-        command="pyvmm bench batch " + shlex.join(a for a in argv if a != "--resume"),
+        command="pyvmm bench batch "
+        + shlex.join(a for a in argv if a not in ("--resume", "--summary-only")),
         sleep_s=a.sleep,
         max_time=a.max_time,
         resume=a.resume,
+        summary_only=a.summary_only,
     )
     say = (lambda _text: None) if a.quiet else print_err
     results = run_batch(opts, lambda _tag: Quiet() if a.quiet else Plain(5.0), say)
-    if not any(r.reports or r.notes or r.failures for r in results):
+    if not any(r.reports or r.notes or r.failures or r.missing for r in results):
         raise ValueError(f"--filter {a.filter!r} selects no run")
+    if a.summary_only and not any(r.reports for r in results):
+        raise ValueError(f"{a.output} holds no report of the selected runs")
     failed = [f for r in results for f in r.failures]
     for note in failed:
         print(f"pyvmm: error: {note}", file=sys.stderr)
