@@ -330,10 +330,13 @@ def test_calibrate_takes_every_repeat_of_a_batch(tmp_path: Path) -> None:
     pairs = calibrate.batch_runs(runs, tmp_path)
     assert len(pairs) == 1 and len(pairs[0].reals) == 2
     iters = [r["result"]["iteration_count"] for r in pairs[0].reals]
-    pairs[0].sim = simulate(sc, SMALL_HW, replace(SMALL_MODEL, seed=3))
-    pairs[0].sim["result"]["iteration_count"] = max(iters) + 2
+    calibrate.simulate_pairs(pairs, replace(SMALL_MODEL, seed=3), {}, seeds=2)
+    assert [s["simulation"]["model"]["seed"] for s in pairs[0].sims] == [3, 4]
+    sim = pairs[0].sims[0]["result"]
+    pairs[0].sims = pairs[0].sims[:1]
+    sim["iteration_count"] = max(iters) + 2
     assert calibrate.within_goal(pairs[0])
-    pairs[0].sim["result"]["iteration_count"] = max(iters) + 3
+    sim["iteration_count"] = max(iters) + 3
     assert not calibrate.within_goal(pairs[0])
     assert "small" in calibrate.table(pairs)
 
@@ -357,7 +360,7 @@ def test_calibration_reduced(tmp_path: Path) -> None:
     assert m.lag == [], m  # a guest that keeps to a rate makes up its sleeps: not measured
     pairs = calibrate.real_runs(runs, tmp_path, 0.5, lambda _t: None)
     calibrate.simulate_pairs(pairs, SimModel(), measures)
-    real, sim = pairs[0].reals[0]["result"], pairs[0].sim["result"]  # type: ignore[index]
+    real, sim = pairs[0].reals[0]["result"], pairs[0].sims[0]["result"]
     assert real["status"] == sim["status"] == "completed", (real, sim)
     assert abs(sim["iteration_count"] - real["iteration_count"]) <= 2, (real, sim)
     assert abs(sim["total_time"] - real["total_time"]) <= 0.5 * real["total_time"], (real, sim)

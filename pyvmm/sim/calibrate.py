@@ -49,7 +49,7 @@ from pyvmm.sim.model import SimModel, format_lag
 class Pair:
     name: str
     reals: list[dict[str, Any]]  # one report per real run (repeats of one configuration)
-    sim: dict[str, Any] | None = None
+    sims: list[dict[str, Any]] = field(default_factory=list)  # one per seed
 
 
 @dataclass
@@ -192,16 +192,24 @@ def batch_runs(runs: list[tuple[str, Scenario, Hardware]], batch_dir: Path) -> l
 
 
 def simulate_pairs(
-    pairs: list[Pair], model: SimModel, measures: dict[tuple[int, int, int, int, str], GuestMeasure]
+    pairs: list[Pair],
+    model: SimModel,
+    measures: dict[tuple[int, int, int, int, str], GuestMeasure],
+    seeds: int = 1,
 ) -> None:
-    """Simulate each configuration with the model and its guest's measured rate and lag."""
+    """Simulate each configuration with the model and its guest's measured rate and lag,
+    with seeds model.seed, model.seed + 1, ... (with --jitter-pct, a spread like the real
+    runs')."""
     for pair in pairs:
         scenario = scenario_from_dict(pair.reals[0]["scenario"])
         hw = hardware_from_dict(pair.reals[0]["hardware"])
         m = measures.get(guest_key(hw))
+        guest = model
         if m is not None:
-            model = replace(model, guest_rate_mib_s=m.rate_mib_s, wake_lag_ms=format_lag(m.lag))
-        pair.sim = simulate(scenario, hw, model)
+            guest = replace(model, guest_rate_mib_s=m.rate_mib_s, wake_lag_ms=format_lag(m.lag))
+        pair.sims = [
+            simulate(scenario, hw, replace(guest, seed=guest.seed + n)) for n in range(seeds)
+        ]
 
 
 def _err(real: float, sim: float) -> str:
@@ -224,38 +232,48 @@ TIME_GOAL = 0.10  # within 10 % of the real mean total time
 ITER_GOAL = 2  # within 2 of the real runs' iteration counts (of their range)
 
 
+def _results(reports: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Total times (s) and iteration counts of a set of reports."""
+    results = [r["result"] for r in reports]
+    return [r["total_time"] / 1000 for r in results], [r["iteration_count"] for r in results]
+
+
 def within_goal(pair: Pair) -> bool:
-    """Total time within 10 % of the real mean, iterations within 2 of the real range."""
-    assert pair.sim is not None
-    s = pair.sim["result"]
-    times = [r["result"]["total_time"] for r in pair.reals]
-    iters = [r["result"]["iteration_count"] for r in pair.reals]
+    """The simulations' mean total time within 10 % of the real mean, their mean iteration
+    count within 2 of the real runs' range."""
+    times, iters = _results(pair.reals)
+    sim_times, sim_iters = _results(pair.sims)
     mean = statistics.fmean(times)
     return (
-        abs(s["total_time"] - mean) <= TIME_GOAL * mean
-        and min(iters) - ITER_GOAL <= s["iteration_count"] <= max(iters) + ITER_GOAL
+        abs(statistics.fmean(sim_times) - mean) <= TIME_GOAL * mean
+        and min(iters) - ITER_GOAL <= statistics.fmean(sim_iters) <= max(iters) + ITER_GOAL
     )
+
+
+def _statuses(reports: list[dict[str, Any]]) -> str:
+    return "/".join(sorted({r["result"]["status"] for r in reports}))
+
+
+def _throttles(reports: list[dict[str, Any]]) -> str:
+    return "/".join(str(v) for v in sorted({r["result"]["max_throttle_pcent"] for r in reports}))
 
 
 def table(pairs: list[Pair]) -> str:
     rows = []
     for p in pairs:
-        assert p.sim is not None
-        s = p.sim["result"]
-        results = [r["result"] for r in p.reals]
-        statuses = sorted({r["status"] for r in results})
-        times = [r["total_time"] / 1000 for r in results]
-        iters = [r["iteration_count"] for r in results]
-        completed = all(r["status"] == "completed" for r in results)
+        assert p.sims, f"{p.name} was not simulated"
+        times, iters = _results(p.reals)
+        sim_times, sim_iters = _results(p.sims)
+        completed = all(r["result"]["status"] == "completed" for r in p.reals)
         goal = ("yes" if within_goal(p) else "no") if completed else "-"
         rows.append((
-            p.name, f"{'/'.join(statuses)} / {s['status']}",
-            _spread(times, ".1f"), f"{s['total_time'] / 1000:.1f}",
-            _err(statistics.fmean(times), s["total_time"] / 1000),
-            _spread(iters, ".0f" if len(iters) == 1 else ".1f"), str(s["iteration_count"]),
-            f"{s['iteration_count'] - statistics.fmean(iters):+.1f}",
-            "/".join(str(v) for v in sorted({r["max_throttle_pcent"] for r in results})),
-            str(s["max_throttle_pcent"]), goal,
+            p.name, f"{_statuses(p.reals)} / {_statuses(p.sims)}",
+            _spread(times, ".1f"), _spread(sim_times, ".1f"),
+            _err(statistics.fmean(times), statistics.fmean(sim_times)),
+            _spread(iters, ".0f" if len(iters) == 1 else ".1f"),
+            _spread(sim_iters, ".0f" if len(sim_iters) == 1 else ".1f"),
+            f"{statistics.fmean(sim_iters) - statistics.fmean(iters):+.1f}",
+            _throttles(p.reals), _throttles(p.sims), goal,
         ))  # fmt: skip
     return render(HEADER, rows)
 

@@ -116,6 +116,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=_int(1), metavar="S", help="cap every real run's --max-time")
     p.add_argument("--sleep", type=float, default=3.0, metavar="S",
                    help="steady workload before each real migration (default 3)")  # fmt: skip
+    p.add_argument("--seeds", type=_int(1), default=1, metavar="N",
+                   help="simulations per configuration, seeds SEED, SEED+1, ...; their mean "
+                   "is compared (default 1)")  # fmt: skip
     _model_options(p)
     return p
 
@@ -189,7 +192,7 @@ def cmd_calibrate(argv: Sequence[str]) -> int:
         pairs = calibrate.real_runs(runs, a.output, a.sleep, say)
     hws = [hardware_from_dict(pair.reals[0]["hardware"]) for pair in pairs]
     measures = calibrate.measured_guests(hws, say)
-    calibrate.simulate_pairs(pairs, _model(a), measures)
+    calibrate.simulate_pairs(pairs, _model(a), measures, a.seeds)
     for key, m in measures.items():
         print(f"guest {key[0]} vCPU(s) x {key[1]} MiB: {m.rate_mib_s:.0f} MiB/s per vCPU "
               f"unthrottled, wake lag {format_lag(m.lag) or '-'} (sleep ms:lag ms)")  # fmt: skip
