@@ -180,11 +180,20 @@ def summary_page(opts: BatchOptions, results: list[ComparisonResult]) -> str:
             lines += [tables(comp, res.reports), ""]
         notes = list(dict.fromkeys(res.notes + res.failures))  # the same skip, once
         if res.missing:
-            notes.append("not run yet: " + ", ".join(res.missing))
+            notes.append("not run yet: " + _grouped(res.missing))
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         for png in res.charts:
             lines += [f"![{comp.name}: {png.stem}]({_rel(png, base)})", ""]
     return "\n".join(lines)
+
+
+def _grouped(tags: list[str]) -> str:
+    """ "c/a #2", "c/a #3", "c/b #2" as "c/a #2, #3; c/b #2"."""
+    runs: dict[str, list[str]] = {}
+    for tag in tags:
+        run, _, rep = tag.rpartition(" ")
+        runs.setdefault(run, []).append(rep)
+    return "; ".join(f"{run} {', '.join(reps)}" for run, reps in runs.items())
 
 
 def _rel(path: Path, base: Path) -> str:
