@@ -4,8 +4,8 @@ which is `x-auto-converge-sync=iteration` today), run by today's `pyvmm bench ba
 comparing real runs before and after a change to the migration code (docs/sim.md, "The
 real runs are unchanged"):
 
-    python tools/old_convergence_rows.py batch convergence qemu-reference \\
-        --filter '*/[lma]*ac-9.1*' --repeat 3 --output /tmp/ba/after --sleep 3
+    python tools/old_convergence_rows.py batch convergence \\
+        --filter '*/[lm]*ac-9.1' --repeat 3 --output /tmp/ba/after --sleep 3
 
 Every `pyvmm bench batch` option works; the rows are named as they were (light-ac-9.1, ...).
 """
