@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pyvmm.dirty.scan import page_hashes
-from pyvmm.dirty.tracker import DirtyTracker
+from pyvmm.dirty.tracker import DirtyTracker, DirtyView
 from pyvmm.machine.memory import PAGE_SIZE, GuestMemory
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,20 @@ class DirtyRateResult:
     request: DirtyRateRequest = field(default_factory=DirtyRateRequest)
     dirty_rate_mib_s: int | None = None
     vcpu_rates_mib_s: list[int] | None = None
+
+
+def new_pages_in_window(view: DirtyView, wait_ms: Callable[[], float]) -> tuple[int, float]:
+    """Pages first written during wait_ms() (which returns the ms it waited), through an
+    eager view: sync and forget what is there (with INITIALLY_SET the first sync after
+    logging starts reports every page; otherwise what was dirtied before the window),
+    wait, sync, count. Returns (pages, elapsed ms)."""
+    view.sync()
+    with view.lock:
+        for bitmap in view.bitmaps:
+            bitmap.fill(0)
+    elapsed_ms = wait_ms()
+    view.sync()
+    return view.dirty_pages(), elapsed_ms
 
 
 def pages_to_mib_s(pages: int, elapsed_ms: float) -> int:
@@ -175,15 +190,7 @@ class DirtyRateMonitor:
         # An eager view (the default): every page it is told about is re-armed at once, so
         # the next write to it is seen, even while a migration defers its own clears.
         with self.tracker.open_view("calc-dirty-rate") as view:
-            # With INITIALLY_SET the first sync after logging starts reports every page;
-            # otherwise it reports what was dirtied before the window: discard either way.
-            view.sync()
-            with view.lock:
-                for bitmap in view.bitmaps:
-                    bitmap.fill(0)
-            elapsed_ms = self._sleep(req)
-            view.sync()
-            pages = view.dirty_pages()
+            pages, elapsed_ms = new_pages_in_window(view, lambda: self._sleep(req))
         return pages_to_mib_s(pages, elapsed_ms), None
 
     def _dirty_ring(self, req: DirtyRateRequest) -> tuple[int, list[int]]:

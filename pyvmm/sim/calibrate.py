@@ -68,22 +68,11 @@ PROGRESS = re.compile(r"memstress vcpu=(\d+) mib=(\d+)")
 MIB = 1 << 20
 
 
-def _new_pages(view: Any, seconds: float) -> tuple[int, float]:
-    """Pages first written in a window of `seconds`: sync and forget, wait, sync, count."""
-    view.sync()
-    with view.lock:
-        for bitmap in view.bitmaps:
-            bitmap.fill(0)
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    view.sync()
-    return view.dirty_pages(), time.monotonic() - t0
-
-
 def measure_guest(hw: Hardware, say: Callable[[str], None]) -> GuestMeasure:
     """This guest's unthrottled rate and its wake lag at THROTTLE_PCTS (none for a guest
     that keeps to a --stress-rate: it would make up what a sleep took)."""
     from pyvmm.dirty.factory import make_tracker
+    from pyvmm.dirty.rate import new_pages_in_window
     from pyvmm.machine.devices import SerialConsole, SerialLine
     from pyvmm.machine.elf import load_pvh_image
     from pyvmm.machine.images import resolve_image
@@ -114,9 +103,14 @@ def measure_guest(hw: Hardware, say: Callable[[str], None]) -> GuestMeasure:
             with tracker.open_view("calibrate") as view:
 
                 def rate(seconds: float, windows: int) -> float:
-                    counts = [_new_pages(view, seconds) for _ in range(windows)]
+                    def wait_ms() -> float:
+                        t0 = time.monotonic()
+                        time.sleep(seconds)
+                        return (time.monotonic() - t0) * 1000
+
+                    counts = [new_pages_in_window(view, wait_ms) for _ in range(windows)]
                     return statistics.median(
-                        pages * 4096 / MIB / elapsed / hw.cpus for pages, elapsed in counts
+                        pages * 4096 / MIB * 1000 / ms / hw.cpus for pages, ms in counts
                     )
 
                 base = rate(WINDOW_S, WINDOWS)
