@@ -4,7 +4,7 @@ sockets, a load client that checks every answer (pyvmm/colo/client.py).
 The parameters are shortened from the defaults (x-colo-max-time 10 s, colo-passive-count
 100) so that each test takes seconds; the one that runs the issue's own 10 s check is
 marked slow. QEMU's COLO qtests (tests/qtest/migration/colo-tests.c) are here in their
-plain (not multifd) forms, under their names."""
+plain and multifd forms, under their names."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Colo:
 def colo(
     tmp_path: Path, params: dict, guest: str = "colosvc", append: str = "mb=1",
     compare: bool = True, vcpus: int = 1, cut: Mitm | None = None, rate: float = 50.0,
-    checksum: bool = False,
+    checksum: bool = False, multifd: bool = False,
 ) -> Iterator[Colo]:  # fmt: skip
     """A primary migrated with x-colo to a secondary, COLO running. compare: with the
     comparator and a load client (deterministic requests at `rate` a second)."""
@@ -75,6 +75,9 @@ def colo(
             caps = [{"capability": "x-colo", "state": True}]
             if checksum:
                 caps.append({"capability": "x-record-checksum", "state": True})
+            if multifd:
+                caps.append({"capability": "multifd", "state": True})
+                params = {"multifd-channels": 2, **params}
             pvm.cmd("migrate-set-capabilities", capabilities=caps)
             pvm.cmd("migrate-set-parameters", **{"max-bandwidth": 0, **params})
             uri = f"unix:{work}/mig.sock"
@@ -166,17 +169,20 @@ def progress(vm: VmProc) -> int:
 
 
 @pytest.mark.parametrize(
-    ("during_checkpoint", "primary_failover"),
-    [(False, True), (False, False), (True, True), (True, False)],
+    ("multifd", "during_checkpoint", "primary_failover"),
+    [(False, False, True), (False, False, False), (False, True, True), (False, True, False),
+     (True, False, True), (True, True, False)],
     ids=[
         "plain/primary_failover",  # /migration/colo/plain/primary_failover
         "plain/secondary_failover",  # /migration/colo/plain/secondary_failover
         "plain/primary_failover_checkpoint",  # .../plain/primary_failover_checkpoint
         "plain/secondary_failover_checkpoint",  # .../plain/secondary_failover_checkpoint
+        "multifd/primary_failover",  # /migration/colo/multifd/primary_failover
+        "multifd/secondary_failover_checkpoint",  # .../multifd/secondary_failover_checkpoint
     ],
-)
+)  # fmt: skip
 def test_qemu_colo_failover(
-    tmp_path: Path, during_checkpoint: bool, primary_failover: bool
+    tmp_path: Path, multifd: bool, during_checkpoint: bool, primary_failover: bool
 ) -> None:
     """test_colo_common: x-checkpoint-delay 300, status colo on the source, three
     checkpoints (a RESUME on the destination each), optionally the destination STOPped in
@@ -184,11 +190,17 @@ def test_qemu_colo_failover(
     guest goes on. QEMU yanks the migration channel first; pyvmm's x-colo-lost-heartbeat
     shuts it down itself, and here the other side is SIGKILLed, as the test's name says.
     The guest is memverify: after the failover it goes on checking every page, so a
-    checkpoint applied wrongly on the secondary shows as CORRUPT."""
+    checkpoint applied wrongly on the secondary shows as CORRUPT. The multifd forms send
+    the migration's pages over two channels; the checkpoints then use the main connection
+    alone (docs/colo.md), so the channels' byte count stays where the migration left it."""
     with colo(tmp_path, {"x-checkpoint-delay": 300}, guest="memverify", append="mb=4",
-              compare=False) as env, SyncQmp(env.svm.qmp_addr) as sq:  # fmt: skip
+              compare=False, multifd=multifd) as env, SyncQmp(env.svm.qmp_addr) as sq:  # fmt: skip
+        channel_bytes = env.pvm.cmd("query-migrate")["ram"]["multifd-bytes"]
+        assert (channel_bytes > 0) == multifd, channel_bytes
         for _ in range(3):
             sq.wait_event("RESUME", 20)
+        assert env.stats(env.pvm)["checkpoints"] >= 3
+        assert env.pvm.cmd("query-migrate")["ram"]["multifd-bytes"] == channel_bytes
         if during_checkpoint:
             sq.wait_event("STOP", 20)
         survivor, lost = (env.pvm, env.svm) if primary_failover else (env.svm, env.pvm)

@@ -26,24 +26,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyvmm.dirty.scan import zero_range
 from pyvmm.machine.errors import MachineError
 from pyvmm.machine.machine import Machine
-from pyvmm.machine.memory import PAGE_SIZE, MemoryRegion
+from pyvmm.machine.memory import GuestMemory
 from pyvmm.machine.state import MachineState, restore
 from pyvmm.migration import transport
 from pyvmm.migration.colo.secondary import ColoSecondary
+from pyvmm.migration.incoming_pages import IncomingResult, load_ram_run, load_zero_run
 from pyvmm.migration.pagecheck import PageChecker
 from pyvmm.migration.stream import (
     ITERATION,
-    PAGE_HASH_BYTES,
-    RUN,
-    RUN_MAY_CHANGE,
     SYNC_FINAL,
-    ZERO,
     NothingReceived,
     RecordType,
     ReplyType,
@@ -68,21 +63,6 @@ _BEFORE_MULTIFD = frozenset(
 LINGER_S = 1.0  # after an ERROR: how long to drain the source's data so it reads the ERROR
 
 StartGuest = Callable[[bool], bool]
-
-
-@dataclass
-class IncomingResult:
-    guest_running: bool  # the source's guest was running: start ours
-    iterations: int
-    bytes_received: int
-    pages_received: int
-    zero_pages: int
-    changed_pages: int = 0  # pages that changed while they were sent (then sent again)
-    zero_pages_read: int = 0  # pages of ZERO_RUNs that had to be read (populated here)
-    zero_pages_written: int = 0  # ... and written (they were not zero)
-    colo: bool = False  # COLO followed the migration (until its failover)
-    multifd_channels: int = 0  # pages came over this many multifd channels
-    multifd_bytes: int = 0  # bytes received on them
 
 
 def _tell_source(sock: socket.socket, writer: StreamWriter, reason: str) -> None:
@@ -265,9 +245,9 @@ class MigrationDestination:
                         assert self.machine.memory is not None
                         checker = PageChecker([r.array for r in self.machine.memory.regions])
                 elif rtype is RecordType.RAM_RUN:
-                    self._ram_run(reader, validator, checker, arg, length, result)
+                    load_ram_run(self._memory(), reader, validator, checker, arg, length, result)
                 elif rtype is RecordType.ZERO_RUN:
-                    self._zero_run(reader, validator, checker, result)
+                    load_zero_run(self._memory(), reader, validator, checker, result)
                 elif rtype is RecordType.MULTIFD:
                     payload = reader.read(length, "the MULTIFD record")
                     reader.end_record(rtype.name)
@@ -340,41 +320,6 @@ class MigrationDestination:
             if checker is not None:
                 checker.close()
 
-    def _ram_run(
-        self, reader: StreamReader, validator: StreamValidator, checker: PageChecker | None,
-        arg: int, length: int, result: IncomingResult,
-    ) -> None:  # fmt: skip
-        slot, _, first = RUN.unpack(reader.read(RUN.size, "a RAM_RUN record"))
-        npages = validator.run_pages(length)
-        table = reader.read(npages * PAGE_HASH_BYTES if reader.checksum else 0,
-                            "a page-hash table")  # fmt: skip
-        reader.end_record("RAM_RUN")  # the run header and the table: now trusted
-        validator.check_pages(slot, first, npages)
-        if checker is not None:
-            checker.before_write(slot, first, npages)
-        region = self._region(slot)
-        view = memoryview(region.array)[first * PAGE_SIZE : (first + npages) * PAGE_SIZE]
-        reader.read_into(view, "page data", hashed=False)
-        if checker is not None:
-            may_change = bool(arg & RUN_MAY_CHANGE)
-            checker.ram_run(reader.record_index, slot, first, table, may_change)
-        result.pages_received += npages
-
-    def _zero_run(
-        self, reader: StreamReader, validator: StreamValidator, checker: PageChecker | None,
-        result: IncomingResult,
-    ) -> None:  # fmt: skip
-        payload = reader.read(ZERO.size, "a ZERO_RUN record")
-        reader.end_record("ZERO_RUN")
-        slot, _, first, npages = ZERO.unpack(payload)
-        validator.check_pages(slot, first, npages)
-        result.zero_pages += npages
-        if checker is not None:
-            checker.before_write(slot, first, npages)
-        self._zero(slot, first, npages, result)
-        if checker is not None:
-            checker.zero_run(slot, first, npages)
-
     # --- multifd (migration/multifd/) ---
 
     @staticmethod
@@ -402,7 +347,7 @@ class MigrationDestination:
             )
         assert self.config is not None
         multifd = MultifdReceiver(
-            self, self.config, channels, session, reader.checksum, self.deadline_s, sock,
+            self._memory(), self.config, channels, session, reader.checksum, self.deadline_s, sock,
             checker.unconfirmed if checker is not None else None,
         )  # fmt: skip
         self._multifd = multifd
@@ -478,19 +423,7 @@ class MigrationDestination:
             "all-vCPU" if config.start_all_vcpus else "standard",
         )  # fmt: skip
 
-    def _region(self, slot: int) -> MemoryRegion:
-        assert self.machine.memory is not None
-        return self.machine.memory.regions[slot]
-
-    def _zero(self, slot: int, first: int, npages: int, result: IncomingResult) -> None:
-        """Zero the pages that are not zero already: untouched memory stays untouched.
-        Chunks this process never populated are zero without a look (a fresh destination's
-        RAM is all such chunks, so a ZERO_RUN over never-written memory costs one pagemap
-        query and nothing per page); the others are read, and written only where not
-        zero (zero_range, docs/scan.md)."""
+    def _memory(self) -> GuestMemory:
         memory = self.machine.memory
-        assert memory is not None
-        populated, first_chunk = memory.populated_chunks(slot, first, npages)
-        read, written = zero_range(memory.regions[slot].mm, first, npages, populated, first_chunk)
-        result.zero_pages_read += read
-        result.zero_pages_written += written
+        assert memory is not None  # the VM has its RAM before the first record
+        return memory

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyvmm.migration import transport
+from pyvmm.migration.incoming_pages import IncomingResult, load_ram_run, load_zero_run
 from pyvmm.migration.multifd.barrier import SyncBarrier
 from pyvmm.migration.multifd.wire import read_hello
 from pyvmm.migration.pagecheck import PageChecker, UnconfirmedPages
@@ -43,7 +44,7 @@ from pyvmm.migration.stream import (
 )
 
 if TYPE_CHECKING:
-    from pyvmm.migration.destination import IncomingResult, MigrationDestination
+    from pyvmm.machine.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ JOIN_TIMEOUT_S = 10.0
 
 class ChannelReceiver:
     def __init__(self, owner: MultifdReceiver, sock: socket.socket, peer: str) -> None:
-        from pyvmm.migration.destination import IncomingResult
-
         self.owner = owner
         self.sock = sock
         self.peer = peer
@@ -82,7 +81,7 @@ class ChannelReceiver:
 
     def _receive(self, reader: StreamReader) -> None:
         owner = self.owner
-        dest = owner.dest
+        memory = owner.memory
         validator = StreamValidator(reader.checksum, channel=True)
         validator.config = owner.config
         checker = owner.new_checker(self.index)
@@ -94,9 +93,9 @@ class ChannelReceiver:
                 if checker is not None:
                     checker.raise_error()
                 if rtype is RecordType.RAM_RUN:
-                    dest._ram_run(reader, validator, checker, arg, length, result)
+                    load_ram_run(memory, reader, validator, checker, arg, length, result)
                 elif rtype is RecordType.ZERO_RUN:
-                    dest._zero_run(reader, validator, checker, result)
+                    load_zero_run(memory, reader, validator, checker, result)
                 elif rtype is RecordType.MULTIFD_SYNC:
                     number = reader.value(length, "MULTIFD_SYNC")
                     if checker is not None:
@@ -124,11 +123,11 @@ class MultifdReceiver:
     """The channels of one incoming migration, from the MULTIFD record to the final sync."""
 
     def __init__(
-        self, dest: MigrationDestination, config: StreamConfig, channels: int, session: bytes,
+        self, memory: GuestMemory, config: StreamConfig, channels: int, session: bytes,
         checksum: bool, deadline_s: float, main_sock: socket.socket,
         unconfirmed: UnconfirmedPages | None,
     ) -> None:  # fmt: skip
-        self.dest = dest
+        self.memory = memory
         self.config = config
         self.channels = channels
         self.session = session
@@ -219,9 +218,7 @@ class MultifdReceiver:
     def new_checker(self, index: int) -> PageChecker | None:
         if self.unconfirmed is None:
             return None
-        memory = self.dest.machine.memory
-        assert memory is not None
-        return PageChecker([r.array for r in memory.regions], self.unconfirmed,
+        return PageChecker([r.array for r in self.memory.regions], self.unconfirmed,
                            name=f"page-check_{index}")  # fmt: skip
 
     def register(self, receiver: ChannelReceiver) -> None:
