@@ -65,16 +65,18 @@ class DirtyRateResult:
     vcpu_rates_mib_s: list[int] | None = None
 
 
-def new_pages_in_window(view: DirtyView, wait_ms: Callable[[], float]) -> tuple[int, float]:
-    """Pages first written during wait_ms() (which returns the ms it waited), through an
-    eager view: sync and forget what is there (with INITIALLY_SET the first sync after
-    logging starts reports every page; otherwise what was dirtied before the window),
-    wait, sync, count. Returns (pages, elapsed ms)."""
+def new_pages_in_window(view: DirtyView, wait: Callable[[], object]) -> tuple[int, float]:
+    """Pages first written during wait(), through an eager view: sync and forget what is
+    there (with INITIALLY_SET the first sync after logging starts reports every page;
+    otherwise what was dirtied before the window), wait, sync, count. Returns (pages,
+    the ms wait() took)."""
     view.sync()
     with view.lock:
         for bitmap in view.bitmaps:
             bitmap.fill(0)
-    elapsed_ms = wait_ms()
+    t0 = time.monotonic()
+    wait()
+    elapsed_ms = (time.monotonic() - t0) * 1000
     view.sync()
     return view.dirty_pages(), elapsed_ms
 
@@ -190,7 +192,9 @@ class DirtyRateMonitor:
         # An eager view (the default): every page it is told about is re-armed at once, so
         # the next write to it is seen, even while a migration defers its own clears.
         with self.tracker.open_view("calc-dirty-rate") as view:
-            pages, elapsed_ms = new_pages_in_window(view, lambda: self._sleep(req))
+            pages, elapsed_ms = new_pages_in_window(
+                view, lambda: self._cancel.wait(req.calc_time_ms / 1000)
+            )
         return pages_to_mib_s(pages, elapsed_ms), None
 
     def _dirty_ring(self, req: DirtyRateRequest) -> tuple[int, list[int]]:

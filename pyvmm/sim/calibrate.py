@@ -77,6 +77,7 @@ def measure_guest(hw: Hardware, say: Callable[[str], None]) -> GuestMeasure:
     from pyvmm.machine.elf import load_pvh_image
     from pyvmm.machine.images import resolve_image
     from pyvmm.machine.machine import Machine, MachineConfig
+    from pyvmm.machine.memory import PAGE_SIZE
     from pyvmm.migration.convergence.throttle import CpuThrottle
 
     progress: dict[int, int] = {}
@@ -103,14 +104,10 @@ def measure_guest(hw: Hardware, say: Callable[[str], None]) -> GuestMeasure:
             with tracker.open_view("calibrate") as view:
 
                 def rate(seconds: float, windows: int) -> float:
-                    def wait_ms() -> float:
-                        t0 = time.monotonic()
-                        time.sleep(seconds)
-                        return (time.monotonic() - t0) * 1000
-
-                    counts = [new_pages_in_window(view, wait_ms) for _ in range(windows)]
+                    counts = [new_pages_in_window(view, lambda: time.sleep(seconds))
+                              for _ in range(windows)]  # fmt: skip
                     return statistics.median(
-                        pages * 4096 / MIB * 1000 / ms / hw.cpus for pages, ms in counts
+                        pages * PAGE_SIZE / MIB * 1000 / ms / hw.cpus for pages, ms in counts
                     )
 
                 base = rate(WINDOW_S, WINDOWS)
