@@ -221,6 +221,7 @@ class MigrationDestination:
         if on_active is not None:
             on_active()
         result = IncomingResult(False, 0, 0, 0, 0)
+        memory = self._memory()
         checker: PageChecker | None = None  # with checksums, from the HEADER on
         expect_multifd: int | None = None  # channels set here by QMP, until checked
         try:
@@ -242,12 +243,11 @@ class MigrationDestination:
                     validator.config = config
                     expect_multifd = self._multifd_setting()
                     if reader.checksum:
-                        assert self.machine.memory is not None
-                        checker = PageChecker([r.array for r in self.machine.memory.regions])
+                        checker = PageChecker([r.array for r in memory.regions])
                 elif rtype is RecordType.RAM_RUN:
-                    load_ram_run(self._memory(), reader, validator, checker, arg, length, result)
+                    load_ram_run(memory, reader, validator, checker, arg, length, result)
                 elif rtype is RecordType.ZERO_RUN:
-                    load_zero_run(self._memory(), reader, validator, checker, result)
+                    load_zero_run(memory, reader, validator, checker, result)
                 elif rtype is RecordType.MULTIFD:
                     payload = reader.read(length, "the MULTIFD record")
                     reader.end_record(rtype.name)
