@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -199,7 +200,10 @@ def test_qemu_colo_failover(
         assert (channel_bytes > 0) == multifd, channel_bytes
         for _ in range(3):
             sq.wait_event("RESUME", 20)
-        assert env.stats(env.pvm)["checkpoints"] >= 3
+        # The secondary resumes once its VMSTATE_LOADED is on the wire; the primary counts
+        # the checkpoint when its thread has read that reply, which may come a moment later.
+        wait_for("three checkpoints on the primary",
+                 lambda: env.stats(env.pvm)["checkpoints"] >= 3, timeout_s=5)  # fmt: skip
         assert env.pvm.cmd("query-migrate")["ram"]["multifd-bytes"] == channel_bytes
         if during_checkpoint:
             sq.wait_event("STOP", 20)
@@ -286,9 +290,14 @@ def test_kill_9_of_the_primary_under_load_then_failover(tmp_path: Path, mode: st
         wait_for("answers", lambda: client.stats.answered > 50)
         if mode == "passive":
             client.set_op(TIME)
-            wait_for("passive mode", lambda: env.stats(env.pvm)["mode"] == "passive", 10)
+            wait_for("passive mode", lambda: env.stats(env.pvm)["mode"] == "passive", 20)
             client.set_op(INC)
             wait_for("held answers", lambda: env.proxy.core.held() > 0, 5, 0.01)
+            # Stopped, the primary can finish no checkpoint, so a request that reaches the
+            # comparator after this is past every checkpoint's input: there is a replay.
+            env.pvm.proc.send_signal(signal.SIGSTOP)
+            arrived = env.proxy.core.total_in
+            wait_for("a request after the stop", lambda: env.proxy.core.total_in > arrived, 5, 0.01)
         env.pvm.proc.kill()
         env.pvm.proc.wait(10)
         answered = client.stats.answered
