@@ -171,8 +171,8 @@ class MigrationSource:
         return precopy.period_start_ms if precopy is not None else 0.0
 
     def force_sync(self, kind: str = SYNC_FORCED) -> bool:
-        """A sync asked for from outside the loop (periodic syncs, the dirty limit); kind
-        is SYNC_FORCED or SYNC_BACKGROUND (policy.py).
+        """A sync asked for from outside the loop (9.2's timer, the 2024 series' background
+        syncs); kind is SYNC_FORCED or SYNC_BACKGROUND (policy.py).
 
         Decided under the bitmap lock: once the switchover has begun the stream carries
         the final pages and the state, and a sync's ITERATION record must not interleave
