@@ -336,6 +336,28 @@ def test_dirty_pages_walk_across_the_hole_matches_the_reference(
             memory.regions[slot].array[page * PAGE + 17] = 0
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.data())
+def test_none_left_answers_as_count_does(hole_guest: GuestMemory, data: st.DataObject) -> None:
+    """none_left() is count() == 0 wherever the cursor stands and wherever bits were set
+    again behind it (a sync re-dirtying pages already sent, in either slot)."""
+    view = View(hole_guest)
+    edges = slot_edges(hole_guest)
+    for slot, page in data.draw(st.lists(st.sampled_from(edges), unique=True)):
+        view.bitmaps[slot][page // 64] |= U64(1 << (page % 64))
+    pages = DirtyPages(view)  # type: ignore[arg-type]  # no memory: the bitmap alone
+    for _ in range(data.draw(st.integers(0, 6))):
+        assert pages.none_left() == (pages.count() == 0)
+        for slot, page in data.draw(st.lists(st.sampled_from(edges), max_size=2)):
+            view.bitmaps[slot][page // 64] |= U64(1 << (page % 64))
+        assert pages.none_left() == (pages.count() == 0)
+        pages.take(data.draw(st.sampled_from([1, 64, 4096])))
+    while pages.take(4096) is not None:
+        assert pages.none_left() == (pages.count() == 0)
+    assert pages.none_left() and pages.count() == 0
+
+
 def merge(runs: list[Run]) -> list[Run]:
     """Adjacent runs of the same kind joined (takes may cut a run anywhere)."""
     out: list[list] = []
