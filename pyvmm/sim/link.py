@@ -79,13 +79,17 @@ class SimPageWriter:
         ever wrote) are decided here."""
         end = self.nonzero_pages
         n = table.count
-        first = table.first[:n].astype(np.int64)
-        last = first + table.npages[:n].astype(np.int64)
-        below = np.clip(np.minimum(last, end) - first, 0, None)
-        total = int(table.pages)
-        normal = int(below.sum())
-        data_runs = int(np.count_nonzero(below))
-        zero = total - normal
+        if n == 1:  # most takes: one run (numpy's per-call cost would dominate a 1 TiB run)
+            first0 = int(table.first[0])
+            normal = max(0, min(first0 + int(table.npages[0]), end) - first0)
+            data_runs = 1 if normal else 0
+        else:
+            first = table.first[:n].astype(np.int64)
+            last = first + table.npages[:n].astype(np.int64)
+            below = np.clip(np.minimum(last, end) - first, 0, None)
+            normal = int(below.sum())
+            data_runs = int(np.count_nonzero(below))
+        zero = int(table.pages) - normal
         sent = (
             data_runs * RAM_RUN_OVERHEAD_BYTES
             + normal * PAGE_SIZE
