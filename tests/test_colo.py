@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -293,11 +292,6 @@ def test_kill_9_of_the_primary_under_load_then_failover(tmp_path: Path, mode: st
             wait_for("passive mode", lambda: env.stats(env.pvm)["mode"] == "passive", 20)
             client.set_op(INC)
             wait_for("held answers", lambda: env.proxy.core.held() > 0, 5, 0.01)
-            # Stopped, the primary can finish no checkpoint, so a request that reaches the
-            # comparator after this is past every checkpoint's input: there is a replay.
-            env.pvm.proc.send_signal(signal.SIGSTOP)
-            arrived = env.proxy.core.total_in
-            wait_for("a request after the stop", lambda: env.proxy.core.total_in > arrived, 5, 0.01)
         env.pvm.proc.kill()
         env.pvm.proc.wait(10)
         answered = client.stats.answered
