@@ -4,8 +4,8 @@ beyond-series (original, moderate and heavy) and series-2024-full's 100 GiB mode
 original, one seed each, each printed with its wall time, the migration time it
 simulated and the ratio of the two. Beside them, in the same run, what the bitmap alone
 costs: one count of every set bit over the 1 TiB bitmap (count_set per slot), which is
-what the pre-copy loop paid once per 100 ms window before it stopped counting during the
-first pass (docs/performance.md, "The simulator at 1 TiB").
+what the pre-copy loop paid once per turn (a send window of at most 50 ms) before it
+stopped counting during the first pass (docs/performance.md, "The simulator at 1 TiB").
 
 Usage: python tools/bench_sim.py [--only NAME]
 """

@@ -4,10 +4,10 @@ Guest RAM, slot after slot, is cut into `cells` equal runs of `pages_per_cell` p
 last may be shorter); a row gives, per cell, how many of its pages were set in the
 migration's bitmap right after a sync: the pages that sync left to send. At a sync that
 ends a pass (the usual kind) that is what the guest dirtied during the pass, the
-writable working set of Clark et al. made visible; at a sync a policy adds (9.2's timer,
-the 2024 series' background syncs) it also holds what the pass had not sent yet. The
-counting is one Cython loop per slot (`cell_counts`, dirty/_scan.pyx), never a Python
-loop per page.
+writable working set of Clark et al. made visible; at 9.2's timer's sync it also holds
+what the pass had not sent yet, and at a background sync (the 2024 series'), which holds
+back what it found, only that. The counting is one Cython loop per slot (`cell_counts`,
+dirty/_scan.pyx), never a Python loop per page.
 
 Rows are kept compressed (zlib over little-endian uint32, then base64: an idle guest's
 row is a few dozen bytes, a 4096-cell row at most 22 KiB) and read out over QMP
