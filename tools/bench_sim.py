@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""How fast `pyvmm sim` runs the largest scenarios it ships: the 1 TiB, 128-vCPU runs of
-beyond-series (original, moderate and heavy) and series-2024-full's 100 GiB moderate
+"""How fast `pyvmm sim` runs the largest scenarios it ships: beyond-series' 1 TiB,
+128-vCPU moderate and heavy original runs and series-2024-full's 100 GiB moderate
 original, one seed each, each printed with its wall time, the migration time it
 simulated and the ratio of the two. Beside them, in the same run, what the bitmap alone
-costs: one count of every set bit over the 1 TiB bitmap (count_set per slot), which is
+costs: one count of every set bit in a 1 TiB bitmap (count_set), which is
 what the pre-copy loop paid once per turn (a send window of at most 50 ms) before it
 stopped counting during the first pass (docs/performance.md, "The simulator at 1 TiB").
 
-Usage: python tools/bench_sim.py [--only NAME]
+Usage: python tools/bench_sim.py [--only COMPARISON/RUN]
 """
 
 from __future__ import annotations

@@ -211,13 +211,14 @@ class Precopy:
         return pending_bytes < self.threshold_bytes()
 
     def _bulk_rule_met(self) -> bool:
+        """pyvmm's extra condition: every page sent once, or x-switchover-during-bulk."""
         return self.pages.bulk_done or bool(self.settings["x-switchover-during-bulk"])
 
     def _may_switch_over(self) -> bool:
         """converged(remaining), without counting a bitmap that cannot pass: before every
         page has been sent once only an empty one can, which none_left finds at the cost
-        of one word in the first pass (counting is once per window, and a 1 TiB simulation
-        spent half its time there)."""
+        of one word in the first pass (the loop turns every 50 ms at most, and a 1 TiB
+        simulation spent half its time counting)."""
         if self._bulk_rule_met():
             return self.converged(self.pages.remaining_bytes())
         return self.pages.none_left()
