@@ -66,7 +66,11 @@ def load_zero_run(
     memory: GuestMemory, reader: StreamReader, validator: StreamValidator,
     checker: PageChecker | None, result: IncomingResult,
 ) -> None:  # fmt: skip
-    """A ZERO_RUN record: pages that are zero at the source."""
+    """A ZERO_RUN record: pages that are zero at the source. Only the pages that are not
+    zero already are zeroed, so untouched memory stays untouched. Chunks this process never
+    populated are zero without a look (a fresh destination's RAM is all such chunks, so a
+    ZERO_RUN over never-written memory costs one pagemap query and nothing per page); the
+    others are read, and written only where not zero (zero_range, docs/scan.md)."""
     payload = reader.read(ZERO.size, "a ZERO_RUN record")
     reader.end_record("ZERO_RUN")
     slot, _, first, npages = ZERO.unpack(payload)
@@ -74,20 +78,9 @@ def load_zero_run(
     result.zero_pages += npages
     if checker is not None:
         checker.before_write(slot, first, npages)
-    zero_pages(memory, slot, first, npages, result)
-    if checker is not None:
-        checker.zero_run(slot, first, npages)
-
-
-def zero_pages(
-    memory: GuestMemory, slot: int, first: int, npages: int, result: IncomingResult
-) -> None:
-    """Zero the pages that are not zero already: untouched memory stays untouched.
-    Chunks this process never populated are zero without a look (a fresh destination's
-    RAM is all such chunks, so a ZERO_RUN over never-written memory costs one pagemap
-    query and nothing per page); the others are read, and written only where not
-    zero (zero_range, docs/scan.md)."""
     populated, first_chunk = memory.populated_chunks(slot, first, npages)
     read, written = zero_range(memory.regions[slot].mm, first, npages, populated, first_chunk)
     result.zero_pages_read += read
     result.zero_pages_written += written
+    if checker is not None:
+        checker.zero_run(slot, first, npages)
