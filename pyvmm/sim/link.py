@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pyvmm.migration.clock import VirtualClock
 from pyvmm.migration.stats import RamStats
 
@@ -79,16 +77,14 @@ class SimPageWriter:
         ever wrote) are decided here."""
         end = self.nonzero_pages
         n = table.count
-        if n == 1:  # most takes: one run (numpy's per-call cost would dominate a 1 TiB run)
-            first0 = int(table.first[0])
-            normal = max(0, min(first0 + int(table.npages[0]), end) - first0)
-            data_runs = 1 if normal else 0
-        else:
-            first = table.first[:n].astype(np.int64)
-            last = first + table.npages[:n].astype(np.int64)
-            below = np.clip(np.minimum(last, end) - first, 0, None)
-            normal = int(below.sum())
-            data_runs = int(np.count_nonzero(below))
+        normal = data_runs = 0
+        # A take holds a run or a few here (the working sets are ranges): integers, not
+        # numpy, whose per-call cost dominated a 1 TiB simulation.
+        for first, npages in zip(table.first[:n].tolist(), table.npages[:n].tolist(), strict=True):
+            below = min(first + npages, end) - first
+            if below > 0:
+                normal += below
+                data_runs += 1
         zero = int(table.pages) - normal
         sent = (
             data_runs * RAM_RUN_OVERHEAD_BYTES
